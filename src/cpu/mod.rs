@@ -1,0 +1,11 @@
+//! The CPU engine: the f64 reference (the oracle), the fast direct path, and the two baselines
+//! the benchmarks compare against (naive loop, im2col + GEMM).
+
+pub mod direct;
+pub mod im2col;
+pub mod naive;
+pub mod reference;
+
+pub use direct::{
+    data_grad, data_grad_f32_into, forward, forward_f32_into, weight_grad, weight_grad_f32_into,
+};

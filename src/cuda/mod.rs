@@ -1,0 +1,2 @@
+//! The CUDA device (stub: being written).
+pub mod host;

@@ -1,0 +1,148 @@
+//! Reading and writing named f32 tensors in safetensors files (the CLI's and the model's format).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+use crate::tensor::{checked_numel, Tensor};
+
+/// All tensors of a file, converted to f32 (f32, f16, bf16 and f64 are accepted), by name.
+#[derive(Debug, Default, Clone)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor<f32>>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl TensorFile {
+    /// Reads a safetensors file from disk.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            Error::SafeTensors(m) => Error::SafeTensors(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses safetensors bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (_, meta) =
+            SafeTensors::read_metadata(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            tensors.insert(name.clone(), view_to_f32(&name, &view)?);
+        }
+        let metadata = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        Ok(TensorFile { tensors, metadata })
+    }
+
+    /// The tensor `name`, or an error naming it.
+    pub fn get(&self, name: &str) -> Result<&Tensor<f32>> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::Weights(format!("tensor '{name}' not found in file")))
+    }
+
+    /// Removes and returns the tensor `name`, or an error naming it.
+    pub fn take(&mut self, name: &str) -> Result<Tensor<f32>> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| Error::Weights(format!("tensor '{name}' not found in file")))
+    }
+}
+
+fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
+    let shape = view.shape().to_vec();
+    let numel = checked_numel(&shape)?;
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        StDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        StDtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        StDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        StDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        StDtype::I64 | StDtype::I32 | StDtype::U8 | StDtype::BOOL => {
+            // Non-float tensors (e.g. num_batches_tracked) are skipped by value but kept by name.
+            vec![0.0; numel]
+        }
+        other => {
+            return Err(Error::SafeTensors(format!(
+                "tensor '{name}' has unsupported dtype {other:?}"
+            )));
+        }
+    };
+    if data.len() != numel {
+        return Err(Error::SafeTensors(format!(
+            "tensor '{name}' holds {} values, its shape {shape:?} needs {numel}",
+            data.len()
+        )));
+    }
+    Tensor::from_vec(&shape, data)
+}
+
+/// Writes f32 tensors to a safetensors file (written to a temporary name, then renamed, so a
+/// failure leaves nothing half-written).
+pub fn write(
+    path: impl AsRef<Path>,
+    tensors: &[(&str, &Tensor<f32>)],
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = to_bytes(tensors, metadata)?;
+    let tmp = path.with_extension("safetensors.partial");
+    std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
+        path: tmp.display().to_string(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serialises f32 tensors to safetensors bytes.
+pub fn to_bytes(
+    tensors: &[(&str, &Tensor<f32>)],
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let bytes = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.to_string(), t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(StDtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::SafeTensors(e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let meta = metadata.map(|m| m.into_iter().collect());
+    safetensors::serialize(views, meta).map_err(|e| Error::SafeTensors(e.to_string()))
+}
