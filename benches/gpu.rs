@@ -1,0 +1,1 @@
+fn main() { println!("skipping GPU benchmarks: not written yet"); }

@@ -1,0 +1,2 @@
+use lkconv::Result;
+pub fn run(_args: &crate::ConvArgs) -> Result<()> { Ok(()) }

@@ -1,0 +1,2 @@
+use lkconv::Result;
+pub fn run() -> Result<()> { Ok(()) }
