@@ -1,29 +1,114 @@
-//! Baseline: im2col + GEMM (stub).
-use crate::conv::DwConv2d;
+//! Baseline: im2col + GEMM, per (n, c) plane. The patch matrix P [OH*OW x KH*KW] holds the input
+//! value each output reads for each tap (zero outside the image); then
+//! forward y = P w, weight gradient dw = P^T dy, data gradient dP = dy w^T folded back (col2im).
+//! GEMMs by `matrixmultiply` (single-threaded per plane; planes run in parallel).
+
+use rayon::prelude::*;
+
+use super::direct::{as_f32, from_f32};
+use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-pub fn forward<T: Element>(
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    w: &Tensor<T>,
-    bias: Option<&Tensor<T>>,
-) -> Result<Tensor<T>> {
-    super::reference::forward(conv, x, w, bias)
+/// For each output position and tap, the flat input index it reads (None = padding).
+fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Vec<Option<u32>> {
+    let (kh, kw) = conv.kernel;
+    let mut idx = Vec::with_capacity(s.oh * s.ow * kh * kw);
+    for oy in 0..s.oh {
+        for ox in 0..s.ow {
+            for ky in 0..kh {
+                let iy = (oy * conv.stride.0 + ky * conv.dilation.0) as isize - conv.padding.top as isize;
+                for kx in 0..kw {
+                    let ix = (ox * conv.stride.1 + kx * conv.dilation.1) as isize - conv.padding.left as isize;
+                    let inside = iy >= 0 && iy < s.h as isize && ix >= 0 && ix < s.w as isize;
+                    idx.push(inside.then(|| (iy as usize * s.w + ix as usize) as u32));
+                }
+            }
+        }
+    }
+    idx
 }
-pub fn data_grad<T: Element>(
-    conv: &DwConv2d,
-    dy: &Tensor<T>,
-    w: &Tensor<T>,
-    input_hw: (usize, usize),
-) -> Result<Tensor<T>> {
-    super::reference::data_grad(conv, dy, w, input_hw)
+
+fn im2col(idx: &[Option<u32>], plane: &[f32], cols: &mut [f32]) {
+    for (c, i) in cols.iter_mut().zip(idx) {
+        *c = i.map_or(0.0, |i| plane[i as usize]);
+    }
 }
-pub fn weight_grad<T: Element>(
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
-) -> Result<Tensor<T>> {
-    super::reference::weight_grad(conv, x, dy)
+
+/// C[m x n] = A[m x k] * B[k x n], all row-major.
+fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_transposed: bool, b: &[f32], c: &mut [f32]) {
+    let (rsa, csa) = if a_transposed { (1, m as isize) } else { (k as isize, 1) };
+    // SAFETY: the slices hold m*k, k*n and m*n floats with the strides given (checked below).
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+/// Forward via im2col + GEMM.
+pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: Option<&Tensor<T>>) -> Result<Tensor<T>> {
+    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
+    let kk = conv.kernel.0 * conv.kernel.1;
+    let (xf, wf) = (as_f32(x), as_f32(w));
+    let b = bias.map(as_f32);
+    let idx = patch_indices(conv, &s);
+    let mut y = vec![0.0f32; s.output_len()];
+    y.par_chunks_mut(s.oh * s.ow)
+        .enumerate()
+        .for_each_init(Vec::new, |cols, (plane, out)| {
+            let c = plane % s.c;
+            cols.resize(idx.len(), 0.0);
+            im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], cols);
+            sgemm(s.oh * s.ow, kk, 1, cols, false, &wf[c * kk..(c + 1) * kk], out);
+            if let Some(b) = &b {
+                out.iter_mut().for_each(|v| *v += b[c]);
+            }
+        });
+    from_f32(&s.output_dims(), y)
+}
+
+/// Weight gradient via im2col + GEMM (dw_c = sum over n of P^T dy), batch reduced in order.
+pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -> Result<Tensor<T>> {
+    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
+    let kk = conv.kernel.0 * conv.kernel.1;
+    let (xf, dyf) = (as_f32(x), as_f32(dy));
+    let idx = patch_indices(conv, &s);
+    let mut dw = vec![0.0f32; s.c * kk];
+    dw.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
+        let mut cols = vec![0.0f32; idx.len()];
+        let mut part = vec![0.0f32; kk];
+        let mut total = vec![0.0f64; kk];
+        for n in 0..s.n {
+            let plane = n * s.c + c;
+            im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], &mut cols);
+            sgemm(kk, s.oh * s.ow, 1, &cols, true, &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow], &mut part);
+            total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p as f64);
+        }
+        out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
+    });
+    from_f32(&conv.weight_dims(s.c), dw)
+}
+
+/// Data gradient via GEMM (dP = dy w^T) and col2im.
+pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, input_hw: (usize, usize)) -> Result<Tensor<T>> {
+    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
+    let kk = conv.kernel.0 * conv.kernel.1;
+    let (dyf, wf) = (as_f32(dy), as_f32(w));
+    let idx = patch_indices(conv, &s);
+    let mut dx = vec![0.0f32; s.input_len()];
+    dx.par_chunks_mut(s.h * s.w)
+        .enumerate()
+        .for_each_init(Vec::new, |cols, (plane, out)| {
+            let c = plane % s.c;
+            cols.resize(idx.len(), 0.0);
+            sgemm(s.oh * s.ow, 1, kk, &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow], false, &wf[c * kk..(c + 1) * kk], cols);
+            out.fill(0.0);
+            for (v, i) in cols.iter().zip(&idx) {
+                if let Some(i) = i {
+                    out[*i as usize] += v;
+                }
+            }
+        });
+    from_f32(&s.input_dims(), dx)
 }

@@ -1,6 +1,7 @@
 //! The CPU engine: the f64 reference (the oracle), the fast direct path, and the two baselines
 //! the benchmarks compare against (naive loop, im2col + GEMM).
 
+pub mod ceiling;
 pub mod direct;
 pub mod im2col;
 pub mod naive;

@@ -1,2 +1,166 @@
-use lkconv::Result;
-pub fn run(_args: &crate::BenchArgs) -> Result<()> { Ok(()) }
+//! `lkconv bench`: median time, GFLOP/s and share of the machine's ceiling for each pass and
+//! implementation, on the RepLKNet-31B layer shapes or a given one.
+
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use lkconv::device::{self, Device, Impl, Op};
+use lkconv::{ConvShape, DType, DwConv2d, Element, Error, Result, Rng, Tensor};
+
+use crate::args::{pair, shape4};
+use crate::BenchArgs;
+
+/// RepLKNet-31B's four large-kernel layers at batch 1: (C, H=W, K).
+pub const REPLKNET_31B_LAYERS: [(usize, usize, usize); 4] = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)];
+
+struct Record {
+    op: Op,
+    imp: Impl,
+    conv: DwConv2d,
+    shape: ConvShape,
+    median_ms: f64,
+    gflops: f64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let device: Device = args.device.parse()?;
+    let dtype: DType = args.dtype.parse()?;
+    let ops: Vec<Op> = if args.op == "all" { Op::ALL.to_vec() } else { vec![args.op.parse()?] };
+    let impls: Vec<Impl> = match &args.implementation {
+        Some(s) => vec![s.parse()?],
+        None => match device {
+            Device::Cuda(_) | Device::Sim => vec![Impl::Fast, Impl::Naive, Impl::Im2col],
+            _ => vec![Impl::Fast, Impl::Naive, Impl::Im2col, Impl::Reference],
+        },
+    };
+    let problems: Vec<(DwConv2d, ConvShape)> = match &args.shape {
+        Some(s) => {
+            let [n, c, h, w] = shape4(s)?;
+            let (kh, kw) = pair("--kernel", args.kernel.as_deref().unwrap_or("31"))?;
+            let conv = DwConv2d::new(kh, kw);
+            vec![(conv, conv.resolve(n, c, h, w)?)]
+        }
+        None => REPLKNET_31B_LAYERS
+            .iter()
+            .map(|&(c, hw, k)| {
+                let conv = DwConv2d::new(k, k);
+                conv.resolve(1, c, hw, hw).map(|s| (conv, s))
+            })
+            .collect::<Result<_>>()?,
+    };
+    if args.reps == 0 {
+        return Err(Error::InvalidArgument("--reps must be at least 1".into()));
+    }
+    let (ceiling, ceiling_label) = match device {
+        Device::Cuda(ordinal) => lkconv::cuda::peak_fp32_gflops(ordinal)?,
+        _ => (lkconv::cpu::ceiling::fma_ceiling_gflops(), "measured FMA ceiling of this CPU".to_string()),
+    };
+
+    let start = Instant::now();
+    let total = problems.len() * ops.len() * impls.len();
+    let mut records = Vec::new();
+    for (conv, shape) in &problems {
+        for &op in &ops {
+            for &imp in &impls {
+                if start.elapsed() > Duration::from_secs(1) {
+                    eprintln!(
+                        "[{}/{}] {} {} {} C{} {}x{} K{}",
+                        records.len() + 1,
+                        total,
+                        op.name(),
+                        imp.name(),
+                        device,
+                        shape.c,
+                        shape.h,
+                        shape.w,
+                        conv.kernel.0
+                    );
+                }
+                let median_ms = match dtype {
+                    DType::F32 => time_case::<f32>(device, op, imp, conv, shape, args.reps)?,
+                    DType::F16 => time_case::<f16>(device, op, imp, conv, shape, args.reps)?,
+                    DType::Bf16 => time_case::<bf16>(device, op, imp, conv, shape, args.reps)?,
+                };
+                let gflops = conv.flops(shape) / (median_ms * 1e6);
+                records.push(Record {
+                    op,
+                    imp,
+                    conv: *conv,
+                    shape: *shape,
+                    median_ms,
+                    gflops,
+                });
+            }
+        }
+    }
+
+    if args.json {
+        let items: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "op": r.op.name(), "device": device.to_string(), "dtype": dtype.name(), "impl": r.imp.name(),
+                    "n": r.shape.n, "c": r.shape.c, "h": r.shape.h, "w": r.shape.w,
+                    "kh": r.conv.kernel.0, "kw": r.conv.kernel.1,
+                    "median_ms": r.median_ms, "gflops": r.gflops,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(items));
+        return Ok(());
+    }
+    println!("device {device}, dtype {dtype}; GFLOP/s nominal (2*N*C*OH*OW*KH*KW); ceiling {ceiling:.1} GFLOP/s ({ceiling_label})");
+    println!(
+        "{:<6} {:<10} {:>5} {:>5} {:>9} {:>7} {:>11} {:>10} {:>9} {:>10}",
+        "op", "impl", "N", "C", "HxW", "K", "median ms", "GFLOP/s", "% ceil", "vs naive"
+    );
+    for r in &records {
+        let naive = records
+            .iter()
+            .find(|o| o.imp == Impl::Naive && o.op == r.op && o.shape == r.shape && o.conv == r.conv)
+            .map(|o| format!("{:.1}x", o.median_ms / r.median_ms))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<6} {:<10} {:>5} {:>5} {:>9} {:>7} {:>11.3} {:>10.2} {:>8.1}% {:>10}",
+            r.op.name(),
+            r.imp.name(),
+            r.shape.n,
+            r.shape.c,
+            format!("{}x{}", r.shape.h, r.shape.w),
+            format!("{}x{}", r.conv.kernel.0, r.conv.kernel.1),
+            r.median_ms,
+            r.gflops,
+            100.0 * r.gflops / ceiling,
+            naive
+        );
+    }
+    Ok(())
+}
+
+/// Median milliseconds of `reps` runs (after one warm-up), at most ~3 s of measuring.
+fn time_case<T: Element>(device: Device, op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, reps: usize) -> Result<f64> {
+    if let Device::Cuda(ordinal) = device {
+        return lkconv::cuda::time_op(ordinal, op, imp, T::DTYPE, conv, s, 3, reps.max(10));
+    }
+    let mut rng = Rng::new(0x5eed);
+    let x = Tensor::<T>::random(&s.input_dims(), &mut rng)?;
+    let w = Tensor::<T>::random(&conv.weight_dims(s.c), &mut rng)?;
+    let dy = Tensor::<T>::random(&s.output_dims(), &mut rng)?;
+    let run = || -> Result<()> {
+        match op {
+            Op::Forward => device::forward(device, imp, conv, &x, &w, None).map(drop),
+            Op::DataGrad => device::data_grad(device, imp, conv, &dy, &w, (s.h, s.w)).map(drop),
+            Op::WeightGrad => device::weight_grad(device, imp, conv, &x, &dy).map(drop),
+        }
+    };
+    run()?;
+    let budget = Instant::now();
+    let mut times = Vec::with_capacity(reps);
+    while times.len() < reps && (times.is_empty() || budget.elapsed() < Duration::from_secs(3)) {
+        let t0 = Instant::now();
+        run()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}

@@ -1,5 +1,6 @@
 //! `lkconv`: the command-line tool (info, conv, bench, replknet, classify).
 
+mod args;
 mod bench;
 mod conv;
 mod info;

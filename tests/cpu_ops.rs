@@ -1,0 +1,131 @@
+//! The fast CPU path and the baselines against the f64 reference on many random shapes.
+
+mod common;
+
+use common::{assert_close, random, rng};
+use half::{bf16, f16};
+use lkconv::device::{self, Device, Impl};
+use lkconv::{cpu, DwConv2d, Element, Padding, Tensor};
+
+/// One case: N, C, H, W and the convolution.
+struct Case {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    conv: DwConv2d,
+}
+
+fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
+    Case { n, c, h, w, conv }
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    // Square kernels 1..=31, odd and even, same padding, assorted image sizes.
+    for k in 1..=31 {
+        let (h, w) = [(9, 13), (16, 16), (23, 7), (40, 33)][k % 4];
+        v.push(case(1 + k % 2, 1 + k % 3, h, w, DwConv2d::new(k, k)));
+    }
+    v.push(case(1, 3, 56, 56, DwConv2d::new(31, 31)));
+    v.push(case(2, 2, 14, 14, DwConv2d::new(27, 27))); // K > image
+    v.push(case(1, 1, 5, 5, DwConv2d::new(13, 13))); // K >> image, one channel
+    v.push(case(1, 2, 20, 40, DwConv2d::new(31, 5))); // rectangular
+    v.push(case(1, 2, 40, 20, DwConv2d::new(5, 31)));
+    v.push(case(2, 2, 30, 17, DwConv2d::new(51, 5)));
+    v.push(case(1, 3, 17, 19, DwConv2d::new(7, 7).with_stride(2, 2)));
+    v.push(case(1, 2, 18, 21, DwConv2d::new(5, 5).with_dilation(2, 2)));
+    v.push(case(2, 2, 19, 16, DwConv2d::new(4, 6).with_stride(2, 1).with_dilation(1, 2).with_padding(1, 3)));
+    v.push(case(
+        1,
+        2,
+        15,
+        22,
+        DwConv2d::new(9, 8).with_padding_sides(Padding { top: 1, bottom: 6, left: 7, right: 0 }),
+    ));
+    v.push(case(1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0))); // valid conv
+    v.push(case(1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5))); // padding > kernel
+    v.push(case(3, 1, 7, 7, DwConv2d::new(13, 13)));
+    v
+}
+
+fn check_all<T: Element>(device: Device, imp: Impl, tol_f32: f64) {
+    let mut rng = rng();
+    let tol = tol_f32.max(8.0 * T::DTYPE.epsilon());
+    for cs in cases() {
+        let conv = cs.conv;
+        let (kh, kw) = conv.kernel;
+        let s = conv.resolve(cs.n, cs.c, cs.h, cs.w).expect("valid case");
+        let x: Tensor<T> = random(&s.input_dims(), &mut rng);
+        let w: Tensor<T> = random(&conv.weight_dims(s.c), &mut rng);
+        let b: Tensor<T> = random(&[s.c], &mut rng);
+        let dy: Tensor<T> = random(&s.output_dims(), &mut rng);
+        let label = format!("{:?} {} {:?} n{} c{} {}x{} k{kh}x{kw}", device, imp.name(), T::DTYPE, s.n, s.c, s.h, s.w);
+
+        let want = cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap();
+        let got = device::forward(device, imp, &conv, &x, &w, Some(&b)).unwrap();
+        assert_close(&format!("fwd {label} {conv:?}"), &got, &want, tol);
+
+        let want = cpu::reference::data_grad(&conv, &dy, &w, (s.h, s.w)).unwrap();
+        let got = device::data_grad(device, imp, &conv, &dy, &w, (s.h, s.w)).unwrap();
+        assert_close(&format!("dgrad {label} {conv:?}"), &got, &want, tol);
+
+        let want = cpu::reference::weight_grad(&conv, &x, &dy).unwrap();
+        let got = device::weight_grad(device, imp, &conv, &x, &dy).unwrap();
+        // Long sums: scale the tolerance with the square root of the number of terms.
+        let terms = (s.n * s.oh * s.ow) as f64;
+        assert_close(&format!("wgrad {label} {conv:?}"), &got, &want, tol * terms.sqrt().max(1.0));
+    }
+}
+
+#[test]
+fn fast_f32_matches_reference() {
+    check_all::<f32>(Device::Cpu, Impl::Fast, 2e-6);
+}
+
+#[test]
+fn fast_f16_matches_reference() {
+    check_all::<f16>(Device::Cpu, Impl::Fast, 0.0);
+}
+
+#[test]
+fn fast_bf16_matches_reference() {
+    check_all::<bf16>(Device::Cpu, Impl::Fast, 0.0);
+}
+
+#[test]
+fn naive_matches_reference() {
+    check_all::<f32>(Device::Cpu, Impl::Naive, 2e-6);
+}
+
+#[test]
+fn im2col_matches_reference() {
+    check_all::<f32>(Device::Cpu, Impl::Im2col, 2e-6);
+}
+
+#[test]
+fn weight_grad_is_bit_identical_across_runs() {
+    let mut rng = rng();
+    let conv = DwConv2d::new(31, 31);
+    let x: Tensor<f32> = random(&[4, 3, 40, 40], &mut rng);
+    let dy: Tensor<f32> = random(&[4, 3, 40, 40], &mut rng);
+    let first = cpu::weight_grad(&conv, &x, &dy).unwrap();
+    for _ in 0..3 {
+        let again = cpu::weight_grad(&conv, &x, &dy).unwrap();
+        let same = first.data().iter().zip(again.data()).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "weight gradient differs between runs");
+    }
+}
+
+#[test]
+fn into_variants_reject_wrong_buffer_lengths() {
+    let conv = DwConv2d::new(3, 3);
+    let s = conv.resolve(1, 2, 5, 5).unwrap();
+    let x = vec![1.0f32; s.input_len()];
+    let w = vec![1.0f32; 18];
+    let mut y = vec![f32::NAN; s.output_len() - 1];
+    assert!(matches!(
+        cpu::forward_f32_into(&conv, &s, &x, &w, None, &mut y),
+        Err(lkconv::Error::BufferLength { .. })
+    ));
+}
