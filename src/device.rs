@@ -22,6 +22,16 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// The first CUDA device when one is usable, else the fast CPU engine.
+    pub fn auto() -> Device {
+        match crate::cuda::describe() {
+            Ok(devices) if !devices.is_empty() && crate::cuda::kernels_compiled() => Device::Cuda(0),
+            _ => Device::Cpu,
+        }
+    }
+}
+
 impl FromStr for Device {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

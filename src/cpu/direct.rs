@@ -114,28 +114,22 @@ impl FwdBlock<'_> {
     #[target_feature(enable = "avx2,fma")]
     fn run_avx2<const V: usize>(&self, out: &mut [[[f32; 8]; V]; ROWS]) {
         use std::arch::x86_64::*;
+        // Every pointer below stays inside `x` and `w`: `check` asserts the extents once.
         self.check(V);
         let mut acc = [[_mm256_set1_ps(self.bias); V]; ROWS];
         let kw = self.kw;
         for r in self.r_lo..self.r_hi {
-            let xr = &self.x[r * self.x_stride + self.c0..];
-            let w_rows: [&[f32]; ROWS] = {
-                let mut rows = [&self.w[..0]; ROWS];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let start = (self.w_base + (r - self.r_lo) - i) * kw;
-                    *row = &self.w[start..start + kw];
-                }
-                rows
-            };
+            let xr = self.x[r * self.x_stride + self.c0..].as_ptr();
+            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - ROWS) * kw..].as_ptr();
             for kx in 0..kw {
                 let mut xv = [_mm256_setzero_ps(); V];
                 for (v, x) in xv.iter_mut().enumerate() {
-                    let src: &[f32; 8] = xr[kx + 8 * v..kx + 8 * v + 8].try_into().expect("8 lanes");
-                    // SAFETY: `src` is a checked 8-element slice; loadu has no alignment need.
-                    *x = unsafe { _mm256_loadu_ps(src.as_ptr()) };
+                    // SAFETY: column c0 + kx + 8v + 7 < x_stride and row r < r_hi (checked).
+                    *x = unsafe { _mm256_loadu_ps(xr.add(kx + 8 * v)) };
                 }
                 for i in 0..ROWS {
-                    let wb = _mm256_set1_ps(w_rows[i][kx]);
+                    // SAFETY: filter row w_base + (r - r_lo) - i lies in [0, w.len() / kw) (checked).
+                    let wb = unsafe { _mm256_broadcast_ss(&*w0.add((ROWS - 1 - i) * kw + kx)) };
                     for v in 0..V {
                         acc[i][v] = _mm256_fmadd_ps(xv[v], wb, acc[i][v]);
                     }
@@ -146,6 +140,24 @@ impl FwdBlock<'_> {
             for v in 0..V {
                 // SAFETY: `out[i][v]` is an 8-float array; storeu has no alignment need.
                 unsafe { _mm256_storeu_ps(out[i][v].as_mut_ptr(), acc[i][v]) };
+            }
+        }
+    }
+
+    /// Computes the block and writes its rows (at most `rows`) and columns (below `ow`) to `y`,
+    /// whose row 0 is the block's first output row.
+    fn emit<const V: usize>(&self, simd: bool, ow: usize, rows: usize, y: &mut [f32]) {
+        let mut block = [[[0.0f32; 8]; V]; ROWS];
+        self.run::<V>(simd, &mut block);
+        for (i, acc_row) in block.iter().enumerate().take(rows) {
+            let dst = &mut y[i * ow..(i + 1) * ow];
+            for (v, lanes) in acc_row.iter().enumerate() {
+                let start = self.c0 + 8 * v;
+                if start >= ow {
+                    break;
+                }
+                let n = (ow - start).min(8);
+                dst[start..start + n].copy_from_slice(&lanes[..n]);
             }
         }
     }
@@ -164,21 +176,13 @@ impl FwdBlock<'_> {
 
 /// Stride-1, dilation-1 correlation of every plane, with signed padding (negative values crop):
 /// `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w[c, ky, kx] + bias[c]`.
+/// Columns go in chunks of 16 (two vectors) and a final chunk of 8, so at most 7 columns of a
+/// row are computed in vain.
 #[allow(clippy::too_many_arguments)]
 fn correlate_unit(s: &ConvShape, kh: usize, kw: usize, top: isize, left: isize, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    if s.ow > 8 {
-        correlate_unit_v::<2>(s, kh, kw, top, left, x, w, bias, y)
-    } else {
-        correlate_unit_v::<1>(s, kh, kw, top, left, x, w, bias, y)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn correlate_unit_v<const V: usize>(s: &ConvShape, kh: usize, kw: usize, top: isize, left: isize, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let simd = has_avx2_fma();
-    let cols = 8 * V;
-    let ow_pad = s.ow.div_ceil(cols) * cols;
-    let x_stride = ow_pad + kw - 1;
+    let ow_pad = s.ow.div_ceil(8) * 8;
+    let x_stride = ow_pad + kw - 1 + 8;
     // Filters padded with ROWS-1 zero rows above and below.
     let wp_rows = kh + 2 * (ROWS - 1);
     let mut wpad = vec![0.0f32; s.c * wp_rows * kw];
@@ -214,7 +218,6 @@ fn correlate_unit_v<const V: usize>(s: &ConvShape, kh: usize, kw: usize, top: is
                 let count = (wd as usize).saturating_sub(ix0).min(x_stride.saturating_sub(j0));
                 row[j0..j0 + count].copy_from_slice(&src[ix0..ix0 + count]);
             }
-            let mut block = [[[0.0f32; 8]; V]; ROWS];
             for rb in (0..band_rows).step_by(ROWS) {
                 let oy = oy0 + rb;
                 // Image rows feeding output rows oy..oy+ROWS.
@@ -231,7 +234,8 @@ fn correlate_unit_v<const V: usize>(s: &ConvShape, kh: usize, kw: usize, top: is
                 } else {
                     ROWS - 1
                 };
-                for c0 in (0..ow_pad).step_by(cols) {
+                let mut c0 = 0;
+                while c0 < ow_pad {
                     let blk = FwdBlock {
                         x: &xbuf,
                         x_stride,
@@ -243,20 +247,13 @@ fn correlate_unit_v<const V: usize>(s: &ConvShape, kh: usize, kw: usize, top: is
                         c0,
                         bias: b,
                     };
-                    blk.run::<V>(simd, &mut block);
-                    for (i, acc_row) in block.iter().enumerate() {
-                        if rb + i >= band_rows {
-                            break;
-                        }
-                        let dst = &mut y_band[(rb + i) * ow..(rb + i + 1) * ow];
-                        for v in 0..V {
-                            let start = c0 + 8 * v;
-                            if start >= ow {
-                                break;
-                            }
-                            let n = (ow - start).min(8);
-                            dst[start..start + n].copy_from_slice(&acc_row[v][..n]);
-                        }
+                    let y_rows = &mut y_band[rb * ow..];
+                    if c0 + 16 <= ow_pad {
+                        blk.emit::<2>(simd, ow, band_rows - rb, y_rows);
+                        c0 += 16;
+                    } else {
+                        blk.emit::<1>(simd, ow, band_rows - rb, y_rows);
+                        c0 += 8;
                     }
                 }
             }

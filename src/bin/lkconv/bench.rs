@@ -23,7 +23,11 @@ struct Record {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let device: Device = args.device.parse()?;
+    let device = if args.device == "auto" {
+        Device::auto()
+    } else {
+        args.device.parse()?
+    };
     let dtype: DType = args.dtype.parse()?;
     let ops: Vec<Op> = if args.op == "all" { Op::ALL.to_vec() } else { vec![args.op.parse()?] };
     let impls: Vec<Impl> = match &args.implementation {

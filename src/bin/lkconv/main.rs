@@ -68,8 +68,8 @@ pub struct ConvArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// cpu, cpu-ref, sim or cuda.
-    #[arg(long, default_value = "cpu")]
+    /// auto (cuda when a GPU is present, else cpu), cpu, cpu-ref, sim or cuda.
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// fwd, dgrad, wgrad or all.
     #[arg(long, default_value = "all")]
