@@ -35,13 +35,27 @@ fn cases() -> Vec<Case> {
     v.push(case(2, 2, 30, 17, DwConv2d::new(51, 5)));
     v.push(case(1, 3, 17, 19, DwConv2d::new(7, 7).with_stride(2, 2)));
     v.push(case(1, 2, 18, 21, DwConv2d::new(5, 5).with_dilation(2, 2)));
-    v.push(case(2, 2, 19, 16, DwConv2d::new(4, 6).with_stride(2, 1).with_dilation(1, 2).with_padding(1, 3)));
+    v.push(case(
+        2,
+        2,
+        19,
+        16,
+        DwConv2d::new(4, 6)
+            .with_stride(2, 1)
+            .with_dilation(1, 2)
+            .with_padding(1, 3),
+    ));
     v.push(case(
         1,
         2,
         15,
         22,
-        DwConv2d::new(9, 8).with_padding_sides(Padding { top: 1, bottom: 6, left: 7, right: 0 }),
+        DwConv2d::new(9, 8).with_padding_sides(Padding {
+            top: 1,
+            bottom: 6,
+            left: 7,
+            right: 0,
+        }),
     ));
     v.push(case(1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0))); // valid conv
     v.push(case(1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5))); // padding > kernel
@@ -60,7 +74,16 @@ fn check_all<T: Element>(device: Device, imp: Impl, tol_f32: f64) {
         let w: Tensor<T> = random(&conv.weight_dims(s.c), &mut rng);
         let b: Tensor<T> = random(&[s.c], &mut rng);
         let dy: Tensor<T> = random(&s.output_dims(), &mut rng);
-        let label = format!("{:?} {} {:?} n{} c{} {}x{} k{kh}x{kw}", device, imp.name(), T::DTYPE, s.n, s.c, s.h, s.w);
+        let label = format!(
+            "{:?} {} {:?} n{} c{} {}x{} k{kh}x{kw}",
+            device,
+            imp.name(),
+            T::DTYPE,
+            s.n,
+            s.c,
+            s.h,
+            s.w
+        );
 
         let want = cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap();
         let got = device::forward(device, imp, &conv, &x, &w, Some(&b)).unwrap();
@@ -74,7 +97,12 @@ fn check_all<T: Element>(device: Device, imp: Impl, tol_f32: f64) {
         let got = device::weight_grad(device, imp, &conv, &x, &dy).unwrap();
         // Long sums: scale the tolerance with the square root of the number of terms.
         let terms = (s.n * s.oh * s.ow) as f64;
-        assert_close(&format!("wgrad {label} {conv:?}"), &got, &want, tol * terms.sqrt().max(1.0));
+        assert_close(
+            &format!("wgrad {label} {conv:?}"),
+            &got,
+            &want,
+            tol * terms.sqrt().max(1.0),
+        );
     }
 }
 
@@ -112,7 +140,11 @@ fn weight_grad_is_bit_identical_across_runs() {
     let first = cpu::weight_grad(&conv, &x, &dy).unwrap();
     for _ in 0..3 {
         let again = cpu::weight_grad(&conv, &x, &dy).unwrap();
-        let same = first.data().iter().zip(again.data()).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = first
+            .data()
+            .iter()
+            .zip(again.data())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "weight gradient differs between runs");
     }
 }
@@ -128,4 +160,29 @@ fn into_variants_reject_wrong_buffer_lengths() {
         cpu::forward_f32_into(&conv, &s, &x, &w, None, &mut y),
         Err(lkconv::Error::BufferLength { .. })
     ));
+}
+
+/// Runs the f32 and weight-gradient checks again with the micro-kernels capped at each lower
+/// instruction set (`LKCONV_CPU_ISA`), so AVX-512, AVX2 and portable code are all tested here.
+#[test]
+fn every_instruction_set_matches_reference() {
+    if std::env::var_os("LKCONV_CPU_ISA").is_some() {
+        return; // this is a child run
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    for isa in ["portable", "avx2"] {
+        for test in ["fast_f32_matches_reference", "fast_bf16_matches_reference"] {
+            let out = std::process::Command::new(&exe)
+                .args(["--exact", test])
+                .env("LKCONV_CPU_ISA", isa)
+                .output()
+                .expect("rerun the test binary");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{test} with LKCONV_CPU_ISA={isa} failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }

@@ -32,6 +32,25 @@ fn fma_chains_avx2(iters: u64, seed: f32) -> f32 {
     lanes.iter().sum()
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_chains_avx512(iters: u64, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(seed); CHAINS];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for v in acc {
+        sum = _mm512_add_ps(sum, v);
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
 fn fma_chains_portable(iters: u64, seed: f32) -> f32 {
     let mut acc = [[seed; 8]; CHAINS];
     for _ in 0..iters {
@@ -44,7 +63,13 @@ fn fma_chains_portable(iters: u64, seed: f32) -> f32 {
     acc.iter().flatten().sum()
 }
 
-fn run_chains(iters: u64, seed: f32) -> f32 {
+/// Runs the chains; with `wide`, 16-lane AVX-512 FMAs (twice the FLOPs per iteration).
+fn run_chains(iters: u64, seed: f32, wide: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: callers pass `wide` only when AVX-512F was detected at run time.
+        return unsafe { fma_chains_avx512(iters, seed) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::direct::has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected at run time.
@@ -53,17 +78,31 @@ fn run_chains(iters: u64, seed: f32) -> f32 {
     fma_chains_portable(iters, seed)
 }
 
-/// Peak f32 GFLOP/s over all rayon threads (best of a few ~50 ms trials).
+/// Peak f32 GFLOP/s over all rayon threads with the widest FMA the fast path uses
+/// (AVX-512 where present, else AVX2), best of a few ~50 ms trials.
 pub fn fma_ceiling_gflops() -> f64 {
+    measure(super::direct::uses_avx512())
+}
+
+/// Peak f32 GFLOP/s with 8-lane AVX2 FMAs (the ceiling without AVX-512).
+pub fn avx2_ceiling_gflops() -> f64 {
+    measure(false)
+}
+
+fn measure(wide: bool) -> f64 {
     let threads = rayon::current_num_threads();
-    let iters = 20_000_000u64;
+    let iters = if wide { 10_000_000u64 } else { 20_000_000u64 };
+    let lanes = if wide { 2.0 } else { 1.0 };
     let mut best = 0.0f64;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let sink: f32 = (0..threads).into_par_iter().map(|i| run_chains(iters, 1.0 + i as f32)).sum();
+        let sink: f32 = (0..threads)
+            .into_par_iter()
+            .map(|i| run_chains(iters, 1.0 + i as f32, wide))
+            .sum();
         let secs = t0.elapsed().as_secs_f64();
         std::hint::black_box(sink);
-        best = best.max(flops_per_thread(iters) * threads as f64 / secs / 1e9);
+        best = best.max(lanes * flops_per_thread(iters) * threads as f64 / secs / 1e9);
     }
     best
 }

@@ -1,12 +1,15 @@
-//! The fast CPU path: register-blocked direct convolution on AVX2 + FMA (runtime-detected, with a
-//! portable fallback of the same structure), rayon over (plane, row band) tasks.
+//! The fast CPU path: register-blocked direct convolution with AVX-512 or AVX2 + FMA micro-kernels
+//! (detected at run time, with a portable fallback of the same structure), rayon over
+//! (plane, row band) tasks.
 //!
 //! Forward (stride 1, dilation 1): each task zero-pads the input rows of its band once, then
-//! computes blocks of `ROWS` output rows x `8 * VECS` columns. For every input row the block
-//! touches, each filter tap loads `VECS` input vectors once and feeds them to `ROWS` outputs
-//! (one broadcast weight each), so the loop is FMA-bound, not load-bound. Input rows outside the
-//! image are skipped; the filter is padded with `ROWS - 1` zero rows on both ends so that every
-//! output row of a block may use every input row without bounds checks.
+//! computes register blocks of R output rows x (vectors x lanes) columns. For every input row a
+//! block touches, each filter tap loads the block's input vectors once and feeds each of them to
+//! R outputs (one broadcast weight each), so the loop is FMA-bound, not load-bound. A row is
+//! covered by as few blocks as possible (up to 4 x 16 lanes), narrow remainders take 8 rows so
+//! that enough accumulators hide the FMA latency. Input rows outside the image are skipped; the
+//! filter is padded with zero rows on both ends so that every output row of a block may use every
+//! input row without bounds checks.
 //! Data gradient (stride 1, dilation 1) is the forward pass with the filter rotated 180 degrees.
 //! Weight gradient: per channel, blocks of `WG_ROWS x WG_COLS` taps accumulated over the plane
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
@@ -19,14 +22,6 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Output rows per register block.
-const ROWS: usize = 4;
-/// Output rows per parallel task (a multiple of ROWS).
-const BAND: usize = 16;
-/// Weight-gradient block: filter rows x filter columns held in registers.
-const WG_ROWS: usize = 3;
-const WG_COLS: usize = 4;
-
 pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
     if got != expected {
         return Err(Error::BufferLength {
@@ -36,6 +31,44 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The instruction set the micro-kernels use, detected once per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Isa {
+    Portable,
+    Avx2,
+    /// AVX-512F: 16-lane FMAs, half the instructions of AVX2 for the same work.
+    Avx512,
+}
+
+/// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
+/// the tests use the cap to check every micro-kernel on one machine.
+fn detect_isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var("LKCONV_CPU_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        let mut best = Isa::Portable;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                best = Isa::Avx2;
+                if std::is_x86_feature_detected!("avx512f") {
+                    best = Isa::Avx512;
+                }
+            }
+        }
+        best.min(cap)
+    })
+}
+
+/// Whether the fast path uses AVX-512 on this CPU.
+pub fn uses_avx512() -> bool {
+    detect_isa() == Isa::Avx512
 }
 
 /// Whether the AVX2 + FMA kernels can run on this CPU.
@@ -52,7 +85,9 @@ pub fn has_avx2_fma() -> bool {
 
 /// A description of the instruction set the fast path uses on this machine.
 pub fn simd_description() -> &'static str {
-    if has_avx2_fma() {
+    if detect_isa() == Isa::Avx512 {
+        "AVX-512F (16 x f32 per FMA; AVX2 + FMA for 8-column tails)"
+    } else if has_avx2_fma() {
         "AVX2 + FMA (8 x f32 per instruction)"
     } else {
         "portable (no AVX2/FMA detected)"
@@ -60,40 +95,62 @@ pub fn simd_description() -> &'static str {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward micro-kernel
+// Forward micro-kernels
 
-/// One forward block: `ROWS` output rows x `8 * V` columns starting at column `c0`.
+/// Most output rows in one register block; filters are padded with this many minus one zero
+/// rows above and below, so that every row of a block may read every input row unchecked.
+const MAX_ROWS: usize = 8;
+const FILTER_PAD: usize = MAX_ROWS - 1;
+
+/// One forward block: `R` output rows x `cols` columns starting at column `c0`.
 struct FwdBlock<'a> {
-    /// Padded input rows of the band, `x_stride` floats apart; row `r` of the image at `r - r0`.
+    /// Zero-padded input rows of the band, `x_stride` floats apart.
     x: &'a [f32],
     x_stride: usize,
-    /// Image rows [r_lo, r_hi) that touch the block, in band-buffer coordinates.
+    /// Input rows [r_lo, r_hi) (band-buffer coordinates) that touch the block.
     r_lo: usize,
     r_hi: usize,
-    /// Filter padded with ROWS-1 zero rows on top and bottom, `kw` floats per row.
+    /// The channel's filter with FILTER_PAD zero rows above and below, `kw` floats per row.
     w: &'a [f32],
     kw: usize,
-    /// Padded-filter row used by output row 0 of the block for buffer row `r_lo`:
-    /// row(i, r) = w_base + (r - r_lo) - i, always >= ROWS - 1 - i.
+    /// Padded-filter row for output row 0 of the block and input row `r_lo`:
+    /// row(i, r) = w_base + (r - r_lo) - i.
     w_base: usize,
     c0: usize,
     bias: f32,
 }
 
+/// Where a block's results go: output rows from the block's first row, `ow` floats apart.
+struct BlockOut<'a> {
+    y: &'a mut [f32],
+    ow: usize,
+    rows: usize,
+}
+
+impl BlockOut<'_> {
+    /// Writes the lanes of output row `i` starting at column `col`, clipped to the image.
+    fn store(&mut self, i: usize, col: usize, lanes: &[f32]) {
+        if i < self.rows && col < self.ow {
+            let n = (self.ow - col).min(lanes.len());
+            self.y[i * self.ow + col..][..n].copy_from_slice(&lanes[..n]);
+        }
+    }
+}
+
 impl FwdBlock<'_> {
-    fn check(&self, v: usize) {
-        // Bounds the unchecked loads of the SIMD kernel (cheap, once per block).
-        assert!(self.r_hi * self.x_stride <= self.x.len() || self.r_hi == self.r_lo);
-        assert!(self.c0 + self.kw - 1 + 8 * v <= self.x_stride);
+    /// Asserts the extents that the unchecked SIMD loads rely on (once per block).
+    fn check(&self, rows: usize, cols: usize) {
+        assert!(self.c0 + self.kw - 1 + cols <= self.x_stride);
         if self.r_hi > self.r_lo {
-            assert!(self.w_base >= ROWS - 1);
+            assert!(self.r_hi * self.x_stride <= self.x.len());
+            assert!(self.w_base + 1 >= rows);
             assert!((self.w_base + self.r_hi - self.r_lo) * self.kw <= self.w.len());
         }
     }
 
     /// Portable version with the same blocking (the compiler vectorises the lane loops).
-    fn run_portable<const V: usize>(&self, out: &mut [[[f32; 8]; V]; ROWS]) {
-        let mut acc = [[[self.bias; 8]; V]; ROWS];
+    fn run_portable<const R: usize, const V: usize>(&self, out: &mut BlockOut) {
+        let mut acc = [[[self.bias; 8]; V]; R];
         for r in self.r_lo..self.r_hi {
             let xr = &self.x[r * self.x_stride + self.c0..];
             for kx in 0..self.kw {
@@ -107,158 +164,258 @@ impl FwdBlock<'_> {
                 }
             }
         }
-        *out = acc;
+        for (i, row) in acc.iter().enumerate() {
+            for (v, lanes) in row.iter().enumerate() {
+                out.store(i, self.c0 + 8 * v, lanes);
+            }
+        }
     }
 
+    /// AVX2: `V` 8-lane vectors per row; each input vector feeds `R` FMAs.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn run_avx2<const V: usize>(&self, out: &mut [[[f32; 8]; V]; ROWS]) {
+    fn run_avx2<const R: usize, const V: usize>(&self, out: &mut BlockOut) {
         use std::arch::x86_64::*;
-        // Every pointer below stays inside `x` and `w`: `check` asserts the extents once.
-        self.check(V);
-        let mut acc = [[_mm256_set1_ps(self.bias); V]; ROWS];
+        self.check(R, 8 * V);
+        let mut acc = [[_mm256_set1_ps(self.bias); V]; R];
         let kw = self.kw;
         for r in self.r_lo..self.r_hi {
             let xr = self.x[r * self.x_stride + self.c0..].as_ptr();
-            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - ROWS) * kw..].as_ptr();
+            // Filter row of output row R-1; output row i uses the row R-1-i below it.
+            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - R) * kw..].as_ptr();
             for kx in 0..kw {
                 let mut xv = [_mm256_setzero_ps(); V];
                 for (v, x) in xv.iter_mut().enumerate() {
-                    // SAFETY: column c0 + kx + 8v + 7 < x_stride and row r < r_hi (checked).
+                    // SAFETY: column c0 + kx + 8v + 7 < x_stride and row r < r_hi (`check`).
                     *x = unsafe { _mm256_loadu_ps(xr.add(kx + 8 * v)) };
                 }
-                for i in 0..ROWS {
-                    // SAFETY: filter row w_base + (r - r_lo) - i lies in [0, w.len() / kw) (checked).
-                    let wb = unsafe { _mm256_broadcast_ss(&*w0.add((ROWS - 1 - i) * kw + kx)) };
+                for i in 0..R {
+                    // SAFETY: filter row w_base + (r - r_lo) - i is in bounds (`check`).
+                    let wb = _mm256_set1_ps(unsafe { *w0.add((R - 1 - i) * kw + kx) });
                     for v in 0..V {
                         acc[i][v] = _mm256_fmadd_ps(xv[v], wb, acc[i][v]);
                     }
                 }
             }
         }
-        for i in 0..ROWS {
+        let mut lanes = [0.0f32; 8];
+        for i in 0..R {
             for v in 0..V {
-                // SAFETY: `out[i][v]` is an 8-float array; storeu has no alignment need.
-                unsafe { _mm256_storeu_ps(out[i][v].as_mut_ptr(), acc[i][v]) };
+                // SAFETY: `lanes` holds 8 floats; storeu has no alignment need.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][v]) };
+                out.store(i, self.c0 + 8 * v, &lanes);
             }
         }
     }
 
-    /// Computes the block and writes its rows (at most `rows`) and columns (below `ow`) to `y`,
-    /// whose row 0 is the block's first output row.
-    fn emit<const V: usize>(&self, simd: bool, ow: usize, rows: usize, y: &mut [f32]) {
-        let mut block = [[[0.0f32; 8]; V]; ROWS];
-        self.run::<V>(simd, &mut block);
-        for (i, acc_row) in block.iter().enumerate().take(rows) {
-            let dst = &mut y[i * ow..(i + 1) * ow];
-            for (v, lanes) in acc_row.iter().enumerate() {
-                let start = self.c0 + 8 * v;
-                if start >= ow {
-                    break;
+    /// AVX-512: `Z` 16-lane vectors per row; each input vector feeds `R` FMAs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn run_avx512<const R: usize, const Z: usize>(&self, out: &mut BlockOut) {
+        use std::arch::x86_64::*;
+        self.check(R, 16 * Z);
+        let mut acc = [[_mm512_set1_ps(self.bias); Z]; R];
+        let kw = self.kw;
+        for r in self.r_lo..self.r_hi {
+            let xr = self.x[r * self.x_stride + self.c0..].as_ptr();
+            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - R) * kw..].as_ptr();
+            for kx in 0..kw {
+                let mut xv = [_mm512_setzero_ps(); Z];
+                for (z, x) in xv.iter_mut().enumerate() {
+                    // SAFETY: column c0 + kx + 16z + 15 < x_stride and row r < r_hi (`check`).
+                    *x = unsafe { _mm512_loadu_ps(xr.add(kx + 16 * z)) };
                 }
-                let n = (ow - start).min(8);
-                dst[start..start + n].copy_from_slice(&lanes[..n]);
-            }
-        }
-    }
-
-    fn run<const V: usize>(&self, simd: bool, out: &mut [[[f32; 8]; V]; ROWS]) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is true only when AVX2 and FMA were detected at run time.
-            unsafe { self.run_avx2::<V>(out) };
-            return;
-        }
-        let _ = simd;
-        self.run_portable::<V>(out);
-    }
-}
-
-/// Stride-1, dilation-1 correlation of every plane, with signed padding (negative values crop):
-/// `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w[c, ky, kx] + bias[c]`.
-/// Columns go in chunks of 16 (two vectors) and a final chunk of 8, so at most 7 columns of a
-/// row are computed in vain.
-#[allow(clippy::too_many_arguments)]
-fn correlate_unit(s: &ConvShape, kh: usize, kw: usize, top: isize, left: isize, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    let simd = has_avx2_fma();
-    let ow_pad = s.ow.div_ceil(8) * 8;
-    let x_stride = ow_pad + kw - 1 + 8;
-    // Filters padded with ROWS-1 zero rows above and below.
-    let wp_rows = kh + 2 * (ROWS - 1);
-    let mut wpad = vec![0.0f32; s.c * wp_rows * kw];
-    for c in 0..s.c {
-        let dst = &mut wpad[(c * wp_rows + ROWS - 1) * kw..][..kh * kw];
-        dst.copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
-    }
-    let (h, wd, oh, ow) = (s.h as isize, s.w as isize, s.oh, s.ow);
-    y.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, y_plane)| {
-        let c = plane % s.c;
-        let x_plane = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
-        let w_c = &wpad[c * wp_rows * kw..(c + 1) * wp_rows * kw];
-        let b = bias.map_or(0.0, |b| b[c]);
-        y_plane.par_chunks_mut(BAND * ow).enumerate().for_each(|(band, y_band)| {
-            let oy0 = band * BAND;
-            let band_rows = y_band.len() / ow;
-            // Image rows this band can touch.
-            let r_first = (oy0 as isize - top).max(0);
-            let r_last = ((oy0 + band_rows.div_ceil(ROWS) * ROWS) as isize - 1 - top + kh as isize - 1).min(h - 1);
-            if r_first > r_last {
-                // Only padding under this band: the output is the bias.
-                y_band.fill(b);
-                return;
-            }
-            let n_rows = (r_last - r_first + 1) as usize;
-            let mut xbuf = vec![0.0f32; n_rows * x_stride];
-            for (k, row) in xbuf.chunks_mut(x_stride).enumerate() {
-                let r = r_first as usize + k;
-                let src = &x_plane[r * s.w..(r + 1) * s.w];
-                // Buffer column j holds image column j - left.
-                let j0 = left.max(0) as usize;
-                let ix0 = (-left).max(0) as usize;
-                let count = (wd as usize).saturating_sub(ix0).min(x_stride.saturating_sub(j0));
-                row[j0..j0 + count].copy_from_slice(&src[ix0..ix0 + count]);
-            }
-            for rb in (0..band_rows).step_by(ROWS) {
-                let oy = oy0 + rb;
-                // Image rows feeding output rows oy..oy+ROWS.
-                let lo = (oy as isize - top).max(r_first);
-                let hi = ((oy + ROWS) as isize - 1 - top + kh as isize - 1).min(r_last);
-                let (r_lo, r_hi) = if lo > hi {
-                    (0, 0)
-                } else {
-                    ((lo - r_first) as usize, (hi - r_first + 1) as usize)
-                };
-                // Filter row for output row i and buffer row k: (k + r_first) - (oy + i) + top.
-                let w_base = if r_hi > r_lo {
-                    (r_lo as isize + r_first - oy as isize + top) as usize + ROWS - 1
-                } else {
-                    ROWS - 1
-                };
-                let mut c0 = 0;
-                while c0 < ow_pad {
-                    let blk = FwdBlock {
-                        x: &xbuf,
-                        x_stride,
-                        r_lo,
-                        r_hi,
-                        w: w_c,
-                        kw,
-                        w_base,
-                        c0,
-                        bias: b,
-                    };
-                    let y_rows = &mut y_band[rb * ow..];
-                    if c0 + 16 <= ow_pad {
-                        blk.emit::<2>(simd, ow, band_rows - rb, y_rows);
-                        c0 += 16;
-                    } else {
-                        blk.emit::<1>(simd, ow, band_rows - rb, y_rows);
-                        c0 += 8;
+                for i in 0..R {
+                    // SAFETY: filter row w_base + (r - r_lo) - i is in bounds (`check`).
+                    let wb = _mm512_set1_ps(unsafe { *w0.add((R - 1 - i) * kw + kx) });
+                    for z in 0..Z {
+                        acc[i][z] = _mm512_fmadd_ps(xv[z], wb, acc[i][z]);
                     }
                 }
             }
+        }
+        let mut lanes = [0.0f32; 16];
+        for i in 0..R {
+            for z in 0..Z {
+                // SAFETY: `lanes` holds 16 floats; storeu has no alignment need.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][z]) };
+                out.store(i, self.c0 + 16 * z, &lanes);
+            }
+        }
+    }
+}
+
+/// A register-block shape: rows x columns, and which micro-kernel computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockShape {
+    isa: Isa,
+    rows: usize,
+    /// Vectors per row (8 lanes for Portable/Avx2, 16 for Avx512).
+    vecs: usize,
+}
+
+impl BlockShape {
+    /// The block for the `remaining` columns of a row: as many vectors as cover them (up to 4
+    /// x 16 or 2 x 8 lanes); narrow blocks take 8 rows so that 8 accumulators hide the FMA latency.
+    fn for_columns(isa: Isa, remaining: usize) -> BlockShape {
+        match isa {
+            Isa::Avx512 if remaining > 8 => {
+                let vecs = remaining.div_ceil(16).min(4);
+                BlockShape {
+                    isa,
+                    rows: if vecs == 1 { 8 } else { 4 },
+                    vecs,
+                }
+            }
+            Isa::Avx512 | Isa::Avx2 => {
+                let vecs = remaining.div_ceil(8).min(2);
+                BlockShape {
+                    isa: Isa::Avx2,
+                    rows: if vecs == 1 { 8 } else { 4 },
+                    vecs,
+                }
+            }
+            Isa::Portable => {
+                let vecs = remaining.div_ceil(8).min(2);
+                BlockShape {
+                    isa,
+                    rows: if vecs == 1 { 8 } else { 4 },
+                    vecs,
+                }
+            }
+        }
+    }
+
+    fn cols(&self) -> usize {
+        self.vecs * if self.isa == Isa::Avx512 { 16 } else { 8 }
+    }
+
+    fn run(&self, blk: &FwdBlock, out: &mut BlockOut) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (every arm): the ISA was detected at run time by `detect_isa`.
+        unsafe {
+            match (self.isa, self.rows, self.vecs) {
+                (Isa::Avx512, 8, 1) => return blk.run_avx512::<8, 1>(out),
+                (Isa::Avx512, 4, 2) => return blk.run_avx512::<4, 2>(out),
+                (Isa::Avx512, 4, 3) => return blk.run_avx512::<4, 3>(out),
+                (Isa::Avx512, 4, 4) => return blk.run_avx512::<4, 4>(out),
+                (Isa::Avx2, 8, 1) => return blk.run_avx2::<8, 1>(out),
+                (Isa::Avx2, 4, 2) => return blk.run_avx2::<4, 2>(out),
+                _ => {}
+            }
+        }
+        match (self.rows, self.vecs) {
+            (8, 1) => blk.run_portable::<8, 1>(out),
+            (4, 2) => blk.run_portable::<4, 2>(out),
+            other => unreachable!("no micro-kernel for block {other:?}"),
+        }
+    }
+}
+
+/// Output rows per parallel task (a multiple of every block's row count).
+const BAND: usize = 16;
+
+/// Stride-1, dilation-1 correlation of every plane, with signed padding (negative values crop):
+/// `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w[c, ky, kx] + bias[c]`.
+#[allow(clippy::too_many_arguments)]
+fn correlate_unit(
+    s: &ConvShape,
+    kh: usize,
+    kw: usize,
+    top: isize,
+    left: isize,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let isa = detect_isa();
+    // Column blocks of a row, the same for every row.
+    let mut blocks = Vec::new();
+    let mut c0 = 0;
+    while c0 < s.ow {
+        let shape = BlockShape::for_columns(isa, s.ow - c0);
+        blocks.push((c0, shape));
+        c0 += shape.cols();
+    }
+    let x_stride = c0 + kw - 1;
+    let wp_rows = kh + 2 * FILTER_PAD;
+    let mut wpad = vec![0.0f32; s.c * wp_rows * kw];
+    for c in 0..s.c {
+        wpad[(c * wp_rows + FILTER_PAD) * kw..][..kh * kw]
+            .copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
+    }
+    let (h, oh, ow) = (s.h as isize, s.oh, s.ow);
+    y.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(plane, y_plane)| {
+            let c = plane % s.c;
+            let x_plane = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
+            let w_c = &wpad[c * wp_rows * kw..(c + 1) * wp_rows * kw];
+            let b = bias.map_or(0.0, |b| b[c]);
+            y_plane
+                .par_chunks_mut(BAND * ow)
+                .enumerate()
+                .for_each(|(band, y_band)| {
+                    let oy0 = band * BAND;
+                    let band_rows = y_band.len() / ow;
+                    // Image rows this band can touch.
+                    let r_first = (oy0 as isize - top).max(0);
+                    let r_last =
+                        ((oy0 + band_rows) as isize - 1 - top + kh as isize - 1).min(h - 1);
+                    if r_first > r_last {
+                        // Only padding under this band: the output is the bias.
+                        y_band.fill(b);
+                        return;
+                    }
+                    let n_rows = (r_last - r_first + 1) as usize;
+                    let mut xbuf = vec![0.0f32; n_rows * x_stride];
+                    // Buffer column j holds image column j - left.
+                    let j0 = left.max(0) as usize;
+                    let ix0 = (-left).max(0) as usize;
+                    let count = s.w.saturating_sub(ix0).min(x_stride.saturating_sub(j0));
+                    for (k, row) in xbuf.chunks_mut(x_stride).enumerate() {
+                        let r = r_first as usize + k;
+                        row[j0..j0 + count].copy_from_slice(&x_plane[r * s.w + ix0..][..count]);
+                    }
+                    for &(c0, shape) in &blocks {
+                        for rb in (0..band_rows).step_by(shape.rows) {
+                            let oy = oy0 + rb;
+                            // Image rows feeding output rows oy..oy+rows.
+                            let lo = (oy as isize - top).max(r_first);
+                            let hi = ((oy + shape.rows) as isize - 1 - top + kh as isize - 1)
+                                .min(r_last);
+                            let (r_lo, r_hi, w_base) = if lo > hi {
+                                (0, 0, FILTER_PAD)
+                            } else {
+                                // Filter row for output row i and image row r: r - (oy + i) + top.
+                                (
+                                    (lo - r_first) as usize,
+                                    (hi - r_first + 1) as usize,
+                                    (lo - oy as isize + top) as usize + FILTER_PAD,
+                                )
+                            };
+                            let blk = FwdBlock {
+                                x: &xbuf,
+                                x_stride,
+                                r_lo,
+                                r_hi,
+                                w: w_c,
+                                kw,
+                                w_base,
+                                c0,
+                                bias: b,
+                            };
+                            let mut out = BlockOut {
+                                y: &mut y_band[rb * ow..],
+                                ow,
+                                rows: band_rows - rb,
+                            };
+                            shape.run(&blk, &mut out);
+                        }
+                    }
+                });
         });
-    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,47 +423,59 @@ fn correlate_unit(s: &ConvShape, kh: usize, kw: usize, top: isize, left: isize, 
 
 /// Padded operands of one plane for the weight gradient.
 struct WgradPlane {
-    /// Image rows, zero-padded columns: image column ix at ix + left_pad.
+    /// Image rows; buffer column j holds image column j - left (zeros elsewhere).
     x: Vec<f32>,
     x_stride: usize,
-    left_pad: usize,
-    /// dy rows oy in [oy_min, oy_max), columns padded to a multiple of 8 with zeros.
+    /// dy rows oy in [oy_min, oy_min + rows), zero outside [0, OH); columns padded with zeros.
     dy: Vec<f32>,
     dy_stride: usize,
     oy_min: isize,
+    h: usize,
+    top: usize,
 }
 
+/// Filter rows x columns one weight-gradient block holds in registers (12 accumulators; wider
+/// blocks measured slower with AVX-512 here).
+const WG_ROWS: usize = 3;
+const WG_COLS: usize = 4;
+
 impl WgradPlane {
-    fn new(s: &ConvShape, kh: usize, kw: usize, top: usize, left: usize, x: &[f32], dy: &[f32]) -> Self {
-        let ow_pad = s.ow.div_ceil(8) * 8;
-        // Column j of the buffer = image column (j - left); tap kx of output ox reads j = ox + kx.
-        let x_stride = ow_pad + kw + WG_COLS + 8;
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        s: &ConvShape,
+        kh: usize,
+        kw: usize,
+        top: usize,
+        left: usize,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Self {
+        // Output columns in whole 16-lane vectors; tap kx of output ox reads buffer column ox + kx.
+        let dy_stride = s.ow.div_ceil(16) * 16;
+        let x_stride = dy_stride + kw + WG_COLS + 16;
         let mut xb = vec![0.0f32; s.h * x_stride];
-        for r in 0..s.h {
-            let dst = &mut xb[r * x_stride..(r + 1) * x_stride];
-            for ix in 0..s.w {
-                let j = ix + left;
-                if j < x_stride {
-                    dst[j] = x[r * s.w + ix];
-                }
-            }
+        let count = s.w.min(x_stride.saturating_sub(left));
+        for (r, dst) in xb.chunks_mut(x_stride).enumerate() {
+            dst[left..left + count].copy_from_slice(&x[r * s.w..r * s.w + count]);
         }
-        // Output row used by image row r and tap ky: oy = r + top - ky, over ky < kh + WG_ROWS - 1.
+        // Image row r and tap ky use output row oy = r + top - ky, for ky < kh + WG_ROWS - 1.
         let oy_min = (top as isize - (kh + WG_ROWS) as isize).min(0);
         let oy_max = ((s.h + top) as isize).max(s.oh as isize) + 1;
         let rows = (oy_max - oy_min) as usize;
-        let mut db = vec![0.0f32; rows * ow_pad];
+        let mut db = vec![0.0f32; rows * dy_stride];
         for oy in 0..s.oh {
             let k = (oy as isize - oy_min) as usize;
-            db[k * ow_pad..k * ow_pad + s.ow].copy_from_slice(&dy[oy * s.ow..(oy + 1) * s.ow]);
+            db[k * dy_stride..k * dy_stride + s.ow]
+                .copy_from_slice(&dy[oy * s.ow..(oy + 1) * s.ow]);
         }
         WgradPlane {
             x: xb,
             x_stride,
-            left_pad: left,
             dy: db,
-            dy_stride: ow_pad,
+            dy_stride,
             oy_min,
+            h: s.h,
+            top,
         }
     }
 
@@ -315,23 +484,25 @@ impl WgradPlane {
         &self.dy[k * self.dy_stride..(k + 1) * self.dy_stride]
     }
 
-    /// Sums for taps (ky0.., kx0..) over the plane: out[a][b] = sum over r, ox of
-    /// dy[r + top - ky0 - a][ox] * x[r][ox + kx0 + b].
-    fn block(&self, simd: bool, h: usize, top: usize, ky0: usize, kx0: usize, out: &mut [[f32; WG_COLS]; WG_ROWS]) {
-        let _ = self.left_pad;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is true only when AVX2 and FMA were detected at run time.
-            unsafe { self.block_avx2(h, top, ky0, kx0, out) };
-            return;
-        }
-        let _ = simd;
-        let mut acc = [[[0.0f32; 8]; WG_COLS]; WG_ROWS];
-        for r in 0..h {
+    /// dy row used by image row r for filter row ky.
+    fn dy_row_for(&self, r: usize, ky: usize) -> &[f32] {
+        self.dy_row((r + self.top) as isize - ky as isize)
+    }
+
+    /// Sums for taps (ky0 + a, kx0 + b), a < RA, b < RB, over the plane, into `out[a * RB + b]`:
+    /// sum over r, ox of dy[r + top - ky0 - a][ox] * x[r][ox + kx0 + b].
+    fn block_portable<const RA: usize, const RB: usize>(
+        &self,
+        ky0: usize,
+        kx0: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[[0.0f32; 8]; RB]; RA];
+        for r in 0..self.h {
             let xr = &self.x[r * self.x_stride..(r + 1) * self.x_stride];
             for ox in (0..self.dy_stride).step_by(8) {
                 for (a, acc_row) in acc.iter_mut().enumerate() {
-                    let g = &self.dy_row((r + top) as isize - (ky0 + a) as isize)[ox..ox + 8];
+                    let g = &self.dy_row_for(r, ky0 + a)[ox..ox + 8];
                     for (b, acc_vec) in acc_row.iter_mut().enumerate() {
                         let xs = &xr[ox + kx0 + b..ox + kx0 + b + 8];
                         for lane in 0..8 {
@@ -341,63 +512,131 @@ impl WgradPlane {
                 }
             }
         }
-        for a in 0..WG_ROWS {
-            for b in 0..WG_COLS {
-                out[a][b] = acc[a][b].iter().sum();
+        for a in 0..RA {
+            for b in 0..RB {
+                out[a * RB + b] = acc[a][b].iter().sum();
             }
         }
     }
 
+    /// Asserts the extents the unchecked loads rely on.
+    fn check(&self, ra: usize, rb: usize, ky0: usize, kx0: usize) {
+        assert!(kx0 + rb - 1 + self.dy_stride <= self.x_stride);
+        assert!(self.h * self.x_stride <= self.x.len());
+        let lowest = (self.top as isize) - (ky0 + ra - 1) as isize;
+        assert!(lowest >= self.oy_min);
+        assert!(
+            ((self.h - 1 + self.top) as isize - ky0 as isize - self.oy_min + 1) as usize
+                * self.dy_stride
+                <= self.dy.len()
+        );
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn block_avx2(&self, h: usize, top: usize, ky0: usize, kx0: usize, out: &mut [[f32; WG_COLS]; WG_ROWS]) {
+    fn block_avx2<const RA: usize, const RB: usize>(
+        &self,
+        ky0: usize,
+        kx0: usize,
+        out: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm256_setzero_ps(); WG_COLS]; WG_ROWS];
-        for r in 0..h {
-            let xr = &self.x[r * self.x_stride..(r + 1) * self.x_stride];
-            let g_rows: [&[f32]; WG_ROWS] = {
-                let mut rows = [&self.dy[..0]; WG_ROWS];
-                for (a, row) in rows.iter_mut().enumerate() {
-                    *row = self.dy_row((r + top) as isize - (ky0 + a) as isize);
-                }
-                rows
-            };
+        self.check(RA, RB, ky0, kx0);
+        let mut acc = [[_mm256_setzero_ps(); RB]; RA];
+        for r in 0..self.h {
+            let xr = self.x[r * self.x_stride..].as_ptr();
+            let mut g_rows = [xr; RA];
+            for (a, row) in g_rows.iter_mut().enumerate() {
+                *row = self.dy_row_for(r, ky0 + a).as_ptr();
+            }
             for ox in (0..self.dy_stride).step_by(8) {
-                let mut g = [_mm256_setzero_ps(); WG_ROWS];
-                for a in 0..WG_ROWS {
-                    let src: &[f32; 8] = g_rows[a][ox..ox + 8].try_into().expect("8 lanes");
-                    // SAFETY: `src` is a checked 8-element slice; loadu has no alignment need.
-                    g[a] = unsafe { _mm256_loadu_ps(src.as_ptr()) };
+                let mut g = [_mm256_setzero_ps(); RA];
+                for a in 0..RA {
+                    // SAFETY: each dy row holds dy_stride floats; ox + 7 < dy_stride.
+                    g[a] = unsafe { _mm256_loadu_ps(g_rows[a].add(ox)) };
                 }
-                for b in 0..WG_COLS {
-                    let src: &[f32; 8] = xr[ox + kx0 + b..ox + kx0 + b + 8].try_into().expect("8 lanes");
-                    // SAFETY: as above.
-                    let xv = unsafe { _mm256_loadu_ps(src.as_ptr()) };
-                    for a in 0..WG_ROWS {
+                for b in 0..RB {
+                    // SAFETY: ox + kx0 + b + 7 < x_stride (`check`), row r < h.
+                    let xv = unsafe { _mm256_loadu_ps(xr.add(ox + kx0 + b)) };
+                    for a in 0..RA {
                         acc[a][b] = _mm256_fmadd_ps(g[a], xv, acc[a][b]);
                     }
                 }
             }
         }
-        for a in 0..WG_ROWS {
-            for b in 0..WG_COLS {
-                let mut lanes = [0.0f32; 8];
+        let mut lanes = [0.0f32; 8];
+        for a in 0..RA {
+            for b in 0..RB {
                 // SAFETY: `lanes` holds 8 floats; storeu has no alignment need.
                 unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
-                out[a][b] = lanes.iter().sum();
+                out[a * RB + b] = lanes.iter().sum();
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn block_avx512<const RA: usize, const RB: usize>(
+        &self,
+        ky0: usize,
+        kx0: usize,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        self.check(RA, RB, ky0, kx0);
+        let mut acc = [[_mm512_setzero_ps(); RB]; RA];
+        for r in 0..self.h {
+            let xr = self.x[r * self.x_stride..].as_ptr();
+            let mut g_rows = [xr; RA];
+            for (a, row) in g_rows.iter_mut().enumerate() {
+                *row = self.dy_row_for(r, ky0 + a).as_ptr();
+            }
+            for ox in (0..self.dy_stride).step_by(16) {
+                let mut g = [_mm512_setzero_ps(); RA];
+                for a in 0..RA {
+                    // SAFETY: each dy row holds dy_stride (a multiple of 16) floats.
+                    g[a] = unsafe { _mm512_loadu_ps(g_rows[a].add(ox)) };
+                }
+                for b in 0..RB {
+                    // SAFETY: ox + kx0 + b + 15 < x_stride (`check`), row r < h.
+                    let xv = unsafe { _mm512_loadu_ps(xr.add(ox + kx0 + b)) };
+                    for a in 0..RA {
+                        acc[a][b] = _mm512_fmadd_ps(g[a], xv, acc[a][b]);
+                    }
+                }
+            }
+        }
+        for a in 0..RA {
+            for b in 0..RB {
+                out[a * RB + b] = _mm512_reduce_add_ps(acc[a][b]);
+            }
+        }
+    }
+
+    fn block(&self, isa: Isa, ky0: usize, kx0: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both arms): the ISA was detected at run time by `detect_isa`.
+        unsafe {
+            match isa {
+                Isa::Avx512 => return self.block_avx512::<WG_ROWS, WG_COLS>(ky0, kx0, out),
+                Isa::Avx2 => return self.block_avx2::<WG_ROWS, WG_COLS>(ky0, kx0, out),
+                Isa::Portable => {}
+            }
+        }
+        let _ = isa;
+        self.block_portable::<WG_ROWS, WG_COLS>(ky0, kx0, out)
     }
 }
 
 fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (kh, kw) = conv.kernel;
     let (top, left) = (conv.padding.top, conv.padding.left);
-    let simd = has_avx2_fma();
+    let isa = detect_isa();
+    let (ra, rb) = (WG_ROWS, WG_COLS);
     dw.par_chunks_mut(kh * kw).enumerate().for_each(|(c, out)| {
         // Batch reduced in a fixed order in f64: deterministic, and accurate for long sums.
         let mut total = vec![0.0f64; kh * kw];
-        let mut block = [[0.0f32; WG_COLS]; WG_ROWS];
+        let mut block = vec![0.0f32; ra * rb];
         for n in 0..s.n {
             let plane = n * s.c + c;
             let p = WgradPlane::new(
@@ -409,14 +648,12 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
                 &x[plane * s.h * s.w..(plane + 1) * s.h * s.w],
                 &dy[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
             );
-            for ky0 in (0..kh).step_by(WG_ROWS) {
-                for kx0 in (0..kw).step_by(WG_COLS) {
-                    p.block(simd, s.h, top, ky0, kx0, &mut block);
-                    for (a, row) in block.iter().enumerate() {
-                        for (b, &v) in row.iter().enumerate() {
-                            if ky0 + a < kh && kx0 + b < kw {
-                                total[(ky0 + a) * kw + kx0 + b] += v as f64;
-                            }
+            for ky0 in (0..kh).step_by(ra) {
+                for kx0 in (0..kw).step_by(rb) {
+                    p.block(isa, ky0, kx0, &mut block);
+                    for a in 0..ra.min(kh - ky0) {
+                        for b in 0..rb.min(kw - kx0) {
+                            total[(ky0 + a) * kw + kx0 + b] += block[a * rb + b] as f64;
                         }
                     }
                 }
@@ -433,7 +670,14 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
 
 /// y [N,C,OH,OW] = conv(x [N,C,H,W], w [C,1,KH,KW]) + bias [C], into a caller's buffer.
 /// `shape` comes from `conv.resolve`/`conv.check_forward`.
-pub fn forward_f32_into(conv: &DwConv2d, shape: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
+pub fn forward_f32_into(
+    conv: &DwConv2d,
+    shape: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
     let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
     check_len("x", x.len(), s.input_len())?;
     check_len("w", w.len(), s.c * conv.kernel.0 * conv.kernel.1)?;
@@ -443,7 +687,17 @@ pub fn forward_f32_into(conv: &DwConv2d, shape: &ConvShape, x: &[f32], w: &[f32]
     check_len("y", y.len(), s.output_len())?;
     if conv.is_unit() {
         let (kh, kw) = conv.kernel;
-        correlate_unit(&s, kh, kw, conv.padding.top as isize, conv.padding.left as isize, x, w, bias, y);
+        correlate_unit(
+            &s,
+            kh,
+            kw,
+            conv.padding.top as isize,
+            conv.padding.left as isize,
+            x,
+            w,
+            bias,
+            y,
+        );
     } else {
         super::naive::forward_plain(conv, &s, x, w, bias, y);
     }
@@ -451,7 +705,13 @@ pub fn forward_f32_into(conv: &DwConv2d, shape: &ConvShape, x: &[f32], w: &[f32]
 }
 
 /// dx [N,C,H,W] from dy [N,C,OH,OW] and w, into a caller's buffer.
-pub fn data_grad_f32_into(conv: &DwConv2d, shape: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Result<()> {
+pub fn data_grad_f32_into(
+    conv: &DwConv2d,
+    shape: &ConvShape,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
     let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
     let (kh, kw) = conv.kernel;
     check_len("dy", dy.len(), s.output_len())?;
@@ -479,7 +739,13 @@ pub fn data_grad_f32_into(conv: &DwConv2d, shape: &ConvShape, dy: &[f32], w: &[f
 }
 
 /// dw [C,1,KH,KW] from x and dy, into a caller's buffer; bit-identical run after run.
-pub fn weight_grad_f32_into(conv: &DwConv2d, shape: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
+pub fn weight_grad_f32_into(
+    conv: &DwConv2d,
+    shape: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Result<()> {
     let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
     let (kh, kw) = conv.kernel;
     check_len("x", x.len(), s.input_len())?;
@@ -506,7 +772,12 @@ pub(crate) fn from_f32<T: Element>(shape: &[usize], v: Vec<f32>) -> Result<Tenso
 }
 
 /// Forward on the fast path (f16/bf16 computed in f32).
-pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: Option<&Tensor<T>>) -> Result<Tensor<T>> {
+pub fn forward<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+) -> Result<Tensor<T>> {
     let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
     let mut y = vec![0.0f32; s.output_len()];
     let b = bias.map(as_f32);
@@ -515,7 +786,12 @@ pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: 
 }
 
 /// Data gradient on the fast path.
-pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, input_hw: (usize, usize)) -> Result<Tensor<T>> {
+pub fn data_grad<T: Element>(
+    conv: &DwConv2d,
+    dy: &Tensor<T>,
+    w: &Tensor<T>,
+    input_hw: (usize, usize),
+) -> Result<Tensor<T>> {
     let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
     let mut dx = vec![0.0f32; s.input_len()];
     data_grad_f32_into(conv, &s, &as_f32(dy), &as_f32(w), &mut dx)?;
@@ -523,7 +799,11 @@ pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, inp
 }
 
 /// Weight gradient on the fast path (deterministic).
-pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -> Result<Tensor<T>> {
+pub fn weight_grad<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+) -> Result<Tensor<T>> {
     let s = conv.check_weight_grad(x.shape(), dy.shape())?;
     let mut dw = vec![0.0f32; s.c * conv.kernel.0 * conv.kernel.1];
     weight_grad_f32_into(conv, &s, &as_f32(x), &as_f32(dy), &mut dw)?;

@@ -18,9 +18,11 @@ fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Vec<Option<u32>> {
     for oy in 0..s.oh {
         for ox in 0..s.ow {
             for ky in 0..kh {
-                let iy = (oy * conv.stride.0 + ky * conv.dilation.0) as isize - conv.padding.top as isize;
+                let iy = (oy * conv.stride.0 + ky * conv.dilation.0) as isize
+                    - conv.padding.top as isize;
                 for kx in 0..kw {
-                    let ix = (ox * conv.stride.1 + kx * conv.dilation.1) as isize - conv.padding.left as isize;
+                    let ix = (ox * conv.stride.1 + kx * conv.dilation.1) as isize
+                        - conv.padding.left as isize;
                     let inside = iy >= 0 && iy < s.h as isize && ix >= 0 && ix < s.w as isize;
                     idx.push(inside.then(|| (iy as usize * s.w + ix as usize) as u32));
                 }
@@ -38,16 +40,40 @@ fn im2col(idx: &[Option<u32>], plane: &[f32], cols: &mut [f32]) {
 
 /// C[m x n] = A[m x k] * B[k x n], all row-major.
 fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_transposed: bool, b: &[f32], c: &mut [f32]) {
-    let (rsa, csa) = if a_transposed { (1, m as isize) } else { (k as isize, 1) };
+    let (rsa, csa) = if a_transposed {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
     // SAFETY: the slices hold m*k, k*n and m*n floats with the strides given (checked below).
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            n as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
 /// Forward via im2col + GEMM.
-pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: Option<&Tensor<T>>) -> Result<Tensor<T>> {
+pub fn forward<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+) -> Result<Tensor<T>> {
     let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
     let kk = conv.kernel.0 * conv.kernel.1;
     let (xf, wf) = (as_f32(x), as_f32(w));
@@ -60,7 +86,15 @@ pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: 
             let c = plane % s.c;
             cols.resize(idx.len(), 0.0);
             im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], cols);
-            sgemm(s.oh * s.ow, kk, 1, cols, false, &wf[c * kk..(c + 1) * kk], out);
+            sgemm(
+                s.oh * s.ow,
+                kk,
+                1,
+                cols,
+                false,
+                &wf[c * kk..(c + 1) * kk],
+                out,
+            );
             if let Some(b) = &b {
                 out.iter_mut().for_each(|v| *v += b[c]);
             }
@@ -69,7 +103,11 @@ pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: 
 }
 
 /// Weight gradient via im2col + GEMM (dw_c = sum over n of P^T dy), batch reduced in order.
-pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -> Result<Tensor<T>> {
+pub fn weight_grad<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+) -> Result<Tensor<T>> {
     let s = conv.check_weight_grad(x.shape(), dy.shape())?;
     let kk = conv.kernel.0 * conv.kernel.1;
     let (xf, dyf) = (as_f32(x), as_f32(dy));
@@ -81,9 +119,24 @@ pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -
         let mut total = vec![0.0f64; kk];
         for n in 0..s.n {
             let plane = n * s.c + c;
-            im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], &mut cols);
-            sgemm(kk, s.oh * s.ow, 1, &cols, true, &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow], &mut part);
-            total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p as f64);
+            im2col(
+                &idx,
+                &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w],
+                &mut cols,
+            );
+            sgemm(
+                kk,
+                s.oh * s.ow,
+                1,
+                &cols,
+                true,
+                &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
+                &mut part,
+            );
+            total
+                .iter_mut()
+                .zip(&part)
+                .for_each(|(t, p)| *t += *p as f64);
         }
         out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
     });
@@ -91,7 +144,12 @@ pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -
 }
 
 /// Data gradient via GEMM (dP = dy w^T) and col2im.
-pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, input_hw: (usize, usize)) -> Result<Tensor<T>> {
+pub fn data_grad<T: Element>(
+    conv: &DwConv2d,
+    dy: &Tensor<T>,
+    w: &Tensor<T>,
+    input_hw: (usize, usize),
+) -> Result<Tensor<T>> {
     let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
     let kk = conv.kernel.0 * conv.kernel.1;
     let (dyf, wf) = (as_f32(dy), as_f32(w));
@@ -102,7 +160,15 @@ pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, inp
         .for_each_init(Vec::new, |cols, (plane, out)| {
             let c = plane % s.c;
             cols.resize(idx.len(), 0.0);
-            sgemm(s.oh * s.ow, 1, kk, &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow], false, &wf[c * kk..(c + 1) * kk], cols);
+            sgemm(
+                s.oh * s.ow,
+                1,
+                kk,
+                &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
+                false,
+                &wf[c * kk..(c + 1) * kk],
+                cols,
+            );
             out.fill(0.0);
             for (v, i) in cols.iter().zip(&idx) {
                 if let Some(i) = i {

@@ -10,79 +10,102 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 // ---------------------------------------------------------------------------------------------
 
-pub(crate) fn forward_plain(conv: &DwConv2d, s: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+pub(crate) fn forward_plain(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let (kh, kw) = conv.kernel;
     let (sh, sw) = conv.stride;
     let (dh, dw) = conv.dilation;
     let (top, left) = (conv.padding.top as isize, conv.padding.left as isize);
-    y.par_chunks_mut(s.oh * s.ow).enumerate().for_each(|(plane, out)| {
-        let c = plane % s.c;
-        let xp = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
-        let wc = &w[c * kh * kw..(c + 1) * kh * kw];
-        let b = bias.map_or(0.0, |b| b[c]);
-        for oy in 0..s.oh {
-            for ox in 0..s.ow {
-                let mut acc = b;
-                for ky in 0..kh {
-                    let iy = (oy * sh + ky * dh) as isize - top;
-                    if iy < 0 || iy >= s.h as isize {
-                        continue;
-                    }
-                    let xrow = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    for kx in 0..kw {
-                        let ix = (ox * sw + kx * dw) as isize - left;
-                        if ix >= 0 && ix < s.w as isize {
-                            acc += xrow[ix as usize] * wc[ky * kw + kx];
+    y.par_chunks_mut(s.oh * s.ow)
+        .enumerate()
+        .for_each(|(plane, out)| {
+            let c = plane % s.c;
+            let xp = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
+            let wc = &w[c * kh * kw..(c + 1) * kh * kw];
+            let b = bias.map_or(0.0, |b| b[c]);
+            for oy in 0..s.oh {
+                for ox in 0..s.ow {
+                    let mut acc = b;
+                    for ky in 0..kh {
+                        let iy = (oy * sh + ky * dh) as isize - top;
+                        if iy < 0 || iy >= s.h as isize {
+                            continue;
+                        }
+                        let xrow = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
+                        for kx in 0..kw {
+                            let ix = (ox * sw + kx * dw) as isize - left;
+                            if ix >= 0 && ix < s.w as isize {
+                                acc += xrow[ix as usize] * wc[ky * kw + kx];
+                            }
                         }
                     }
+                    out[oy * s.ow + ox] = acc;
                 }
-                out[oy * s.ow + ox] = acc;
             }
-        }
-    });
+        });
 }
 
-pub(crate) fn data_grad_plain(conv: &DwConv2d, s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+pub(crate) fn data_grad_plain(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) {
     let (kh, kw) = conv.kernel;
     let (sh, sw) = conv.stride;
     let (dh, dw) = conv.dilation;
     let (top, left) = (conv.padding.top, conv.padding.left);
-    dx.par_chunks_mut(s.h * s.w).enumerate().for_each(|(plane, out)| {
-        let c = plane % s.c;
-        let g = &dy[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow];
-        let wc = &w[c * kh * kw..(c + 1) * kh * kw];
-        for iy in 0..s.h {
-            for ix in 0..s.w {
-                // Gather: every (oy, ky) with oy*sh + ky*dh = iy + top.
-                let mut acc = 0.0f32;
-                for ky in 0..kh {
-                    let ty = iy + top;
-                    if ty < ky * dh || (ty - ky * dh) % sh != 0 {
-                        continue;
-                    }
-                    let oy = (ty - ky * dh) / sh;
-                    if oy >= s.oh {
-                        continue;
-                    }
-                    for kx in 0..kw {
-                        let tx = ix + left;
-                        if tx < kx * dw || (tx - kx * dw) % sw != 0 {
+    dx.par_chunks_mut(s.h * s.w)
+        .enumerate()
+        .for_each(|(plane, out)| {
+            let c = plane % s.c;
+            let g = &dy[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow];
+            let wc = &w[c * kh * kw..(c + 1) * kh * kw];
+            for iy in 0..s.h {
+                for ix in 0..s.w {
+                    // Gather: every (oy, ky) with oy*sh + ky*dh = iy + top.
+                    let mut acc = 0.0f32;
+                    for ky in 0..kh {
+                        let ty = iy + top;
+                        if ty < ky * dh || (ty - ky * dh) % sh != 0 {
                             continue;
                         }
-                        let ox = (tx - kx * dw) / sw;
-                        if ox < s.ow {
-                            acc += g[oy * s.ow + ox] * wc[ky * kw + kx];
+                        let oy = (ty - ky * dh) / sh;
+                        if oy >= s.oh {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let tx = ix + left;
+                            if tx < kx * dw || (tx - kx * dw) % sw != 0 {
+                                continue;
+                            }
+                            let ox = (tx - kx * dw) / sw;
+                            if ox < s.ow {
+                                acc += g[oy * s.ow + ox] * wc[ky * kw + kx];
+                            }
                         }
                     }
+                    out[iy * s.w + ix] = acc;
                 }
-                out[iy * s.w + ix] = acc;
             }
-        }
-    });
+        });
 }
 
 /// Weight gradient of one plane for every tap, by a plain loop (any stride and dilation).
-fn weight_grad_plane_strided(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], acc: &mut [f32]) {
+fn weight_grad_plane_strided(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    acc: &mut [f32],
+) {
     let (kh, kw) = conv.kernel;
     let (sh, sw) = conv.stride;
     let (dh, dw) = conv.dilation;
@@ -107,9 +130,14 @@ fn weight_grad_plane_strided(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f3
     }
 }
 
-
 /// Weight gradient by plain loops, reduced over the batch in a fixed order (deterministic).
-pub(crate) fn weight_grad_plain(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+pub(crate) fn weight_grad_plain(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) {
     let (kh, kw) = conv.kernel;
     dw.par_chunks_mut(kh * kw).enumerate().for_each(|(c, out)| {
         let mut total = vec![0.0f64; kh * kw];
@@ -134,7 +162,12 @@ pub(crate) fn weight_grad_plain(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &
 }
 
 /// Forward by the plain loop.
-pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: Option<&Tensor<T>>) -> Result<Tensor<T>> {
+pub fn forward<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+) -> Result<Tensor<T>> {
     let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
     let mut y = vec![0.0f32; s.output_len()];
     let b = bias.map(as_f32);
@@ -143,7 +176,12 @@ pub fn forward<T: Element>(conv: &DwConv2d, x: &Tensor<T>, w: &Tensor<T>, bias: 
 }
 
 /// Data gradient by the plain gather loop.
-pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, input_hw: (usize, usize)) -> Result<Tensor<T>> {
+pub fn data_grad<T: Element>(
+    conv: &DwConv2d,
+    dy: &Tensor<T>,
+    w: &Tensor<T>,
+    input_hw: (usize, usize),
+) -> Result<Tensor<T>> {
     let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
     let mut dx = vec![0.0f32; s.input_len()];
     data_grad_plain(conv, &s, &as_f32(dy), &as_f32(w), &mut dx);
@@ -151,7 +189,11 @@ pub fn data_grad<T: Element>(conv: &DwConv2d, dy: &Tensor<T>, w: &Tensor<T>, inp
 }
 
 /// Weight gradient by plain loops.
-pub fn weight_grad<T: Element>(conv: &DwConv2d, x: &Tensor<T>, dy: &Tensor<T>) -> Result<Tensor<T>> {
+pub fn weight_grad<T: Element>(
+    conv: &DwConv2d,
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+) -> Result<Tensor<T>> {
     let s = conv.check_weight_grad(x.shape(), dy.shape())?;
     let mut dw = vec![0.0f32; s.c * conv.kernel.0 * conv.kernel.1];
     check_len("dw", dw.len(), s.c * conv.kernel.0 * conv.kernel.1)?;

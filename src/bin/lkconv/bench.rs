@@ -11,7 +11,8 @@ use crate::args::{pair, shape4};
 use crate::BenchArgs;
 
 /// RepLKNet-31B's four large-kernel layers at batch 1: (C, H=W, K).
-pub const REPLKNET_31B_LAYERS: [(usize, usize, usize); 4] = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)];
+pub const REPLKNET_31B_LAYERS: [(usize, usize, usize); 4] =
+    [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)];
 
 struct Record {
     op: Op,
@@ -29,7 +30,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.device.parse()?
     };
     let dtype: DType = args.dtype.parse()?;
-    let ops: Vec<Op> = if args.op == "all" { Op::ALL.to_vec() } else { vec![args.op.parse()?] };
+    let ops: Vec<Op> = if args.op == "all" {
+        Op::ALL.to_vec()
+    } else {
+        vec![args.op.parse()?]
+    };
     let impls: Vec<Impl> = match &args.implementation {
         Some(s) => vec![s.parse()?],
         None => match device {
@@ -57,7 +62,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let (ceiling, ceiling_label) = match device {
         Device::Cuda(ordinal) => lkconv::cuda::peak_fp32_gflops(ordinal)?,
-        _ => (lkconv::cpu::ceiling::fma_ceiling_gflops(), "measured FMA ceiling of this CPU".to_string()),
+        _ => (
+            lkconv::cpu::ceiling::fma_ceiling_gflops(),
+            format!("measured with {}", lkconv::cpu::direct::simd_description()),
+        ),
     };
 
     let start = Instant::now();
@@ -121,7 +129,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for r in &records {
         let naive = records
             .iter()
-            .find(|o| o.imp == Impl::Naive && o.op == r.op && o.shape == r.shape && o.conv == r.conv)
+            .find(|o| {
+                o.imp == Impl::Naive && o.op == r.op && o.shape == r.shape && o.conv == r.conv
+            })
             .map(|o| format!("{:.1}x", o.median_ms / r.median_ms))
             .unwrap_or_else(|| "-".into());
         println!(
@@ -142,7 +152,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Median milliseconds of `reps` runs (after one warm-up), at most ~3 s of measuring.
-fn time_case<T: Element>(device: Device, op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, reps: usize) -> Result<f64> {
+fn time_case<T: Element>(
+    device: Device,
+    op: Op,
+    imp: Impl,
+    conv: &DwConv2d,
+    s: &ConvShape,
+    reps: usize,
+) -> Result<f64> {
     if let Device::Cuda(ordinal) = device {
         return lkconv::cuda::time_op(ordinal, op, imp, T::DTYPE, conv, s, 3, reps.max(10));
     }
