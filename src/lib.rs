@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod kernels;
 pub mod rng;
 pub mod safetensors_io;
 pub mod sim;

@@ -15,6 +15,9 @@
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
 //! bit-identical run after run. Other strides and dilations take a simple direct loop.
 
+// The register-block loops index several fixed-size arrays in step; ranges read best there.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use crate::conv::{ConvShape, DwConv2d};

@@ -1,0 +1,87 @@
+// Shared helpers for every lkconv kernel: the argument block, storage-type conversions, dynamic
+// shared memory, vector shared loads, and the macro that defines an extern "C" kernel (and
+// registers it with the simulator when compiled with LK_SIM).
+#pragma once
+
+#include "lk_args.cuh"
+
+#ifndef LK_SIM
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace lk {
+
+// Outputs per thread along x in the tiled kernels (register tile 1 x RX).
+constexpr int RX = 8;
+
+__device__ __forceinline__ int round_up4(int v) { return (v + 3) & ~3; }
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct Store;
+template <>
+struct Store<float> {
+    static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <>
+struct Store<__half> {
+    static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Store<__nv_bfloat16> {
+    static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T>
+__device__ __forceinline__ T from_f32(float v) {
+    return Store<T>::from(v);
+}
+
+// Fused multiply-add: one FFMA on the GPU; a plain multiply-add in the simulator (speed).
+__device__ __forceinline__ float madd(float a, float b, float c) {
+#ifdef LK_SIM
+    return a * b + c;
+#else
+    return __fmaf_rn(a, b, c);
+#endif
+}
+
+// A 16-byte shared-memory load (LDS.128). The simulator checks the alignment the GPU needs.
+__device__ __forceinline__ float4 lds4(const float* p) {
+#ifdef LK_SIM
+    if (reinterpret_cast<uintptr_t>(p) & 15u) ::lksim::fault("misaligned 16-byte shared load");
+    float4 r;
+    r.x = p[0];
+    r.y = p[1];
+    r.z = p[2];
+    r.w = p[3];
+    return r;
+#else
+    return *reinterpret_cast<const float4*>(p);
+#endif
+}
+
+}  // namespace lk
+
+// Dynamic shared memory as a float array (16-byte aligned).
+#ifdef LK_SIM
+#define LK_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::lksim::dyn_smem())
+#else
+#define LK_DYNAMIC_SMEM(name)                                 \
+    extern __shared__ __align__(16) unsigned char lk_smem_raw[]; \
+    float* name = reinterpret_cast<float*>(lk_smem_raw)
+#endif
+
+// Defines `extern "C" __global__ void NAME(const DwArgs args) { CALL; }` and registers it.
+#ifdef LK_SIM
+#define LK_KERNEL(NAME, CALL)                                \
+    extern "C" __global__ void NAME(const DwArgs args) { CALL; } \
+    LK_SIM_REGISTER(NAME)
+#else
+#define LK_KERNEL(NAME, CALL) \
+    extern "C" __global__ void NAME(const DwArgs args) { CALL; }
+#endif

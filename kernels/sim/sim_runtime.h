@@ -1,0 +1,318 @@
+// A small header-only SIMT runtime: lets the unchanged kernels/*.cu compile as C++20 with g++
+// and run on the CPU (the kernel simulator, DESIGN.md section 4).
+//
+// Model: the threads of a block run as fibers (ucontext) on one OS thread; __syncthreads()
+// switches back to the block scheduler, which resumes the next fiber, so a barrier completes
+// when every fiber of the block has reached it. A fiber that exits while others wait at a
+// barrier, or threads waiting at different __syncthreads() call sites, is reported as an error
+// (never a hang). threadIdx/blockIdx/blockDim/gridDim are thread_local values that the scheduler
+// sets before it resumes a fiber. Blocks of a grid run in parallel on a few OS worker threads,
+// each with its own fibers and its own dynamic shared memory (poisoned with NaN bytes before
+// every block so that a read of unstaged shared memory shows up as NaN in the result).
+// Kernels here use dynamic shared memory only (LK_DYNAMIC_SMEM in lk_common.cuh); `__shared__`
+// maps to `static thread_local` for completeness.
+#pragma once
+#ifndef LK_SIM
+#define LK_SIM 1
+#endif
+
+#include <ucontext.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../lk_args.cuh"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+#define __align__(n) alignas(n)
+#define __launch_bounds__(...)
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3() = default;
+    dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+
+namespace lksim {
+
+inline thread_local uint3 t_thread_idx{0, 0, 0};
+inline thread_local uint3 t_block_idx{0, 0, 0};
+inline thread_local uint3 t_block_dim{1, 1, 1};
+inline thread_local uint3 t_grid_dim{1, 1, 1};
+inline thread_local unsigned char* t_dyn_smem = nullptr;
+
+struct BlockRun;
+inline thread_local BlockRun* t_block = nullptr;
+
+void fault(const char* msg);
+void syncthreads_impl();
+
+inline unsigned char* dyn_smem() { return t_dyn_smem; }
+
+}  // namespace lksim
+
+#define threadIdx (::lksim::t_thread_idx)
+#define blockIdx (::lksim::t_block_idx)
+#define blockDim (::lksim::t_block_dim)
+#define gridDim (::lksim::t_grid_dim)
+#define __syncthreads() ::lksim::syncthreads_impl()
+
+// ---- math and memory intrinsics -------------------------------------------------------------
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+using std::fmaf;
+using std::max;
+using std::min;
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v);
+}
+
+// ---- half and bfloat16 (bit-exact round to nearest even) ------------------------------------
+struct __half {
+    uint16_t x;
+};
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+
+inline float lksim_bits_f32(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline uint32_t lksim_f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+inline float __half2float(__half h) {
+    uint32_t sign = (uint32_t)(h.x & 0x8000u) << 16;
+    uint32_t exp = (h.x >> 10) & 0x1f;
+    uint32_t man = h.x & 0x3ffu;
+    if (exp == 0x1f) return lksim_bits_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0));
+    if (exp == 0) {
+        if (man == 0) return lksim_bits_f32(sign);
+        float v = std::ldexp((float)man, -24);  // subnormal: exact
+        return sign ? -v : v;
+    }
+    return lksim_bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+inline __half __float2half_rn(float f) {
+    uint32_t u = lksim_f32_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) {  // inf or nan
+        return __half{(uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0))};
+    }
+    if (a >= 0x477ff000u) return __half{(uint16_t)(sign | 0x7c00u)};  // rounds to inf
+    if (a < 0x38800000u) {  // result subnormal or zero: value / 2^-24, rounded to nearest even
+        float v = lksim_bits_f32(a) * 16777216.0f;  // exact scaling (power of two)
+        float r = std::nearbyint(v);                // default rounding mode: nearest even
+        return __half{(uint16_t)(sign | (uint16_t)r)};
+    }
+    uint32_t exp = (a >> 23) - 112u;
+    uint32_t man = a & 0x7fffffu;
+    uint32_t h = (exp << 10) | (man >> 13);
+    uint32_t rest = man & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h += 1;  // may carry into exponent
+    return __half{(uint16_t)(sign | h)};
+}
+inline __half __float2half(float f) { return __float2half_rn(f); }
+
+inline float __bfloat162float(__nv_bfloat16 b) { return lksim_bits_f32((uint32_t)b.x << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u = lksim_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+    uint32_t lsb = (u >> 16) & 1u;
+    u += 0x7fffu + lsb;
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+
+// ---- the block scheduler ----------------------------------------------------------------------
+namespace lksim {
+
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr size_t kMaxSharedBytes = 227 * 1024;
+// Poisoned bytes after the dynamic shared memory: a read past its end gives NaN, a write past
+// it is reported after the block.
+constexpr size_t kSharedGuardBytes = 4096;
+
+using KernelFn = void (*)(const DwArgs);
+
+struct LaunchState {
+    KernelFn fn = nullptr;
+    const void* args = nullptr;
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    std::string error;
+    void set_error(const std::string& e) {
+        std::lock_guard<std::mutex> g(mu);
+        if (error.empty()) error = e;
+        failed.store(true);
+    }
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    bool done = false;
+    bool at_barrier = false;
+    void* site = nullptr;
+};
+
+struct BlockRun {
+    LaunchState* launch = nullptr;
+    ucontext_t sched;
+    std::vector<Fiber> fibers;
+    unsigned char* stacks = nullptr;
+    size_t nthreads = 0;
+    size_t current = 0;
+    unsigned char* smem = nullptr;
+    size_t smem_bytes = 0;
+    std::string fault;
+
+    explicit BlockRun(size_t n, size_t smem_alloc) : fibers(n), nthreads(n) {
+        size_t bytes = n * kStackBytes;
+        void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        stacks = p == MAP_FAILED ? nullptr : static_cast<unsigned char*>(p);
+        smem_bytes = smem_alloc;
+        smem = static_cast<unsigned char*>(
+            std::aligned_alloc(64, (smem_alloc + kSharedGuardBytes + 63) / 64 * 64));
+    }
+    ~BlockRun() {
+        if (stacks) munmap(stacks, nthreads * kStackBytes);
+        std::free(smem);
+    }
+    BlockRun(const BlockRun&) = delete;
+    BlockRun& operator=(const BlockRun&) = delete;
+};
+
+inline void fiber_entry() {
+    BlockRun* b = t_block;
+    b->launch->fn(*static_cast<const DwArgs*>(b->launch->args));
+    b->fibers[b->current].done = true;
+    // returning resumes uc_link (the scheduler)
+}
+
+inline void fault(const char* msg) {
+    if (t_block && t_block->fault.empty()) t_block->fault = msg;
+}
+
+// Not inlined: its return address identifies the __syncthreads() call site.
+__attribute__((noinline)) inline void syncthreads_impl() {
+    void* site = __builtin_return_address(0);
+    BlockRun* b = t_block;
+    Fiber& f = b->fibers[b->current];
+    f.at_barrier = true;
+    f.site = site;
+    swapcontext(&f.ctx, &b->sched);
+}
+
+// Runs one block; returns an empty string or an error message.
+inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
+    t_block = &b;
+    t_block_idx = bidx;
+    t_block_dim = bdim;
+    t_dyn_smem = b.smem;
+    std::memset(b.smem, 0xff, b.smem_bytes + kSharedGuardBytes);  // NaN poison
+    b.fault.clear();
+    for (size_t i = 0; i < b.nthreads; ++i) {
+        Fiber& f = b.fibers[i];
+        f.done = false;
+        f.at_barrier = false;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = b.stacks + i * kStackBytes;
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = &b.sched;
+        makecontext(&f.ctx, fiber_entry, 0);
+    }
+    for (;;) {
+        size_t waiting = 0, done = 0;
+        void* site = nullptr;
+        bool mixed_sites = false;
+        for (size_t i = 0; i < b.nthreads; ++i) {
+            Fiber& f = b.fibers[i];
+            if (f.done) {
+                ++done;
+                continue;
+            }
+            f.at_barrier = false;
+            b.current = i;
+            t_thread_idx = uint3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
+                                 (unsigned)(i / ((size_t)bdim.x * bdim.y))};
+            swapcontext(&b.sched, &f.ctx);
+            if (f.done) {
+                ++done;
+            } else {
+                ++waiting;
+                if (site == nullptr) site = f.site;
+                else if (site != f.site) mixed_sites = true;
+            }
+        }
+        if (!b.fault.empty()) return b.fault;
+        if (waiting == 0) {
+            for (size_t i = 0; i < kSharedGuardBytes; ++i)
+                if (b.smem[b.smem_bytes + i] != 0xff)
+                    return "write past the end of dynamic shared memory (" +
+                           std::to_string(b.smem_bytes) + " bytes)";
+            return {};
+        }
+        if (done > 0) {
+            return "barrier divergence: " + std::to_string(done) + " thread(s) exited while " +
+                   std::to_string(waiting) + " wait at __syncthreads()";
+        }
+        if (mixed_sites) return "barrier divergence: threads wait at different __syncthreads()";
+    }
+}
+
+struct Registry {
+    std::vector<std::pair<std::string, KernelFn>> items;
+    static Registry& get() {
+        static Registry r;
+        return r;
+    }
+    KernelFn find(const char* name) const {
+        for (auto& it : items)
+            if (it.first == name) return it.second;
+        return nullptr;
+    }
+};
+
+struct Registrar {
+    Registrar(const char* name, KernelFn fn) { Registry::get().items.emplace_back(name, fn); }
+};
+
+}  // namespace lksim
+
+#define LK_SIM_REGISTER(name) static ::lksim::Registrar lksim_reg_##name(#name, &name);

@@ -1,0 +1,537 @@
+//! Every CUDA kernel run in the kernel simulator against the f64 CPU reference, on small random
+//! shapes (seed printed; rerun a failure with LKCONV_SEED=<seed>).
+
+use half::{bf16, f16};
+use lkconv::cpu::reference;
+use lkconv::kernels;
+use lkconv::{sim, DType, DwConv2d, Element, Error, Impl, Op, Padding, Rng, Tensor};
+
+fn rng_for(test: &str) -> Rng {
+    let seed = std::env::var("LKCONV_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| Rng::from_time().1);
+    println!("{test}: seed {seed} (LKCONV_SEED={seed} reproduces it)");
+    Rng::new(seed)
+}
+
+/// Max |a - r| / max |r| (NaN in `a` or a length mismatch gives infinity).
+fn rel_err<T: Element>(a: &Tensor<T>, r: &Tensor<T>) -> f64 {
+    if a.shape() != r.shape() {
+        return f64::INFINITY;
+    }
+    let scale = r
+        .data()
+        .iter()
+        .fold(0f64, |m, v| m.max(v.to_f64().abs()))
+        .max(1e-30);
+    let mut err = 0f64;
+    for (x, y) in a.data().iter().zip(r.data()) {
+        let (x, y) = (x.to_f64(), y.to_f64());
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        err = err.max((x - y).abs());
+    }
+    err / scale
+}
+
+/// Tolerance relative to the result's scale for a sum of `terms` products.
+fn tolerance(dtype: DType, terms: usize) -> f64 {
+    let f32_part = (8.0 * f32::EPSILON as f64 * (terms as f64).sqrt()).max(1e-5);
+    match dtype {
+        DType::F32 => f32_part,
+        d => 2.0 * d.epsilon() + f32_part,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    conv: DwConv2d,
+    bias: bool,
+}
+
+fn rand_case(rng: &mut Rng, kh: usize, kw: usize, max_hw: usize) -> Case {
+    Case {
+        n: rng.range(1, 2),
+        c: rng.range(1, 3),
+        h: rng.range(5, max_hw),
+        w: rng.range(5, max_hw),
+        conv: DwConv2d::new(kh, kw),
+        bias: rng.range(0, 1) == 1,
+    }
+}
+
+/// Runs `op` with `imp` in the simulator and the reference on the same inputs and compares.
+fn check<T: Element>(rng: &mut Rng, op: Op, imp: Impl, k: &Case) {
+    let conv = &k.conv;
+    let s = conv.resolve(k.n, k.c, k.h, k.w).expect("valid case");
+    let (kh, kw) = conv.kernel;
+    let x = Tensor::<T>::random(&s.input_dims(), rng).unwrap();
+    let w = Tensor::<T>::random(&conv.weight_dims(s.c), rng).unwrap();
+    let dy = Tensor::<T>::random(&s.output_dims(), rng).unwrap();
+    let b = Tensor::<T>::random(&[s.c], rng).unwrap();
+    let bias = k.bias.then_some(&b);
+    let (got, want, terms) = match op {
+        Op::Forward => (
+            sim::forward(imp, conv, &x, &w, bias),
+            reference::forward(conv, &x, &w, bias).unwrap(),
+            kh * kw,
+        ),
+        Op::DataGrad => (
+            sim::data_grad(imp, conv, &dy, &w, (s.h, s.w)),
+            reference::data_grad(conv, &dy, &w, (s.h, s.w)).unwrap(),
+            kh * kw,
+        ),
+        Op::WeightGrad => (
+            sim::weight_grad(imp, conv, &x, &dy),
+            reference::weight_grad(conv, &x, &dy).unwrap(),
+            s.n * s.oh * s.ow,
+        ),
+    };
+    let got = got.unwrap_or_else(|e| panic!("{op:?} {imp:?} {} {k:?}: {e}", T::DTYPE));
+    let err = rel_err(&got, &want);
+    let tol = tolerance(T::DTYPE, terms);
+    assert!(
+        err <= tol,
+        "{op:?} {imp:?} {} {k:?}: relative error {err:e} > {tol:e}",
+        T::DTYPE
+    );
+}
+
+fn check_all_dtypes(rng: &mut Rng, op: Op, imp: Impl, k: &Case) {
+    check::<f32>(rng, op, imp, k);
+    check::<f16>(rng, op, imp, k);
+    check::<bf16>(rng, op, imp, k);
+}
+
+/// The kernel the fast plan picks, to make sure a case exercises what it means to.
+fn planned_kernel(op: Op, imp: Impl, k: &Case) -> &'static str {
+    let s = k.conv.resolve(k.n, k.c, k.h, k.w).unwrap();
+    kernels::plan(op, imp, DType::F32, &k.conv, &s)
+        .unwrap()
+        .launches[0]
+        .kernel
+}
+
+#[test]
+fn registry_matches_catalogue() {
+    let reg = sim::registered_kernels().expect("simulator built");
+    let cat: Vec<String> = kernels::kernel_names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(reg, cat);
+}
+
+#[test]
+fn fast_templated_fwd_dgrad() {
+    let mut rng = rng_for("fast_templated_fwd_dgrad");
+    for k in kernels::TEMPLATE_SIZES {
+        for op in [Op::Forward, Op::DataGrad] {
+            let case = rand_case(&mut rng, k, k, 40);
+            assert!(planned_kernel(op, Impl::Fast, &case).ends_with(&format!("_k{k}")));
+            check_all_dtypes(&mut rng, op, Impl::Fast, &case);
+        }
+    }
+    // K larger than the image, batch 1, one channel, asymmetric padding, partial tiles
+    let pad = Padding {
+        top: 3,
+        bottom: 17,
+        left: 20,
+        right: 1,
+    };
+    for (n, c, h, w, k) in [(1, 1, 9, 7, 31), (2, 1, 13, 70, 13), (1, 2, 33, 5, 25)] {
+        for conv in [
+            DwConv2d::new(k, k),
+            DwConv2d::new(k, k).with_padding_sides(pad),
+        ] {
+            let case = Case {
+                n,
+                c,
+                h,
+                w,
+                conv,
+                bias: true,
+            };
+            if conv.resolve(n, c, h, w).is_err() {
+                continue;
+            }
+            for op in [Op::Forward, Op::DataGrad] {
+                check_all_dtypes(&mut rng, op, Impl::Fast, &case);
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_small_images_pack_several_planes_per_block() {
+    let mut rng = rng_for("fast_small_images_pack_several_planes_per_block");
+    for (n, c, hw, k) in [(1, 555, 14, 27), (1, 601, 7, 13), (1, 601, 9, 10)] {
+        let case = Case {
+            n,
+            c,
+            h: hw,
+            w: hw,
+            conv: DwConv2d::new(k, k),
+            bias: true,
+        };
+        let s = case.conv.resolve(n, c, hw, hw).unwrap();
+        for op in [Op::Forward, Op::DataGrad] {
+            let p = kernels::plan(op, Impl::Fast, DType::F32, &case.conv, &s).unwrap();
+            let planes_per_block = p.launches[0].block.2 as usize;
+            assert!(
+                planes_per_block > 1 && (n * c) % planes_per_block != 0,
+                "{p:?}"
+            );
+            check_all_dtypes(&mut rng, op, Impl::Fast, &case);
+        }
+    }
+}
+
+#[test]
+fn fast_generic_fwd_dgrad() {
+    let mut rng = rng_for("fast_generic_fwd_dgrad");
+    let mut sizes: Vec<(usize, usize)> = (1..=31)
+        .filter(|k| !kernels::TEMPLATE_SIZES.contains(k))
+        .map(|k| (k, k))
+        .collect();
+    sizes.extend([
+        (31, 5),
+        (5, 31),
+        (51, 5),
+        (5, 51),
+        (3, 7),
+        (2, 9),
+        (45, 45),
+        (70, 3),
+    ]);
+    for (i, &(kh, kw)) in sizes.iter().enumerate() {
+        let mut case = rand_case(&mut rng, kh, kw, 30);
+        if i % 3 == 0 {
+            case.conv = case.conv.with_padding_sides(Padding {
+                top: kh / 3,
+                bottom: kh - 1 - kh / 3,
+                left: kw - 1,
+                right: 0,
+            });
+        }
+        if case.conv.resolve(case.n, case.c, case.h, case.w).is_err() {
+            case.h = case.h.max(kh);
+            case.w = case.w.max(kw);
+        }
+        let op = if i % 2 == 0 {
+            Op::Forward
+        } else {
+            Op::DataGrad
+        };
+        assert!(planned_kernel(op, Impl::Fast, &case).ends_with("_generic"));
+        check_all_dtypes(&mut rng, op, Impl::Fast, &case);
+        let other = if op == Op::Forward {
+            Op::DataGrad
+        } else {
+            Op::Forward
+        };
+        check::<f32>(&mut rng, other, Impl::Fast, &case);
+    }
+}
+
+#[test]
+fn generic_fwd_chunks_large_filters() {
+    // a filter too large for one shared-memory stage: processed in row/column chunks
+    let mut rng = rng_for("generic_fwd_chunks_large_filters");
+    for (kh, kw) in [(101, 9), (9, 101), (75, 75)] {
+        let case = Case {
+            n: 1,
+            c: 2,
+            h: 40,
+            w: 37,
+            conv: DwConv2d::new(kh, kw),
+            bias: true,
+        };
+        for op in [Op::Forward, Op::DataGrad] {
+            check::<f32>(&mut rng, op, Impl::Fast, &case);
+        }
+    }
+}
+
+#[test]
+fn fast_wgrad() {
+    let mut rng = rng_for("fast_wgrad");
+    let mut sizes: Vec<(usize, usize)> = kernels::TEMPLATE_SIZES.iter().map(|&k| (k, k)).collect();
+    sizes.extend([
+        (1, 1),
+        (2, 2),
+        (4, 4),
+        (9, 9),
+        (16, 16),
+        (31, 5),
+        (5, 31),
+        (51, 5),
+        (45, 45),
+    ]);
+    for (i, &(kh, kw)) in sizes.iter().enumerate() {
+        let mut case = rand_case(&mut rng, kh, kw, 36);
+        if i % 4 == 1 {
+            case.conv = case.conv.with_padding_sides(Padding {
+                top: 0,
+                bottom: kh - 1,
+                left: kw / 2 + 1,
+                right: (kw - 1).saturating_sub(kw / 2 + 1),
+            });
+        }
+        if case.conv.resolve(case.n, case.c, case.h, case.w).is_err() {
+            case.conv = DwConv2d::new(kh, kw);
+        }
+        assert!(planned_kernel(Op::WeightGrad, Impl::Fast, &case).starts_with("lk_wgrad_partial"));
+        if i % 3 == 0 {
+            check_all_dtypes(&mut rng, Op::WeightGrad, Impl::Fast, &case);
+        } else {
+            check::<f32>(&mut rng, Op::WeightGrad, Impl::Fast, &case);
+        }
+    }
+    // bigger batch: several partial blocks per channel
+    let case = Case {
+        n: 3,
+        c: 2,
+        h: 37,
+        w: 41,
+        conv: DwConv2d::new(13, 13),
+        bias: false,
+    };
+    check_all_dtypes(&mut rng, Op::WeightGrad, Impl::Fast, &case);
+}
+
+#[test]
+fn wgrad_is_bit_identical_across_runs() {
+    let mut rng = rng_for("wgrad_is_bit_identical_across_runs");
+    let conv = DwConv2d::new(31, 31);
+    let x = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
+    let dy = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
+    for imp in [Impl::Fast, Impl::Naive, Impl::Im2col] {
+        let a = sim::weight_grad(imp, &conv, &x, &dy).unwrap();
+        let b = sim::weight_grad(imp, &conv, &x, &dy).unwrap();
+        let bits = |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "{imp:?}");
+    }
+}
+
+fn strided_cases(rng: &mut Rng) -> Vec<Case> {
+    let mut v = Vec::new();
+    for (kh, kw, s, d) in [
+        (3, 3, (2, 2), (1, 1)),
+        (5, 4, (1, 1), (2, 2)),
+        (7, 7, (2, 1), (2, 3)),
+        (31, 31, (2, 2), (1, 1)),
+        (13, 13, (1, 1), (1, 1)),
+        (6, 1, (3, 2), (1, 2)),
+    ] {
+        let mut case = rand_case(rng, kh, kw, 30);
+        case.conv = case.conv.with_stride(s.0, s.1).with_dilation(d.0, d.1);
+        case.conv.padding = Padding {
+            top: (kh - 1) * d.0 / 2,
+            bottom: (kh - 1) * d.0 - (kh - 1) * d.0 / 2 + 1,
+            left: (kw - 1) * d.1,
+            right: 0,
+        };
+        case.h = case.h.max((kh - 1) * d.0);
+        case.w = case.w.max((kw - 1) * d.1);
+        v.push(case);
+    }
+    v
+}
+
+#[test]
+fn naive_all_ops() {
+    let mut rng = rng_for("naive_all_ops");
+    for case in strided_cases(&mut rng) {
+        for op in Op::ALL {
+            check_all_dtypes(&mut rng, op, Impl::Naive, &case);
+        }
+    }
+}
+
+#[test]
+fn fast_strided_and_dilated_use_the_generic_path() {
+    let mut rng = rng_for("fast_strided_and_dilated_use_the_generic_path");
+    for case in strided_cases(&mut rng) {
+        for op in Op::ALL {
+            check::<f32>(&mut rng, op, Impl::Fast, &case);
+        }
+    }
+}
+
+#[test]
+fn im2col_all_ops() {
+    let mut rng = rng_for("im2col_all_ops");
+    for case in strided_cases(&mut rng) {
+        for op in Op::ALL {
+            check_all_dtypes(&mut rng, op, Impl::Im2col, &case);
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_give_typed_errors() {
+    let conv = DwConv2d::new(5, 5);
+    let mut rng = Rng::new(1);
+    let x = Tensor::<f32>::random(&[1, 2, 8, 8], &mut rng).unwrap();
+    let w_bad = Tensor::<f32>::random(&[3, 1, 5, 5], &mut rng).unwrap();
+    assert!(matches!(
+        sim::forward(Impl::Fast, &conv, &x, &w_bad, None),
+        Err(Error::Shape { .. })
+    ));
+    let w = Tensor::<f32>::random(&[2, 1, 5, 5], &mut rng).unwrap();
+    let bias_bad = Tensor::<f32>::random(&[3], &mut rng).unwrap();
+    assert!(matches!(
+        sim::forward(Impl::Fast, &conv, &x, &w, Some(&bias_bad)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        sim::forward(Impl::Reference, &conv, &x, &w, None),
+        Err(Error::Unsupported(_))
+    ));
+    let dy_bad = Tensor::<f32>::random(&[1, 2, 7, 8], &mut rng).unwrap();
+    assert!(matches!(
+        sim::data_grad(Impl::Fast, &conv, &dy_bad, &w, (8, 8)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        sim::weight_grad(Impl::Fast, &conv, &x, &dy_bad),
+        Err(Error::Shape { .. })
+    ));
+    let no_pad = DwConv2d::new(9, 9).with_padding(0, 0);
+    assert!(matches!(
+        sim::forward(
+            Impl::Fast,
+            &no_pad,
+            &x,
+            &Tensor::<f32>::random(&[2, 1, 9, 9], &mut rng).unwrap(),
+            None
+        ),
+        Err(Error::EmptyOutput(_))
+    ));
+    // sizes that do not fit the kernels' 32-bit ints are rejected before planning
+    let huge = DwConv2d::new(3, 1).with_padding(1, 0);
+    let s = huge.resolve(1, 1, 1_200_000_000, 1).unwrap();
+    assert!(matches!(
+        kernels::plan(Op::Forward, Impl::Fast, DType::F32, &huge, &s),
+        Err(Error::Overflow(_))
+    ));
+}
+
+#[test]
+fn simulator_runtime_selftest() {
+    sim::selftest().unwrap();
+}
+
+#[test]
+fn simulator_conversions_are_bit_exact() {
+    let conv = sim::conversions().unwrap();
+    let (to_f16, from_f16, to_bf16) = (
+        conv.f32_to_f16_bits,
+        conv.f16_bits_to_f32,
+        conv.f32_to_bf16_bits,
+    );
+    for b in 0..=u16::MAX {
+        let h = f16::from_bits(b);
+        let (got, want) = (from_f16(b), h.to_f32());
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "f16 {b:#06x}: {got} vs {want}"
+        );
+    }
+    let mut rng = rng_for("simulator_conversions_are_bit_exact");
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        65504.0,
+        65520.0,
+        65519.99,
+        5.96e-8,
+        2.98e-8,
+        2.99e-8,
+        6.1e-5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0 + f32::EPSILON,
+    ];
+    let randoms = (0..200_000).map(|i| {
+        let bits = rng.next_u64() as u32;
+        // half of them near the f16 range, half anywhere
+        if i % 2 == 0 {
+            f32::from_bits((bits & 0x807f_ffff) | ((0x67 + (bits >> 23) % 0x1f) << 23))
+        } else {
+            f32::from_bits(bits)
+        }
+    });
+    for v in specials.into_iter().chain(randoms) {
+        if v.is_nan() {
+            assert!(f16::from_bits(to_f16(v)).is_nan() && bf16::from_bits(to_bf16(v)).is_nan());
+            continue;
+        }
+        assert_eq!(to_f16(v), f16::from_f32(v).to_bits(), "f16 of {v:e}");
+        assert_eq!(to_bf16(v), bf16::from_f32(v).to_bits(), "bf16 of {v:e}");
+    }
+}
+
+/// Prints which share of the executed FMAs is useful (taps inside the image) for the benchmark
+/// shapes (`cargo test --release --test sim useful -- --nocapture`).
+#[test]
+fn useful_share_of_executed_fmas() {
+    let shapes = [
+        (64, 128, 56, 56, 31),
+        (64, 256, 28, 28, 29),
+        (64, 512, 14, 14, 27),
+        (64, 1024, 7, 7, 13),
+        (1, 128, 56, 56, 31),
+        (64, 384, 32, 32, 31),
+        (8, 128, 256, 200, 31),
+    ];
+    for (n, c, h, w, k) in shapes {
+        let conv = DwConv2d::new(k, k);
+        let s = conv.resolve(n, c, h, w).unwrap();
+        let useful = conv.useful_flops(&s) / 2.0;
+        let nominal = conv.flops(&s) / 2.0;
+        let mut line = format!(
+            "{n}x{c}x{h}x{w} K{k}: useful/nominal {:.0}%",
+            100.0 * useful / nominal
+        );
+        for op in Op::ALL {
+            let e = kernels::executed_fmas(op, Impl::Fast, &conv, &s).unwrap();
+            assert!(
+                e >= useful * 0.999,
+                "{op:?}: executed {e} < useful {useful}"
+            );
+            line += &format!(", {} useful/executed {:.0}%", op.name(), 100.0 * useful / e);
+        }
+        println!("{line}");
+    }
+}
+
+/// A RepLKNet-sized layer (1 x 8 x 56 x 56, K31): several row tiles per plane, several partial
+/// blocks per channel; prints the simulator's time per pass.
+#[test]
+fn replknet_sized_layer() {
+    let mut rng = rng_for("replknet_sized_layer");
+    let case = Case {
+        n: 1,
+        c: 8,
+        h: 56,
+        w: 56,
+        conv: DwConv2d::new(31, 31),
+        bias: true,
+    };
+    for op in Op::ALL {
+        let t = std::time::Instant::now();
+        check::<f32>(&mut rng, op, Impl::Fast, &case);
+        println!("{op:?}: {:?} (simulator + reference)", t.elapsed());
+    }
+}
