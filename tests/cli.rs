@@ -109,3 +109,30 @@ fn info_and_bench_json() {
         assert!(r["gflops"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn conv_on_the_simulator_agrees_with_the_reference_device() {
+    if !lkconv::sim::available() {
+        panic!("the kernel simulator was not built (kernels/sim missing?)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rng();
+    let conv = DwConv2d::new(13, 13);
+    let s = conv.resolve(1, 3, 11, 17).unwrap();
+    let x: Tensor<f32> = random(&s.input_dims(), &mut rng);
+    let w: Tensor<f32> = random(&conv.weight_dims(3), &mut rng);
+    let dy: Tensor<f32> = random(&s.output_dims(), &mut rng);
+    let input = dir.path().join("in.safetensors");
+    safetensors_io::write(&input, &[("x", &x), ("w", &w), ("dy", &dy)], None).unwrap();
+    for (op, name, extra) in [("fwd", "y", vec![]), ("dgrad", "dx", vec![]), ("wgrad", "dw", vec!["--kernel", "13"])] {
+        let mut results = Vec::new();
+        for device in ["sim", "cpu-ref"] {
+            let out = dir.path().join(format!("{op}_{device}.safetensors"));
+            let args = [&["conv", "--op", op, "--input", path(&input), "--output", path(&out), "--device", device][..], &extra].concat();
+            let o = lkconv(&args);
+            assert!(o.status.success(), "{op} {device}: {}", String::from_utf8_lossy(&o.stderr));
+            results.push(TensorFile::read(&out).unwrap().take(name).unwrap());
+        }
+        assert_close(&format!("{op} sim vs cpu-ref"), &results[0], &results[1], 2e-5);
+    }
+}
