@@ -18,6 +18,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod kernels;
+pub mod model;
 pub mod rng;
 pub mod safetensors_io;
 pub mod sim;

@@ -1,13 +1,306 @@
-//! `lkconv replknet`, `lkconv classify`, `lkconv bench --model` (stub: being written).
-use crate::{BenchArgs, ClassifyArgs, ReplknetArgs};
-use lkconv::{Error, Result};
+//! `lkconv replknet`, `lkconv classify`, `lkconv bench --model`.
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Instant;
 
-pub fn replknet(_args: &ReplknetArgs) -> Result<()> {
-    Err(Error::Unsupported("replknet: not yet available".into()))
+use crate::{BenchArgs, ClassifyArgs, ReplknetArgs};
+use lkconv::model::{
+    imagenet::IMAGENET_CLASSES, reference, Backend, Checkpoint, Replknet, ReplknetConfig,
+};
+use lkconv::safetensors_io::{self, TensorFile};
+use lkconv::{Device, Error, Result, Tensor};
+
+/// The devices the model runs on today: cpu (deploy form), sim (deploy form with the depthwise
+/// layers on the CUDA kernels in the kernel simulator; slow, small inputs), cuda (the depthwise
+/// layers on the GPU through host round trips, the rest on the CPU: a correctness path) and
+/// cpu-ref (the un-folded training-form graph in f64, slow, small inputs).
+fn model_device(name: &str) -> Result<Device> {
+    // `auto` picks the CPU until the model has a GPU path.
+    let dev = if name == "auto" {
+        Device::Cpu
+    } else {
+        Device::from_str(name)?
+    };
+    match dev {
+        Device::Cpu | Device::CpuRef => Ok(dev),
+        Device::Sim if lkconv::sim::available() => Ok(dev),
+        Device::Sim => Err(Error::Simulator(
+            "lkconv was built without the kernel simulator".into(),
+        )),
+        Device::Cuda(_) => {
+            eprintln!(
+                "note: on {dev} only the depthwise layers run on the GPU (host round trips); the full GPU model is not implemented yet"
+            );
+            Ok(dev)
+        }
+    }
 }
-pub fn classify(_args: &ClassifyArgs) -> Result<()> {
-    Err(Error::Unsupported("classify: not yet available".into()))
+
+fn parse_indices(s: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim().parse::<usize>().map_err(|_| {
+                Error::InvalidArgument(format!("--out-indices: '{p}' is not a stage index"))
+            })
+        })
+        .collect::<Result<_>>()?;
+    if v.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--out-indices: no stage index given".into(),
+        ));
+    }
+    let mut seen = Vec::with_capacity(v.len());
+    for i in v {
+        if !seen.contains(&i) {
+            seen.push(i);
+        }
+    }
+    Ok(seen)
 }
-pub fn bench(_args: &BenchArgs) -> Result<()> {
-    Err(Error::Unsupported("bench --model: not yet available".into()))
+
+pub fn replknet(args: &ReplknetArgs) -> Result<()> {
+    let dev = model_device(&args.device)?;
+    let indices = args.out_indices.as_deref().map(parse_indices).transpose()?;
+    let ck = Checkpoint::read(&args.weights)?;
+    let mut input_file = TensorFile::read(&args.input)?;
+    let x = input_file.take("input")?;
+    let t0 = Instant::now();
+    let outputs: Vec<(String, Tensor<f32>)> = match dev {
+        Device::CpuRef => {
+            let (logits, stages) = reference::forward(&ck, &x)?;
+            match &indices {
+                Some(idx) => idx
+                    .iter()
+                    .map(|&i| {
+                        stages
+                            .get(i)
+                            .cloned()
+                            .map(|t| (format!("stage{i}"), t))
+                            .ok_or_else(|| {
+                                Error::InvalidArgument(format!(
+                                    "out index {i} is out of range: the model has {} stages",
+                                    stages.len()
+                                ))
+                            })
+                    })
+                    .collect::<Result<_>>()?,
+                None => vec![(
+                    "logits".into(),
+                    logits.ok_or_else(|| {
+                        Error::Unsupported("the checkpoint has no classification head".into())
+                    })?,
+                )],
+            }
+        }
+        _ => {
+            let model = Replknet::from_checkpoint(&ck)?;
+            let mut ws = lkconv::model::Workspace::with_backend(backend_of(dev));
+            match &indices {
+                Some(idx) => {
+                    let out = model.run(&x, Some(idx), false, &mut ws)?;
+                    out.stages
+                        .into_iter()
+                        .map(|(i, t)| (format!("stage{i}"), t))
+                        .collect()
+                }
+                None => {
+                    let out = model.run(&x, None, true, &mut ws)?;
+                    vec![("logits".into(), out.logits.expect("requested"))]
+                }
+            }
+        }
+    };
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let cfg = &ck.config;
+    let mut meta = BTreeMap::new();
+    meta.insert(
+        "config".to_string(),
+        format!(
+            "{{\"large_kernel_sizes\": {:?}, \"layers\": {:?}, \"channels\": {:?}, \"small_kernel\": {}, \"dw_ratio\": {}, \"ffn_ratio\": {}, \"num_classes\": {}}}",
+            cfg.large_kernel_sizes,
+            cfg.layers,
+            cfg.channels,
+            cfg.small_kernel.map_or("null".to_string(), |k| k.to_string()),
+            cfg.dw_ratio,
+            cfg.ffn_ratio,
+            cfg.num_classes
+        ),
+    );
+    meta.insert("device".to_string(), dev.to_string());
+    let refs: Vec<(&str, &Tensor<f32>)> = outputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors_io::write(&args.output, &refs, Some(meta))?;
+    for (n, t) in &outputs {
+        println!("{n}: {:?}", t.shape());
+    }
+    println!(
+        "replknet: {} on {dev}, {:.1} ms -> {}",
+        x.shape()
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x"),
+        ms,
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// ImageNet evaluation preprocessing: bicubic resize of the short side to size/0.875, centre
+/// crop, mean/std normalisation. Returns [1, 3, size, size].
+pub fn preprocess(
+    img: &image::RgbImage,
+    size: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<Tensor<f32>> {
+    if size == 0 {
+        return Err(Error::ZeroSize {
+            what: "--size".into(),
+            got: 0,
+        });
+    }
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::InvalidArgument("the image is empty".into()));
+    }
+    let short = (size as f64 / 0.875).floor() as u32;
+    let (nw, nh) = if w <= h {
+        (
+            short,
+            ((short as f64 * h as f64 / w as f64) as u32).max(short),
+        )
+    } else {
+        (
+            ((short as f64 * w as f64 / h as f64) as u32).max(short),
+            short,
+        )
+    };
+    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
+    let s = size as u32;
+    let left = (nw - s) / 2;
+    let top = (nh - s) / 2;
+    let mut data = vec![0.0f32; 3 * size * size];
+    for y in 0..s {
+        for x in 0..s {
+            let p = resized.get_pixel(left + x, top + y);
+            for c in 0..3 {
+                data[c * size * size + (y * s + x) as usize] =
+                    (p[c] as f32 / 255.0 - mean[c]) / std[c];
+            }
+        }
+    }
+    Tensor::from_vec(&[1, 3, size, size], data)
+}
+
+fn backend_of(dev: Device) -> Backend {
+    match dev {
+        Device::Sim => Backend::Sim,
+        Device::Cuda(i) => Backend::CudaDepthwise(i),
+        Device::Cpu | Device::CpuRef => Backend::Cpu,
+    }
+}
+
+pub fn classify(args: &ClassifyArgs) -> Result<()> {
+    let dev = model_device(&args.device)?;
+    if dev == Device::CpuRef {
+        return Err(Error::Unsupported(
+            "classify runs on --device cpu or sim".into(),
+        ));
+    }
+    let arch = ReplknetConfig::by_name(&args.arch)?;
+    let (mean, std) = if arch == ReplknetConfig::replknet_xl() {
+        ([0.5; 3], [0.5; 3])
+    } else {
+        ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    };
+    let img = image::open(&args.image)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", args.image.display())))?
+        .to_rgb8();
+    let x = preprocess(&img, args.size, mean, std)?;
+    let model = Replknet::load(&args.weights)?;
+    let t0 = Instant::now();
+    let mut ws = lkconv::model::Workspace::with_backend(backend_of(dev));
+    let logits = model
+        .run(&x, None, true, &mut ws)?
+        .logits
+        .ok_or_else(|| Error::Unsupported("the model has no head".into()))?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let l = logits.data();
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = l.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+    println!(
+        "{} ({}x{} -> {}x{}, {:.1} ms)",
+        args.image.display(),
+        img.width(),
+        img.height(),
+        args.size,
+        args.size,
+        ms
+    );
+    for &i in order.iter().take(5) {
+        let p = ((l[i] - max) as f64).exp() / sum;
+        let name = if l.len() == IMAGENET_CLASSES.len() {
+            IMAGENET_CLASSES[i]
+        } else {
+            ""
+        };
+        println!("{:>6.2}%  {i:>4}  {name}", p * 100.0);
+    }
+    Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let name = args.model.as_deref().unwrap_or("31b");
+    let dev = model_device(&args.device)?;
+    if dev != Device::Cpu {
+        return Err(Error::Unsupported(format!(
+            "bench --model runs on --device cpu only (got {dev})"
+        )));
+    }
+    if args.batch == 0 {
+        return Err(Error::ZeroSize {
+            what: "--batch".into(),
+            got: 0,
+        });
+    }
+    let cfg = ReplknetConfig::by_name(name)?;
+    let t0 = Instant::now();
+    let model = Replknet::random(&cfg, 1)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut rng = lkconv::Rng::new(2);
+    let x = Tensor::<f32>::random(&[args.batch, 3, args.size, args.size], &mut rng)?;
+    let mut ws = lkconv::model::Workspace::new();
+    model.run(&x, None, true, &mut ws)?; // warm-up: grows the workspace
+    let reps = args.reps.max(1);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let out = model.run(&x, None, true, &mut ws)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(out);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let gmacs = cfg.macs(args.size, args.size) / 1e9;
+    println!(
+        "RepLKNet-{} {}x3x{}x{} cpu ({} threads): median {:.1} ms (min {:.1}, max {:.1}, {} runs), {:.2} images/s, {:.1} GFLOP/s ({:.2} GMACs/image); random weights built+folded in {:.2} s",
+        name.to_ascii_uppercase(),
+        args.batch,
+        args.size,
+        args.size,
+        rayon::current_num_threads(),
+        med,
+        times[0],
+        times[times.len() - 1],
+        reps,
+        args.batch as f64 / (med / 1e3),
+        2.0 * gmacs * args.batch as f64 / (med / 1e3),
+        gmacs,
+        load_s
+    );
+    Ok(())
 }

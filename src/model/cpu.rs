@@ -1,0 +1,854 @@
+//! The CPU inference engine for the deploy form: depthwise layers on lkconv's fast CPU path,
+//! 1x1 convs and the dense stem conv (im2col) as sgemm (matrixmultiply) with fused bias,
+//! activation and residual add, NCHW, batch >= 1, any input size, buffers reused across layers.
+
+use rayon::prelude::*;
+
+use super::config::ReplknetConfig;
+use crate::conv::DwConv2d;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A 1x1 conv with bias: weight `[cout, cin]`.
+#[derive(Clone, Debug)]
+pub struct Pointwise {
+    pub cin: usize,
+    pub cout: usize,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// A depthwise KxK conv with bias, padding K/2: weight `[c, k, k]`.
+#[derive(Clone, Debug)]
+pub struct Depthwise {
+    pub c: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// A dense conv with bias: weight `[cout, cin * k * k]`.
+#[derive(Clone, Debug)]
+pub struct DenseConv {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// Per-channel y = scale * x + shift (a folded BN that has no conv to fold into).
+#[derive(Clone, Debug)]
+pub struct Affine {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+}
+
+/// Stem: dense 3x3/2 + ReLU, dw 3x3 + ReLU, 1x1 + ReLU, dw 3x3/2 + ReLU.
+#[derive(Clone, Debug)]
+pub struct Stem {
+    pub conv0: DenseConv,
+    pub conv1: Depthwise,
+    pub conv2: Pointwise,
+    pub conv3: Depthwise,
+}
+
+/// `x + pw2(relu(lk(relu(pw1(x)))))` (pre-BN folded into pw1, small kernel into lk).
+#[derive(Clone, Debug)]
+pub struct RepLkBlock {
+    pub pw1: Pointwise,
+    pub lk: Depthwise,
+    pub pw2: Pointwise,
+}
+
+/// `x + pw2(gelu(pw1(x)))` (pre-BN folded into pw1).
+#[derive(Clone, Debug)]
+pub struct FfnBlock {
+    pub pw1: Pointwise,
+    pub pw2: Pointwise,
+}
+
+#[derive(Clone, Debug)]
+pub enum Block {
+    RepLk(RepLkBlock),
+    Ffn(FfnBlock),
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub blocks: Vec<Block>,
+    /// `stages.{s}.norm`, applied to the stage's output in downstream mode.
+    pub norm: Option<Affine>,
+}
+
+/// 1x1 + ReLU, dw 3x3/2 + ReLU.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub pw: Pointwise,
+    pub dw: Depthwise,
+}
+
+/// BN -> global average pool -> Linear.
+#[derive(Clone, Debug)]
+pub struct Head {
+    pub norm: Affine,
+    pub classes: usize,
+    /// `[classes, C]`.
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// RepLKNet in deploy form: what runs.
+#[derive(Clone, Debug)]
+pub struct DeployModel {
+    pub config: ReplknetConfig,
+    pub stem: Stem,
+    pub stages: Vec<Stage>,
+    pub transitions: Vec<Transition>,
+    pub head: Option<Head>,
+}
+
+/// Activation shape (NCHW).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Dims {
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn hw(&self) -> usize {
+        self.h * self.w
+    }
+    fn to_vec(self) -> Vec<usize> {
+        vec![self.n, self.c, self.h, self.w]
+    }
+}
+
+/// Where the depthwise layers run (everything else runs on the CPU engine).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// lkconv's fast CPU path.
+    #[default]
+    Cpu,
+    /// The CUDA kernels in the kernel simulator (slow: small inputs; checks the kernels in the
+    /// model's shapes, kernels larger than the feature map and the stride-2 layers included).
+    Sim,
+    /// The depthwise layers on CUDA GPU `ordinal` through host round trips (a correctness
+    /// check of the CUDA kernels inside the model, not a fast GPU model: the 1x1 convs and
+    /// everything else stay on the CPU).
+    CudaDepthwise(usize),
+}
+
+/// Buffers reused across layers (and across calls when the caller keeps it).
+#[derive(Default, Debug)]
+pub struct Workspace {
+    /// Where the depthwise layers run.
+    pub backend: Backend,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    t1: Vec<f32>,
+    t2: Vec<f32>,
+    col: Vec<f32>,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_backend(backend: Backend) -> Self {
+        Workspace {
+            backend,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    /// `[N, classes]` when requested.
+    pub logits: Option<Tensor<f32>>,
+    /// `(stage index, [N, C, H, W])` for each requested stage, in order.
+    pub stages: Vec<(usize, Tensor<f32>)>,
+}
+
+/// Per-layer-kind wall time, collected when `LKCONV_PROFILE` is set (printed by `run`).
+mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    pub const NAMES: [&str; 8] = [
+        "stem",
+        "replk pw1",
+        "replk large dw",
+        "replk pw2",
+        "ffn pw1+gelu",
+        "ffn pw2",
+        "transitions",
+        "head",
+    ];
+    static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("LKCONV_PROFILE").is_some())
+    }
+
+    /// Runs `f`, adding its wall time to slot `i` when profiling.
+    pub fn time<T>(i: usize, f: impl FnOnce() -> T) -> T {
+        if !enabled() {
+            return f();
+        }
+        let t = Instant::now();
+        let r = f();
+        NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    pub fn report() {
+        if !enabled() {
+            return;
+        }
+        let v: Vec<u64> = NANOS.iter().map(|a| a.swap(0, Ordering::Relaxed)).collect();
+        let total: u64 = v.iter().sum();
+        let parts: Vec<String> = NAMES
+            .iter()
+            .zip(&v)
+            .map(|(n, &ns)| format!("{n} {:.1} ms", ns as f64 / 1e6))
+            .collect();
+        eprintln!(
+            "profile: {} (total {:.1} ms)",
+            parts.join(", "),
+            total as f64 / 1e6
+        );
+    }
+}
+
+/// A buffer of at least `len` elements (grown once, then reused), as a slice of exactly `len`.
+fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Act {
+    None,
+    Relu,
+    Gelu,
+}
+
+/// C[m x n] = A[m x k] * B[k x n] + beta * C, all row-major and contiguous.
+/// The one call into matrixmultiply, behind length checks.
+fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for v in &mut c[..m * n] {
+            *v *= beta;
+        }
+        return;
+    }
+    // SAFETY: the asserts above guarantee that every element the strides address lies inside
+    // `a`, `b` and `c`; `c` is exclusively borrowed and does not alias `a` or `b`.
+    #[allow(unsafe_code)]
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+const SQRT_PI_INV2: f64 = std::f64::consts::FRAC_2_SQRT_PI;
+
+/// erf(x), absolute error below 1e-7 over the whole line: a Taylor series for |x| < 0.5 and
+/// the Chebyshev-fitted erfc of Numerical Recipes (relative error < 1.2e-7) above.
+pub fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let r = if z < 0.5 {
+        let z2 = z * z;
+        // 2/sqrt(pi) * (z - z^3/3 + z^5/10 - z^7/42 + z^9/216 - z^11/1320 + z^13/9360 - z^15/75600)
+        SQRT_PI_INV2
+            * z
+            * (1.0
+                + z2 * (-1.0 / 3.0
+                    + z2 * (1.0 / 10.0
+                        + z2 * (-1.0 / 42.0
+                            + z2 * (1.0 / 216.0
+                                + z2 * (-1.0 / 1320.0 + z2 * (1.0 / 9360.0 - z2 / 75600.0)))))))
+    } else {
+        1.0 - erfc_pos(z)
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// erfc(z) for z >= 0 (relative error < 1.2e-7).
+fn erfc_pos(z: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.5 * z);
+    t * (-z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+        .exp()
+}
+
+/// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
+pub fn gelu(x: f32) -> f32 {
+    let v = x as f64;
+    let z = v * std::f64::consts::FRAC_1_SQRT_2;
+    let r = if z.abs() < 0.5 {
+        0.5 * v * (1.0 + erf(z))
+    } else if z > 0.0 {
+        v * (1.0 - 0.5 * erfc_pos(z))
+    } else {
+        0.5 * v * erfc_pos(-z)
+    };
+    r as f32
+}
+
+/// exp(x) in f32 without a library call, so that loops over it vectorise: Cody-Waite range
+/// reduction to |r| <= ln2/2 and a degree-7 Taylor polynomial (relative error ~1e-7), the
+/// power of two built from its bits. Inputs are clamped to [-87, 88].
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+                                     // max/min rather than clamp: clamp's NaN semantics keep this loop from vectorising.
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(-87.0).min(88.0);
+    let kf = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = kf - MAGIC;
+    // The integer n sits in the low mantissa bits of kf: no float-to-int conversion needed.
+    let ni = kf.to_bits().wrapping_sub(MAGIC.to_bits());
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(ni.wrapping_add(127) << 23)
+}
+
+/// Exact-erf GELU in f32, branch-free so that it vectorises: x * Phi(x) with
+/// Phi(x) = 1 - erfc(z)/2 (x >= 0) or erfc(z)/2 (x < 0), z = |x|/sqrt 2, erfc from the
+/// Numerical Recipes fit (relative error < 1.2e-7). Agrees with [`gelu`] to ~3e-7 relative.
+#[inline(always)]
+pub fn gelu_fast(x: f32) -> f32 {
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204
+                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let half_erfc = 0.5 * t * exp_f32(poly - z * z);
+    let phi = if x >= 0.0 { 1.0 - half_erfc } else { half_erfc };
+    x * phi
+}
+
+/// v = gelu(v + b) over a row.
+fn gelu_slice(row: &mut [f32], b: f32) {
+    for v in row.iter_mut() {
+        *v = gelu_fast(*v + b);
+    }
+}
+
+/// Adds a per-row bias and applies the activation to `rows` rows of `hw` values.
+fn epilogue(y: &mut [f32], bias: &[f32], hw: usize, act: Act) {
+    for (row, &b) in y.chunks_mut(hw).zip(bias) {
+        match act {
+            Act::None => row.iter_mut().for_each(|v| *v += b),
+            Act::Relu => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+            Act::Gelu => gelu_slice(row, b),
+        }
+    }
+}
+
+/// Rows per task when a `rows` x `hw` output is split for `n` images over the thread pool.
+fn rows_per_task(rows: usize, n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let per_image = threads.div_ceil(n).max(1);
+    let r = rows.div_ceil(per_image);
+    // Keep chunks a multiple of the sgemm micro-kernel height.
+    r.div_ceil(8).max(1) * 8
+}
+
+impl Pointwise {
+    /// y[n] = act(W x[n] + b) (or y[n] += W x[n] + b with `accumulate`), over the batch.
+    fn run(&self, x: &[f32], n: usize, hw: usize, y: &mut [f32], act: Act, accumulate: bool) {
+        let (cin, cout) = (self.cin, self.cout);
+        let rows = rows_per_task(cout, n).min(cout.max(1));
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        y[..n * cout * hw]
+            .par_chunks_mut(cout * hw)
+            .zip(x[..n * cin * hw].par_chunks(cin * hw))
+            .for_each(|(yi, xi)| {
+                yi.par_chunks_mut(rows * hw)
+                    .enumerate()
+                    .for_each(|(ci, yc)| {
+                        let r0 = ci * rows;
+                        let m = yc.len() / hw;
+                        sgemm(m, cin, hw, &self.w[r0 * cin..(r0 + m) * cin], xi, beta, yc);
+                        epilogue(yc, &self.b[r0..r0 + m], hw, act);
+                    });
+            });
+    }
+}
+
+impl Depthwise {
+    fn conv(&self) -> DwConv2d {
+        DwConv2d::new(self.k, self.k).with_stride(self.stride, self.stride)
+    }
+
+    /// Output dims for input `d`.
+    fn out_dims(&self, d: Dims) -> Result<Dims> {
+        let s = self.conv().resolve(d.n, d.c, d.h, d.w)?;
+        Ok(Dims {
+            h: s.oh,
+            w: s.ow,
+            ..d
+        })
+    }
+
+    /// y = act(dwconv(x) + b).
+    fn run(&self, x: &[f32], d: Dims, y: &mut [f32], act: Act, be: Backend) -> Result<Dims> {
+        if d.c != self.c {
+            return Err(Error::shape(
+                "depthwise layer input",
+                format!("{} channels", self.c),
+                &d.to_vec(),
+            ));
+        }
+        let conv = self.conv();
+        let shape = conv.resolve(d.n, d.c, d.h, d.w)?;
+        match be {
+            Backend::Cpu => {
+                crate::cpu::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?
+            }
+            Backend::Sim | Backend::CudaDepthwise(_) => {
+                let xt = Tensor::from_vec(&shape.input_dims(), x[..shape.input_len()].to_vec())?;
+                let wt = Tensor::from_vec(&conv.weight_dims(self.c), self.w.clone())?;
+                let bt = Tensor::from_vec(&[self.c], self.b.clone())?;
+                let fast = crate::device::Impl::Fast;
+                let out = match be {
+                    Backend::CudaDepthwise(i) => {
+                        crate::cuda::host::forward(i, fast, &conv, &xt, &wt, Some(&bt))?
+                    }
+                    _ => crate::sim::forward(fast, &conv, &xt, &wt, Some(&bt))?,
+                };
+                y[..shape.output_len()].copy_from_slice(out.data());
+            }
+        }
+        match act {
+            Act::None => {}
+            Act::Relu => y.par_chunks_mut(4096).for_each(|c| {
+                c.iter_mut().for_each(|v| *v = v.max(0.0));
+            }),
+            Act::Gelu => y.par_chunks_mut(4096).for_each(|c| {
+                gelu_slice(c, 0.0);
+            }),
+        }
+        Ok(Dims {
+            h: shape.oh,
+            w: shape.ow,
+            ..d
+        })
+    }
+}
+
+impl DenseConv {
+    fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let o = |v: usize, what: &str| -> Result<usize> {
+            let padded = v + 2 * self.pad;
+            if padded < self.k {
+                return Err(Error::EmptyOutput(format!(
+                    "stem conv: input {what} {v} is smaller than the {}x{} kernel",
+                    self.k, self.k
+                )));
+            }
+            Ok((padded - self.k) / self.stride + 1)
+        };
+        Ok((o(h, "height")?, o(w, "width")?))
+    }
+
+    /// y = relu(conv(x) + b) via im2col + sgemm, one image at a time.
+    fn run(&self, x: &[f32], d: Dims, col: &mut Vec<f32>, y: &mut [f32]) -> Result<Dims> {
+        let (oh, ow) = self.out_hw(d.h, d.w)?;
+        let ohw = oh * ow;
+        let kk = self.k * self.k;
+        let rows = self.cin * kk;
+        let col = take(col, rows * ohw);
+        let rows_out = rows_per_task(self.cout, 1).min(self.cout.max(1));
+        for (xi, yi) in x
+            .chunks(self.cin * d.hw())
+            .zip(y.chunks_mut(self.cout * ohw))
+            .take(d.n)
+        {
+            col.par_chunks_mut(ohw).enumerate().for_each(|(r, dst)| {
+                let ci = r / kk;
+                let ky = (r % kk) / self.k;
+                let kx = r % self.k;
+                let plane = &xi[ci * d.hw()..(ci + 1) * d.hw()];
+                for oy in 0..oh {
+                    let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                    let drow = &mut dst[oy * ow..(oy + 1) * ow];
+                    if iy < 0 || iy as usize >= d.h {
+                        drow.fill(0.0);
+                        continue;
+                    }
+                    let srow = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
+                    for (ox, v) in drow.iter_mut().enumerate() {
+                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                        *v = if ix < 0 || ix as usize >= d.w {
+                            0.0
+                        } else {
+                            srow[ix as usize]
+                        };
+                    }
+                }
+            });
+            let col = &*col;
+            yi.par_chunks_mut(rows_out * ohw)
+                .enumerate()
+                .for_each(|(ci, yc)| {
+                    let r0 = ci * rows_out;
+                    let m = yc.len() / ohw;
+                    sgemm(
+                        m,
+                        rows,
+                        ohw,
+                        &self.w[r0 * rows..(r0 + m) * rows],
+                        col,
+                        0.0,
+                        yc,
+                    );
+                    epilogue(yc, &self.b[r0..r0 + m], ohw, Act::Relu);
+                });
+        }
+        Ok(Dims {
+            n: d.n,
+            c: self.cout,
+            h: oh,
+            w: ow,
+        })
+    }
+}
+
+impl Affine {
+    fn apply(&self, x: &mut [f32], d: Dims) {
+        let hw = d.hw();
+        for plane in x.chunks_mut(d.c * hw) {
+            for (c, row) in plane.chunks_mut(hw).enumerate() {
+                let (s, t) = (self.scale[c], self.shift[c]);
+                row.iter_mut().for_each(|v| *v = *v * s + t);
+            }
+        }
+    }
+}
+
+impl Stem {
+    /// Input (external) -> `ws.a` (the result); uses `ws.b` and `ws.col`.
+    fn run_ws(&self, x: &[f32], d: Dims, ws: &mut Workspace) -> Result<Dims> {
+        let c = self.conv0.cout;
+        let (oh, ow) = self.conv0.out_hw(d.h, d.w)?;
+        let d0 = Dims {
+            n: d.n,
+            c,
+            h: oh,
+            w: ow,
+        };
+        let a = take(&mut ws.a, d0.len());
+        let d0 = self.conv0.run(x, d, &mut ws.col, a)?;
+        let b = take(&mut ws.b, d0.len());
+        let d1 = self.conv1.run(a, d0, b, Act::Relu, ws.backend)?;
+        self.conv2.run(b, d1.n, d1.hw(), a, Act::Relu, false);
+        let d3 = self.conv3.out_dims(d1)?;
+        let b = take(&mut ws.b, d3.len());
+        let d3 = self.conv3.run(a, d1, b, Act::Relu, ws.backend)?;
+        std::mem::swap(&mut ws.a, &mut ws.b);
+        Ok(d3)
+    }
+
+    /// Tensor in, tensor out (tests and tools).
+    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let d = dims_of("stem input", x.shape())?;
+        if d.c != self.conv0.cin {
+            return Err(Error::shape(
+                "stem input",
+                format!("[N, {}, H, W]", self.conv0.cin),
+                x.shape(),
+            ));
+        }
+        let mut ws = Workspace::new();
+        let out = self.run_ws(x.data(), d, &mut ws)?;
+        Tensor::from_vec(&out.to_vec(), ws.a[..out.len()].to_vec())
+    }
+}
+
+impl RepLkBlock {
+    fn run_ws(
+        &self,
+        x: &mut [f32],
+        d: Dims,
+        t1: &mut Vec<f32>,
+        t2: &mut Vec<f32>,
+        be: Backend,
+    ) -> Result<()> {
+        let dw = self.pw1.cout;
+        let inner = Dims { c: dw, ..d };
+        let t1 = take(t1, inner.len());
+        profile::time(1, || self.pw1.run(x, d.n, d.hw(), t1, Act::Relu, false));
+        let t2 = take(t2, inner.len());
+        profile::time(2, || self.lk.run(t1, inner, t2, Act::Relu, be))?;
+        profile::time(3, || self.pw2.run(t2, d.n, d.hw(), x, Act::None, true));
+        Ok(())
+    }
+
+    /// Tensor in, tensor out (tests and tools).
+    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let d = dims_of("RepLKBlock input", x.shape())?;
+        check_channels("RepLKBlock input", x.shape(), self.pw1.cin)?;
+        let mut y = x.clone();
+        let (mut t1, mut t2) = (Vec::new(), Vec::new());
+        self.run_ws(y.data_mut(), d, &mut t1, &mut t2, Backend::Cpu)?;
+        Ok(y)
+    }
+}
+
+impl FfnBlock {
+    fn run_ws(&self, x: &mut [f32], d: Dims, t1: &mut Vec<f32>) {
+        let inner = Dims {
+            c: self.pw1.cout,
+            ..d
+        };
+        let t1 = take(t1, inner.len());
+        profile::time(4, || self.pw1.run(x, d.n, d.hw(), t1, Act::Gelu, false));
+        profile::time(5, || self.pw2.run(t1, d.n, d.hw(), x, Act::None, true));
+    }
+
+    /// Tensor in, tensor out (tests and tools).
+    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let d = dims_of("ConvFFN input", x.shape())?;
+        check_channels("ConvFFN input", x.shape(), self.pw1.cin)?;
+        let mut y = x.clone();
+        let mut t1 = Vec::new();
+        self.run_ws(y.data_mut(), d, &mut t1);
+        Ok(y)
+    }
+}
+
+impl Transition {
+    /// `ws.a` -> `ws.a` (through `ws.t1`).
+    fn run_ws(&self, d: Dims, ws: &mut Workspace) -> Result<Dims> {
+        let mid = Dims {
+            c: self.pw.cout,
+            ..d
+        };
+        let t1 = take(&mut ws.t1, mid.len());
+        self.pw
+            .run(&ws.a[..d.len()], d.n, d.hw(), t1, Act::Relu, false);
+        let od = self.dw.out_dims(mid)?;
+        let a = take(&mut ws.a, od.len());
+        self.dw.run(t1, mid, a, Act::Relu, ws.backend)
+    }
+
+    /// Tensor in, tensor out (tests and tools).
+    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let d = dims_of("transition input", x.shape())?;
+        check_channels("transition input", x.shape(), self.pw.cin)?;
+        let mut ws = Workspace::new();
+        ws.a = x.data().to_vec();
+        let od = self.run_ws(d, &mut ws)?;
+        Tensor::from_vec(&od.to_vec(), ws.a[..od.len()].to_vec())
+    }
+}
+
+fn dims_of(what: &str, shape: &[usize]) -> Result<Dims> {
+    let [n, c, h, w] = crate::conv::dims4(what, shape)?;
+    if n == 0 || c == 0 || h == 0 || w == 0 {
+        return Err(Error::shape(
+            what,
+            "[N, C, H, W] with every extent >= 1",
+            shape,
+        ));
+    }
+    Ok(Dims { n, c, h, w })
+}
+
+fn check_channels(what: &str, shape: &[usize], c: usize) -> Result<()> {
+    if shape[1] != c {
+        return Err(Error::shape(what, format!("[N, {c}, H, W]"), shape));
+    }
+    Ok(())
+}
+
+impl DeployModel {
+    /// Logits `[N, classes]` for an input `[N, C_in, H, W]`.
+    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let mut ws = Workspace::new();
+        let out = self.run(x, None, true, &mut ws)?;
+        out.logits
+            .ok_or_else(|| Error::Unsupported("the model has no head".into()))
+    }
+
+    /// The outputs of the stages in `out_indices` (each through `stages.{i}.norm` when the
+    /// checkpoint has one), taken before the transition that follows.
+    pub fn forward_features(
+        &self,
+        x: &Tensor<f32>,
+        out_indices: &[usize],
+    ) -> Result<Vec<Tensor<f32>>> {
+        let mut ws = Workspace::new();
+        let out = self.run(x, Some(out_indices), false, &mut ws)?;
+        Ok(out.stages.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// The general entry point: logits and/or stage outputs, with a caller-kept workspace.
+    pub fn run(
+        &self,
+        x: &Tensor<f32>,
+        out_indices: Option<&[usize]>,
+        want_logits: bool,
+        ws: &mut Workspace,
+    ) -> Result<Output> {
+        let d = dims_of("input", x.shape())?;
+        let cin = self.stem.conv0.cin;
+        if d.c != cin {
+            return Err(Error::shape(
+                "input",
+                format!("[N, {cin}, H, W]"),
+                x.shape(),
+            ));
+        }
+        let ns = self.stages.len();
+        let indices = out_indices.unwrap_or(&[]);
+        if let Some(&bad) = indices.iter().find(|&&i| i >= ns) {
+            return Err(Error::InvalidArgument(format!(
+                "out index {bad} is out of range: the model has {ns} stages"
+            )));
+        }
+        if want_logits && self.head.is_none() {
+            return Err(Error::Unsupported(
+                "the checkpoint has no classification head (norm.* / head.*): request stage outputs with out_indices".into(),
+            ));
+        }
+        let mut d = profile::time(0, || self.stem.run_ws(x.data(), d, ws))?;
+        let mut stage_out: Vec<(usize, Tensor<f32>)> = Vec::new();
+        // The last stage whose output anyone needs.
+        let last_needed = if want_logits {
+            ns - 1
+        } else {
+            indices.iter().copied().max().unwrap_or(0)
+        };
+        for (s, stage) in self.stages.iter().enumerate() {
+            if d.c != self.config.channels[s] {
+                return Err(Error::shape(
+                    format!("stage {s} input"),
+                    format!("{} channels", self.config.channels[s]),
+                    &d.to_vec(),
+                ));
+            }
+            let be = ws.backend;
+            let Workspace { a, t1, t2, .. } = ws;
+            let xa = &mut a[..d.len()];
+            for block in &stage.blocks {
+                match block {
+                    Block::RepLk(b) => b.run_ws(xa, d, t1, t2, be)?,
+                    Block::Ffn(b) => b.run_ws(xa, d, t1),
+                }
+            }
+            if indices.contains(&s) {
+                let mut v = xa.to_vec();
+                if let Some(norm) = &stage.norm {
+                    norm.apply(&mut v, d);
+                }
+                stage_out.push((s, Tensor::from_vec(&d.to_vec(), v)?));
+            }
+            if s == last_needed {
+                break;
+            }
+            if s + 1 < ns {
+                d = profile::time(6, || self.transitions[s].run_ws(d, ws))?;
+            }
+        }
+        // Order the stage outputs as requested.
+        let stages = indices
+            .iter()
+            .filter_map(|&i| stage_out.iter().find(|(s, _)| *s == i).cloned())
+            .collect();
+        let logits = if want_logits {
+            let head = self.head.as_ref().expect("checked above");
+            Some(profile::time(7, || head.run(&ws.a[..d.len()], d))?)
+        } else {
+            None
+        };
+        profile::report();
+        Ok(Output { logits, stages })
+    }
+}
+
+impl Head {
+    fn run(&self, x: &[f32], d: Dims) -> Result<Tensor<f32>> {
+        let hw = d.hw();
+        let mut logits = Vec::with_capacity(d.n * self.classes);
+        for plane in x.chunks(d.c * hw).take(d.n) {
+            let feat: Vec<f32> = plane
+                .chunks(hw)
+                .enumerate()
+                .map(|(c, row)| {
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / hw as f64;
+                    (mean * self.norm.scale[c] as f64 + self.norm.shift[c] as f64) as f32
+                })
+                .collect();
+            for (j, wrow) in self.w.chunks(d.c).enumerate().take(self.classes) {
+                let dot: f64 = wrow
+                    .iter()
+                    .zip(&feat)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                logits.push((dot + self.b[j] as f64) as f32);
+            }
+        }
+        Tensor::from_vec(&[d.n, self.classes], logits)
+    }
+}
