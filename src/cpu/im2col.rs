@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use super::direct::{as_f32, from_f32};
+use super::gemm::sgemm;
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::Result;
@@ -38,35 +39,6 @@ fn im2col(idx: &[Option<u32>], plane: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// C[m x n] = A[m x k] * B[k x n], all row-major.
-fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_transposed: bool, b: &[f32], c: &mut [f32]) {
-    let (rsa, csa) = if a_transposed {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    // SAFETY: the slices hold m*k, k*n and m*n floats with the strides given (checked below).
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            n as isize,
-            1,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
-}
-
 /// Forward via im2col + GEMM.
 pub fn forward<T: Element>(
     conv: &DwConv2d,
@@ -93,6 +65,7 @@ pub fn forward<T: Element>(
                 cols,
                 false,
                 &wf[c * kk..(c + 1) * kk],
+                0.0,
                 out,
             );
             if let Some(b) = &b {
@@ -131,6 +104,7 @@ pub fn weight_grad<T: Element>(
                 &cols,
                 true,
                 &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
+                0.0,
                 &mut part,
             );
             total
@@ -167,6 +141,7 @@ pub fn data_grad<T: Element>(
                 &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
                 false,
                 &wf[c * kk..(c + 1) * kk],
+                0.0,
                 cols,
             );
             out.fill(0.0);

@@ -3,6 +3,7 @@
 
 pub mod ceiling;
 pub mod direct;
+pub mod gemm;
 pub mod im2col;
 pub mod naive;
 pub mod reference;

@@ -253,39 +253,8 @@ enum Act {
 }
 
 /// C[m x n] = A[m x k] * B[k x n] + beta * C, all row-major and contiguous.
-/// The one call into matrixmultiply, behind length checks.
 fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for v in &mut c[..m * n] {
-            *v *= beta;
-        }
-        return;
-    }
-    // SAFETY: the asserts above guarantee that every element the strides address lies inside
-    // `a`, `b` and `c`; `c` is exclusively borrowed and does not alias `a` or `b`.
-    #[allow(unsafe_code)]
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            n as isize,
-            1,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    crate::cpu::gemm::sgemm(m, k, n, a, false, b, beta, c)
 }
 
 const SQRT_PI_INV2: f64 = std::f64::consts::FRAC_2_SQRT_PI;
