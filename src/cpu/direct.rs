@@ -343,18 +343,16 @@ fn correlate_unit(
     }
     let x_stride = c0 + kw - 1;
     let wp_rows = kh + 2 * FILTER_PAD;
-    let mut wpad = vec![0.0f32; s.c * wp_rows * kw];
-    for c in 0..s.c {
-        wpad[(c * wp_rows + FILTER_PAD) * kw..][..kh * kw]
-            .copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
-    }
     let (h, oh, ow) = (s.h as isize, s.oh, s.ow);
     y.par_chunks_mut(oh * ow)
         .enumerate()
         .for_each(|(plane, y_plane)| {
             let c = plane % s.c;
             let x_plane = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
-            let w_c = &wpad[c * wp_rows * kw..(c + 1) * wp_rows * kw];
+            // The channel's filter with zero rows above and below (small: stays off fresh pages).
+            let mut w_c = vec![0.0f32; wp_rows * kw];
+            w_c[FILTER_PAD * kw..][..kh * kw].copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
+            let w_c = &w_c;
             let b = bias.map_or(0.0, |b| b[c]);
             y_plane
                 .par_chunks_mut(BAND * ow)
@@ -770,8 +768,16 @@ pub(crate) fn as_f32<T: Element>(t: &Tensor<T>) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
+/// Wraps f32 results as a tensor of T: the buffer itself for f32, a rounded copy otherwise.
 pub(crate) fn from_f32<T: Element>(shape: &[usize], v: Vec<f32>) -> Result<Tensor<T>> {
-    Tensor::from_vec(shape, crate::dtype::from_f32_vec(&v))
+    let boxed: Box<dyn std::any::Any> = Box::new(v);
+    match boxed.downcast::<Vec<T>>() {
+        Ok(same) => Tensor::from_vec(shape, *same),
+        Err(boxed) => {
+            let v = boxed.downcast::<Vec<f32>>().expect("the box holds the Vec<f32> built above");
+            Tensor::from_vec(shape, crate::dtype::from_f32_vec(&v))
+        }
+    }
 }
 
 /// Forward on the fast path (f16/bf16 computed in f32).
