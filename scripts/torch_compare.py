@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Compare lkconv's CUDA depthwise convolution with PyTorch's.
+
+1. Correctness, on small shapes: for fp32, fp16 and bf16, forward (with bias), data gradient
+   and weight gradient from `torch.nn.functional.conv2d(x, w, bias, padding=K//2, groups=C)`
+   and autograd (NCHW and channels_last), against `lkconv conv --device cuda` run on the same
+   values (exchanged as safetensors files, written and read by this script). Both are measured
+   against a float64 PyTorch result on the same (storage-rounded) inputs.
+2. Timing, on the benchmark shapes: PyTorch forward, data gradient and weight gradient (the
+   aten `convolution_backward` that autograd calls, one gradient at a time), NCHW and
+   channels_last, fp32/fp16/bf16, timed with CUDA events after warm-up (median). Our times are
+   read from `lkconv bench --json` output (`--ours`, JSON arrays one per line) and put side by
+   side.
+
+Prints a table and writes everything as JSON (`--out`). Never crashes because our binary
+fails: such a failure is recorded and reported. Exit status: 0 when every correctness check
+that ran passed, 1 otherwise, 2 when torch or CUDA is missing.
+"""
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+BENCH_SHAPES = [
+    # (N, C, H, W, K): the four RepLKNet-31B layers at N=64 and N=1, the paper's Table 1
+    # setting, and the wide case.
+    (64, 128, 56, 56, 31),
+    (64, 256, 28, 28, 29),
+    (64, 512, 14, 14, 27),
+    (64, 1024, 7, 7, 13),
+    (64, 384, 32, 32, 31),
+    (8, 128, 256, 200, 31),
+    (1, 128, 56, 56, 31),
+    (1, 256, 28, 28, 29),
+    (1, 512, 14, 14, 27),
+    (1, 1024, 7, 7, 13),
+]
+
+CHECK_SHAPES = [
+    (2, 8, 24, 24, 13),
+    (1, 4, 20, 20, 31),  # filter larger than the image
+    (2, 16, 14, 14, 27),
+]
+
+DTYPES = ["f32", "f16", "bf16"]
+PASSES = ["fwd", "dgrad", "wgrad"]
+
+# --------------------------------------------------------------------------------------------
+# A tiny safetensors reader/writer (f32 only is all lkconv's CLI needs; it reads f16/bf16 too).
+# --------------------------------------------------------------------------------------------
+
+
+def st_write(path, tensors):
+    """tensors: dict name -> torch tensor (written as contiguous little-endian f32)."""
+    import torch
+
+    header = {}
+    blobs = []
+    offset = 0
+    for name, t in tensors.items():
+        data = t.detach().to("cpu", torch.float32).contiguous()
+        raw = data.view(torch.uint8).numpy().tobytes() if _has_numpy() else _tensor_bytes(data)
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(data.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * ((8 - len(hjson) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hjson)))
+        f.write(hjson)
+        for b in blobs:
+            f.write(b)
+
+
+def st_read(path):
+    """Returns dict name -> float32 torch tensor."""
+    import torch
+
+    with open(path, "rb") as f:
+        buf = f.read()
+    (hlen,) = struct.unpack("<Q", buf[:8])
+    header = json.loads(buf[8 : 8 + hlen])
+    base = 8 + hlen
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = meta["data_offsets"]
+        raw = bytearray(buf[base + b : base + e])
+        kind = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[meta["dtype"]]
+        t = torch.frombuffer(raw, dtype=kind) if raw else torch.empty(0, dtype=kind)
+        out[name] = t.reshape(meta["shape"]).to(torch.float32)
+    return out
+
+
+def _has_numpy():
+    try:
+        import numpy  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def _tensor_bytes(t):
+    return struct.pack("<%df" % t.numel(), *t.flatten().tolist())
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def torch_dtype(name):
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def conv_backward(dy, x, w, pad, groups, mask):
+    import torch
+
+    return torch.ops.aten.convolution_backward(
+        dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], groups, mask
+    )
+
+
+def run_ours(lkconv, args, timeout):
+    """Runs our CLI; returns (ok, message)."""
+    try:
+        p = subprocess.run(
+            [lkconv] + args, capture_output=True, text=True, timeout=timeout
+        )
+    except Exception as e:  # missing binary, timeout, ...
+        return False, "%s: %s" % (type(e).__name__, e)
+    if p.returncode != 0:
+        return False, "exit %d: %s" % (p.returncode, (p.stderr or p.stdout).strip()[-400:])
+    return True, ""
+
+
+def rel_err(a, ref):
+    scale = ref.abs().max().item() or 1.0
+    return (a.double() - ref.double()).abs().max().item() / scale
+
+
+def check_correctness(lkconv, workdir, dev, records, failures):
+    import torch
+    import torch.nn.functional as F
+
+    tol = {"f32": 1e-5, "f16": 4e-3, "bf16": 3e-2}
+    for (n, c, h, w, k) in CHECK_SHAPES:
+        pad = k // 2
+        g = torch.Generator().manual_seed(n * 1000 + c * 10 + k)
+        x0 = torch.rand(n, c, h, w, generator=g) * 2 - 1
+        w0 = torch.rand(c, 1, k, k, generator=g) * 2 - 1
+        b0 = torch.rand(c, generator=g) * 2 - 1
+        dy0 = torch.rand(n, c, h, w, generator=g) * 2 - 1
+        for dt in DTYPES:
+            tdt = torch_dtype(dt)
+            # storage-rounded values: what both sides compute on
+            x, wt, b, dy = (t.to(tdt).float() for t in (x0, w0, b0, dy0))
+            # float64 reference
+            xd = x.double().to(dev).requires_grad_(True)
+            wd = wt.double().to(dev).requires_grad_(True)
+            yd = F.conv2d(xd, wd, b.double().to(dev), padding=pad, groups=c)
+            yd.backward(dy.double().to(dev))
+            ref = {"fwd": yd.detach(), "dgrad": xd.grad.detach(), "wgrad": wd.grad.detach()}
+            # torch in the storage type, both layouts, autograd
+            tres = {}
+            for layout in ["nchw", "channels_last"]:
+                try:
+                    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                    xt = x.to(dev, tdt).to(memory_format=mf).requires_grad_(True)
+                    wtt = wt.to(dev, tdt).to(memory_format=mf).requires_grad_(True)
+                    yt = F.conv2d(xt, wtt, b.to(dev, tdt), padding=pad, groups=c)
+                    yt.backward(dy.to(dev, tdt).to(memory_format=mf))
+                    tres[layout] = {"fwd": yt.detach(), "dgrad": xt.grad, "wgrad": wtt.grad}
+                except Exception as e:
+                    tres[layout] = {"error": "%s: %s" % (type(e).__name__, e)}
+            # ours, through the CLI
+            fin = os.path.join(workdir, "in.safetensors")
+            st_write(fin, {"x": x, "w": wt, "bias": b, "dy": dy})
+            for ps in PASSES:
+                fout = os.path.join(workdir, "out_%s.safetensors" % ps)
+                if os.path.exists(fout):
+                    os.remove(fout)
+                cli = ["conv", "--op", ps, "--device", "cuda", "--dtype", dt, "--impl", "fast",
+                       "--input", fin, "--output", fout]
+                if ps == "wgrad":
+                    cli += ["--kernel", "%d,%d" % (k, k)]
+                ok, msg = run_ours(lkconv, cli, 120)
+                rec = {"shape": [n, c, h, w, k], "dtype": dt, "pass": ps}
+                ours_err = None
+                if ok:
+                    try:
+                        got = st_read(fout)[{"fwd": "y", "dgrad": "dx", "wgrad": "dw"}[ps]]
+                        ours_err = rel_err(got.to(dev), ref[ps])
+                    except Exception as e:
+                        ok, msg = False, "reading our output: %s" % e
+                rec["ours_rel_err"] = ours_err
+                rec["ours_error"] = None if ok else msg
+                terrs = []
+                for layout, r in tres.items():
+                    if "error" in r:
+                        rec["torch_%s_error" % layout] = r["error"]
+                    else:
+                        e = rel_err(r[ps].float(), ref[ps])
+                        rec["torch_%s_rel_err" % layout] = e
+                        terrs.append(e)
+                limit = max(tol[dt], 4 * max(terrs) if terrs else tol[dt])
+                rec["limit"] = limit
+                rec["pass_ok"] = bool(ok and ours_err is not None and ours_err <= limit)
+                if not rec["pass_ok"]:
+                    failures.append(rec)
+                records.append(rec)
+
+
+def median_ms(fn, budget_s):
+    """Median time of fn() in ms with CUDA events: one warm-up (also sizes the run count)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    first = s.elapsed_time(e)
+    iters = int(max(1, min(20, (budget_s * 1e3) / max(first, 1e-3))))
+    times = []
+    for _ in range(iters):
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2], iters
+
+
+def time_torch(records, deadline, per_case_s):
+    import torch
+    import torch.nn.functional as F
+
+    for dt in DTYPES:
+        tdt = torch_dtype(dt)
+        for (n, c, h, w, k) in BENCH_SHAPES:
+            pad = k // 2
+            for layout in ["nchw", "channels_last"]:
+                mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                base = {"shape": [n, c, h, w, k], "dtype": dt, "layout": layout}
+                if time.time() > deadline:
+                    for ps in PASSES:
+                        records.append(dict(base, **{"pass": ps, "skipped": "time budget"}))
+                    continue
+                try:
+                    x = torch.randn(n, c, h, w, device="cuda", dtype=tdt).to(memory_format=mf)
+                    wt = torch.randn(c, 1, k, k, device="cuda", dtype=tdt).to(memory_format=mf)
+                    dy = torch.randn(n, c, h, w, device="cuda", dtype=tdt).to(memory_format=mf)
+                except Exception as e:
+                    for ps in PASSES:
+                        records.append(dict(base, **{"pass": ps, "error": str(e)}))
+                    continue
+                fns = {
+                    "fwd": lambda: F.conv2d(x, wt, None, padding=pad, groups=c),
+                    "dgrad": lambda: conv_backward(dy, x, wt, pad, c, [True, False, False]),
+                    "wgrad": lambda: conv_backward(dy, x, wt, pad, c, [False, True, False]),
+                }
+                flops = 2.0 * n * c * h * w * k * k
+                for ps in PASSES:
+                    rec = dict(base, **{"pass": ps})
+                    if time.time() > deadline:
+                        rec["skipped"] = "time budget"
+                    else:
+                        try:
+                            ms, iters = median_ms(fns[ps], per_case_s)
+                            rec.update(ms=ms, iters=iters, gflops=flops / (ms * 1e6))
+                        except Exception as e:
+                            rec["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+                    records.append(rec)
+                del x, wt, dy
+                torch.cuda.empty_cache()
+
+
+def load_ours(path):
+    """Our CLI bench records keyed by (n, c, h, w, k, dtype, pass, impl)."""
+    out = {}
+    if not path or not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("["):
+                continue
+            try:
+                for r in json.loads(line):
+                    key = (r["n"], r["c"], r["h"], r["w"], r["kh"], r["dtype"], r["op"], r["impl"])
+                    out[key] = r["median_ms"]
+            except Exception:
+                continue
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lkconv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lkconv"))
+    ap.add_argument("--ours", help="lkconv bench --json output (JSON arrays, one per line)")
+    ap.add_argument("--out", default="torch_compare.json")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget for the timings")
+    ap.add_argument("--per-case-s", type=float, default=0.25, help="measuring time per case")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args()
+
+    result = {"torch": None, "device": None, "checks": [], "timings": [], "notes": []}
+    try:
+        import torch
+    except Exception as e:
+        print("torch_compare: PyTorch unavailable: %s" % e)
+        result["notes"].append("torch unavailable: %s" % e)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return 2
+    result["torch"] = torch.__version__
+    if not torch.cuda.is_available():
+        print("torch_compare: torch %s sees no CUDA device" % torch.__version__)
+        result["notes"].append("torch sees no CUDA device")
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return 2
+    dev = torch.device("cuda")
+    result["device"] = torch.cuda.get_device_name(0)
+    result["notes"].append(
+        "torch timings: F.conv2d (fwd) and aten.convolution_backward with one output mask "
+        "(dgrad, wgrad), CUDA events, median after one warm-up; cudnn.benchmark=%s"
+        % torch.backends.cudnn.benchmark
+    )
+    print("torch %s on %s; ours: %s" % (torch.__version__, result["device"], args.lkconv))
+
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            check_correctness(args.lkconv, tmp, dev, result["checks"], failures)
+        except Exception:
+            msg = traceback.format_exc()
+            print("correctness checks crashed:\n" + msg)
+            result["notes"].append("correctness checks crashed: " + msg[-600:])
+            failures.append({"crash": msg[-600:]})
+
+    print("\n== correctness (max |err| / max |ref|, vs float64 torch) ==")
+    print("%-22s %-5s %-6s %12s %12s %12s  %s" % ("N,C,H,W,K", "dtype", "pass", "ours", "torch NCHW", "torch CL", "status"))
+    for r in result["checks"]:
+        fmt = lambda v: "%.2e" % v if isinstance(v, float) else "-"
+        status = "ok" if r["pass_ok"] else ("FAIL " + (r.get("ours_error") or "above limit %.1e" % r["limit"]))[:90]
+        print("%-22s %-5s %-6s %12s %12s %12s  %s" % (
+            ",".join(map(str, r["shape"])), r["dtype"], r["pass"], fmt(r.get("ours_rel_err")),
+            fmt(r.get("torch_nchw_rel_err")), fmt(r.get("torch_channels_last_rel_err")), status))
+
+    if not args.skip_timing:
+        deadline = time.time() + args.budget_s
+        try:
+            time_torch(result["timings"], deadline, args.per_case_s)
+        except Exception:
+            msg = traceback.format_exc()
+            print("timing crashed:\n" + msg)
+            result["notes"].append("timing crashed: " + msg[-600:])
+
+    ours = load_ours(args.ours)
+    print("\n== timings, ms (median, CUDA events); speed-up = best torch / ours fast ==")
+    print("%-22s %-5s %-6s %11s %11s %11s %11s %9s" % ("N,C,H,W,K", "dtype", "pass", "torch NCHW", "torch CL", "ours fast", "ours naive", "speed-up"))
+    rows = {}
+    for r in result["timings"]:
+        key = (tuple(r["shape"]), r["dtype"], r["pass"])
+        rows.setdefault(key, {})[r["layout"]] = r.get("ms")
+    for (shape, dt, ps), v in rows.items():
+        n, c, h, w, k = shape
+        of = ours.get((n, c, h, w, k, dt, ps, "fast"))
+        on = ours.get((n, c, h, w, k, dt, ps, "naive"))
+        best = min([t for t in v.values() if t is not None], default=None)
+        sp = "%.1fx" % (best / of) if (best is not None and of) else "-"
+        fmt = lambda t: "%.3f" % t if t is not None else "-"
+        print("%-22s %-5s %-6s %11s %11s %11s %11s %9s" % (
+            ",".join(map(str, shape)), dt, ps, fmt(v.get("nchw")), fmt(v.get("channels_last")), fmt(of), fmt(on), sp))
+        for rec in result["timings"]:
+            if (tuple(rec["shape"]), rec["dtype"], rec["pass"]) == (shape, dt, ps):
+                rec["ours_fast_ms"] = of
+                rec["ours_naive_ms"] = on
+
+    result["correctness_failures"] = len(failures)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("\nwrote %s; correctness: %d checks, %d failed" % (args.out, len(result["checks"]), len(failures)))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
