@@ -8,13 +8,17 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::{DwConv2d, Rng, Tensor};
 
-const LAYERS: [(usize, usize, usize); 4] = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)];
+const LAYERS: [(usize, usize, usize); 4] =
+    [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)];
 
 fn bench_cpu(c: &mut Criterion) {
     let mut rng = Rng::new(42);
     for op in Op::ALL {
         let mut group = c.benchmark_group(format!("cpu_{}", op.name()));
-        group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
         for (ch, hw, k) in LAYERS {
             let conv = DwConv2d::new(k, k);
             let s = conv.resolve(1, ch, hw, hw).expect("valid layer");
@@ -26,9 +30,15 @@ fn bench_cpu(c: &mut Criterion) {
                 let id = BenchmarkId::new(imp.name(), format!("c{ch}_{hw}x{hw}_k{k}"));
                 group.bench_with_input(id, &imp, |b, &imp| {
                     b.iter(|| match op {
-                        Op::Forward => device::forward(Device::Cpu, imp, &conv, &x, &w, None).map(drop),
-                        Op::DataGrad => device::data_grad(Device::Cpu, imp, &conv, &dy, &w, (hw, hw)).map(drop),
-                        Op::WeightGrad => device::weight_grad(Device::Cpu, imp, &conv, &x, &dy).map(drop),
+                        Op::Forward => {
+                            device::forward(Device::Cpu, imp, &conv, &x, &w, None).map(drop)
+                        }
+                        Op::DataGrad => {
+                            device::data_grad(Device::Cpu, imp, &conv, &dy, &w, (hw, hw)).map(drop)
+                        }
+                        Op::WeightGrad => {
+                            device::weight_grad(Device::Cpu, imp, &conv, &x, &dy).map(drop)
+                        }
                     })
                 });
             }

@@ -26,7 +26,9 @@ impl Device {
     /// The first CUDA device when one is usable, else the fast CPU engine.
     pub fn auto() -> Device {
         match crate::cuda::describe() {
-            Ok(devices) if !devices.is_empty() && crate::cuda::kernels_compiled() => Device::Cuda(0),
+            Ok(devices) if !devices.is_empty() && crate::cuda::kernels_compiled() => {
+                Device::Cuda(0)
+            }
             _ => Device::Cpu,
         }
     }

@@ -10,7 +10,10 @@ use lkconv::safetensors_io::{self, TensorFile};
 use lkconv::{cpu, DwConv2d, Tensor};
 
 fn lkconv(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lkconv")).args(args).output().expect("run lkconv")
+    Command::new(env!("CARGO_BIN_EXE_lkconv"))
+        .args(args)
+        .output()
+        .expect("run lkconv")
 }
 
 fn path(p: &Path) -> &str {
@@ -28,35 +31,127 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
     let b: Tensor<f32> = random(&[3], &mut rng);
     let dy: Tensor<f32> = random(&s.output_dims(), &mut rng);
     let input = dir.path().join("in.safetensors");
-    safetensors_io::write(&input, &[("x", &x), ("w", &w), ("bias", &b), ("dy", &dy)], None).unwrap();
-    let common = ["--input", path(&input), "--padding", "2,1", "--stride", "1,2"];
+    safetensors_io::write(
+        &input,
+        &[("x", &x), ("w", &w), ("bias", &b), ("dy", &dy)],
+        None,
+    )
+    .unwrap();
+    let common = [
+        "--input",
+        path(&input),
+        "--padding",
+        "2,1",
+        "--stride",
+        "1,2",
+    ];
 
     for device in ["cpu", "cpu-ref"] {
         let out = dir.path().join(format!("y_{device}.safetensors"));
-        let o = lkconv(&[&["conv", "--op", "fwd", "--output", path(&out), "--device", device][..], &common].concat());
+        let o = lkconv(
+            &[
+                &[
+                    "conv",
+                    "--op",
+                    "fwd",
+                    "--output",
+                    path(&out),
+                    "--device",
+                    device,
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let y = TensorFile::read(&out).unwrap().take("y").unwrap();
-        assert_close("cli fwd", &y, &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(), 2e-6);
+        assert_close(
+            "cli fwd",
+            &y,
+            &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
+            2e-6,
+        );
 
         let out = dir.path().join(format!("dx_{device}.safetensors"));
-        let o = lkconv(&[&["conv", "--op", "dgrad", "--input-hw", "13,17", "--output", path(&out), "--device", device][..], &common].concat());
+        let o = lkconv(
+            &[
+                &[
+                    "conv",
+                    "--op",
+                    "dgrad",
+                    "--input-hw",
+                    "13,17",
+                    "--output",
+                    path(&out),
+                    "--device",
+                    device,
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let dx = TensorFile::read(&out).unwrap().take("dx").unwrap();
-        assert_close("cli dgrad", &dx, &cpu::reference::data_grad(&conv, &dy, &w, (13, 17)).unwrap(), 2e-6);
+        assert_close(
+            "cli dgrad",
+            &dx,
+            &cpu::reference::data_grad(&conv, &dy, &w, (13, 17)).unwrap(),
+            2e-6,
+        );
 
         let out = dir.path().join(format!("dw_{device}.safetensors"));
-        let o = lkconv(&[&["conv", "--op", "wgrad", "--kernel", "7,5", "--output", path(&out), "--device", device][..], &common].concat());
+        let o = lkconv(
+            &[
+                &[
+                    "conv",
+                    "--op",
+                    "wgrad",
+                    "--kernel",
+                    "7,5",
+                    "--output",
+                    path(&out),
+                    "--device",
+                    device,
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let dw = TensorFile::read(&out).unwrap().take("dw").unwrap();
-        assert_close("cli wgrad", &dw, &cpu::reference::weight_grad(&conv, &x, &dy).unwrap(), 2e-5);
+        assert_close(
+            "cli wgrad",
+            &dw,
+            &cpu::reference::weight_grad(&conv, &x, &dy).unwrap(),
+            2e-5,
+        );
     }
 
     // Half-precision compute: files stay f32, results within bf16 precision.
     let out = dir.path().join("y_bf16.safetensors");
-    let o = lkconv(&[&["conv", "--op", "fwd", "--dtype", "bf16", "--output", path(&out)][..], &common].concat());
+    let o = lkconv(
+        &[
+            &[
+                "conv",
+                "--op",
+                "fwd",
+                "--dtype",
+                "bf16",
+                "--output",
+                path(&out),
+            ][..],
+            &common,
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let y = TensorFile::read(&out).unwrap().take("y").unwrap();
-    assert_close("cli fwd bf16", &y, &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(), 0.05);
+    assert_close(
+        "cli fwd bf16",
+        &y,
+        &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
+        0.05,
+    );
 }
 
 #[test]
@@ -64,7 +159,11 @@ fn bad_inputs_exit_2_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let corrupt = dir.path().join("corrupt.safetensors");
-    std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
+    std::fs::write(
+        &corrupt,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+    )
+    .unwrap();
     let missing = dir.path().join("does-not-exist.safetensors");
     let wrong = dir.path().join("wrong.safetensors");
     let x = Tensor::<f32>::full(&[1, 4, 8, 8], 1.0).unwrap();
@@ -74,16 +173,69 @@ fn bad_inputs_exit_2_and_write_nothing() {
         vec!["conv", "--input", path(&corrupt), "--output", path(&out)],
         vec!["conv", "--input", path(&missing), "--output", path(&out)],
         vec!["conv", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--op", "wgrad", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--op", "nope", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--device", "tpu", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--dtype", "f8", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--stride", "0", "--input", path(&wrong), "--output", path(&out)],
-        vec!["conv", "--padding", "1,2,3", "--input", path(&wrong), "--output", path(&out)],
+        vec![
+            "conv",
+            "--op",
+            "wgrad",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
+        vec![
+            "conv",
+            "--op",
+            "nope",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
+        vec![
+            "conv",
+            "--device",
+            "tpu",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
+        vec![
+            "conv",
+            "--dtype",
+            "f8",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
+        vec![
+            "conv",
+            "--stride",
+            "0",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
+        vec![
+            "conv",
+            "--padding",
+            "1,2,3",
+            "--input",
+            path(&wrong),
+            "--output",
+            path(&out),
+        ],
     ];
     for args in cases {
         let o = lkconv(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("error"), "{args:?}: no error message: {err}");
         assert!(!out.exists(), "{args:?} wrote an output");
@@ -95,15 +247,40 @@ fn info_and_bench_json() {
     let o = lkconv(&["info"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("CUDA kernels:") && text.contains("CUDA devices:") && text.contains("CPU:"), "{text}");
+    assert!(
+        text.contains("CUDA kernels:") && text.contains("CUDA devices:") && text.contains("CPU:"),
+        "{text}"
+    );
 
-    let o = lkconv(&["bench", "--shape", "1,4,12,12", "--kernel", "5", "--reps", "1", "--json"]);
+    let o = lkconv(&[
+        "bench",
+        "--shape",
+        "1,4,12,12",
+        "--kernel",
+        "5",
+        "--reps",
+        "1",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON array");
     let records = v.as_array().expect("array");
     assert_eq!(records.len(), 3 * 4, "3 ops x 4 implementations");
     for r in records {
-        for key in ["op", "device", "dtype", "impl", "n", "c", "h", "w", "kh", "kw", "median_ms", "gflops"] {
+        for key in [
+            "op",
+            "device",
+            "dtype",
+            "impl",
+            "n",
+            "c",
+            "h",
+            "w",
+            "kh",
+            "kw",
+            "median_ms",
+            "gflops",
+        ] {
             assert!(r.get(key).is_some(), "record lacks {key}: {r}");
         }
         assert!(r["gflops"].as_f64().unwrap() > 0.0);
@@ -124,15 +301,42 @@ fn conv_on_the_simulator_agrees_with_the_reference_device() {
     let dy: Tensor<f32> = random(&s.output_dims(), &mut rng);
     let input = dir.path().join("in.safetensors");
     safetensors_io::write(&input, &[("x", &x), ("w", &w), ("dy", &dy)], None).unwrap();
-    for (op, name, extra) in [("fwd", "y", vec![]), ("dgrad", "dx", vec![]), ("wgrad", "dw", vec!["--kernel", "13"])] {
+    for (op, name, extra) in [
+        ("fwd", "y", vec![]),
+        ("dgrad", "dx", vec![]),
+        ("wgrad", "dw", vec!["--kernel", "13"]),
+    ] {
         let mut results = Vec::new();
         for device in ["sim", "cpu-ref"] {
             let out = dir.path().join(format!("{op}_{device}.safetensors"));
-            let args = [&["conv", "--op", op, "--input", path(&input), "--output", path(&out), "--device", device][..], &extra].concat();
+            let args = [
+                &[
+                    "conv",
+                    "--op",
+                    op,
+                    "--input",
+                    path(&input),
+                    "--output",
+                    path(&out),
+                    "--device",
+                    device,
+                ][..],
+                &extra,
+            ]
+            .concat();
             let o = lkconv(&args);
-            assert!(o.status.success(), "{op} {device}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{op} {device}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             results.push(TensorFile::read(&out).unwrap().take(name).unwrap());
         }
-        assert_close(&format!("{op} sim vs cpu-ref"), &results[0], &results[1], 2e-5);
+        assert_close(
+            &format!("{op} sim vs cpu-ref"),
+            &results[0],
+            &results[1],
+            2e-5,
+        );
     }
 }

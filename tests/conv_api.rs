@@ -7,27 +7,78 @@ use lkconv::{cpu, DwConv2d, Error, Padding, Tensor};
 fn output_shapes() {
     assert_eq!(DwConv2d::new(31, 31).output_hw(56, 56).unwrap(), (56, 56));
     assert_eq!(DwConv2d::new(4, 4).output_hw(10, 10).unwrap(), (11, 11)); // even kernel, pad 2
-    assert_eq!(DwConv2d::new(3, 3).with_stride(2, 2).output_hw(7, 8).unwrap(), (4, 4));
-    assert_eq!(DwConv2d::new(3, 3).with_dilation(2, 2).with_padding(0, 0).output_hw(9, 9).unwrap(), (5, 5));
+    assert_eq!(
+        DwConv2d::new(3, 3)
+            .with_stride(2, 2)
+            .output_hw(7, 8)
+            .unwrap(),
+        (4, 4)
+    );
+    assert_eq!(
+        DwConv2d::new(3, 3)
+            .with_dilation(2, 2)
+            .with_padding(0, 0)
+            .output_hw(9, 9)
+            .unwrap(),
+        (5, 5)
+    );
     assert_eq!(DwConv2d::new(31, 31).output_hw(7, 7).unwrap(), (7, 7)); // kernel larger than image
-    let asym = DwConv2d::new(3, 5).with_padding_sides(Padding { top: 0, bottom: 2, left: 4, right: 0 });
+    let asym = DwConv2d::new(3, 5).with_padding_sides(Padding {
+        top: 0,
+        bottom: 2,
+        left: 4,
+        right: 0,
+    });
     assert_eq!(asym.output_hw(6, 6).unwrap(), (6, 6));
 }
 
 #[test]
 fn bad_parameters_are_typed_errors() {
-    assert!(matches!(DwConv2d::new(0, 3).validate(), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(3, 3).with_stride(0, 1).validate(), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(3, 3).with_dilation(1, 0).validate(), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(9, 9).with_padding(0, 0).output_hw(4, 4), Err(Error::EmptyOutput(_))));
-    assert!(matches!(DwConv2d::new(3, 3).resolve(0, 1, 5, 5), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(3, 3).resolve(1, 0, 5, 5), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(3, 3).resolve(1, 1, 0, 5), Err(Error::ZeroSize { .. })));
-    assert!(matches!(DwConv2d::new(3, 3).resolve(usize::MAX, 2, 5, 5), Err(Error::Overflow(_))));
-    assert!(matches!(DwConv2d::new(3, 3).resolve(1, 1, 1 << 20, 1 << 12), Err(Error::Overflow(_))));
-    assert!(matches!(DwConv2d::new(usize::MAX, 3).validate(), Err(Error::Overflow(_))));
     assert!(matches!(
-        DwConv2d::new(3, 3).with_dilation(usize::MAX / 2, 1).with_padding(0, 0).output_hw(5, 5),
+        DwConv2d::new(0, 3).validate(),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).with_stride(0, 1).validate(),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).with_dilation(1, 0).validate(),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(9, 9).with_padding(0, 0).output_hw(4, 4),
+        Err(Error::EmptyOutput(_))
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).resolve(0, 1, 5, 5),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).resolve(1, 0, 5, 5),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).resolve(1, 1, 0, 5),
+        Err(Error::ZeroSize { .. })
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).resolve(usize::MAX, 2, 5, 5),
+        Err(Error::Overflow(_))
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3).resolve(1, 1, 1 << 20, 1 << 12),
+        Err(Error::Overflow(_))
+    ));
+    assert!(matches!(
+        DwConv2d::new(usize::MAX, 3).validate(),
+        Err(Error::Overflow(_))
+    ));
+    assert!(matches!(
+        DwConv2d::new(3, 3)
+            .with_dilation(usize::MAX / 2, 1)
+            .with_padding(0, 0)
+            .output_hw(5, 5),
         Err(Error::Overflow(_))
     ));
 }
@@ -43,17 +94,41 @@ fn bad_shapes_are_typed_errors() {
     let bias_wrong = Tensor::<f32>::full(&[5], 0.5).unwrap();
     let x3 = Tensor::<f32>::full(&[4, 8, 8], 0.5).unwrap();
     for w_bad in [&w_wrong_c, &w_wrong_k, &w_dense] {
-        assert!(matches!(cpu::forward(&conv, &x, w_bad, None), Err(Error::Shape { .. })));
-        assert!(matches!(cpu::reference::forward(&conv, &x, w_bad, None), Err(Error::Shape { .. })));
+        assert!(matches!(
+            cpu::forward(&conv, &x, w_bad, None),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            cpu::reference::forward(&conv, &x, w_bad, None),
+            Err(Error::Shape { .. })
+        ));
     }
-    assert!(matches!(cpu::forward(&conv, &x, &w, Some(&bias_wrong)), Err(Error::Shape { .. })));
-    assert!(matches!(cpu::forward(&conv, &x3, &w, None), Err(Error::Shape { .. })));
+    assert!(matches!(
+        cpu::forward(&conv, &x, &w, Some(&bias_wrong)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cpu::forward(&conv, &x3, &w, None),
+        Err(Error::Shape { .. })
+    ));
     // dy that is not the output of the stated input size.
     let dy = Tensor::<f32>::full(&[1, 4, 7, 8], 0.5).unwrap();
-    assert!(matches!(cpu::data_grad(&conv, &dy, &w, (8, 8)), Err(Error::Shape { .. })));
-    assert!(matches!(cpu::weight_grad(&conv, &x, &dy), Err(Error::Shape { .. })));
-    assert!(matches!(Tensor::<f32>::from_vec(&[2, 2], vec![1.0; 3]), Err(Error::BufferLength { .. })));
-    assert!(matches!(Tensor::<f32>::zeros(&[usize::MAX, 2]), Err(Error::Overflow(_))));
+    assert!(matches!(
+        cpu::data_grad(&conv, &dy, &w, (8, 8)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cpu::weight_grad(&conv, &x, &dy),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        Tensor::<f32>::from_vec(&[2, 2], vec![1.0; 3]),
+        Err(Error::BufferLength { .. })
+    ));
+    assert!(matches!(
+        Tensor::<f32>::zeros(&[usize::MAX, 2]),
+        Err(Error::Overflow(_))
+    ));
 }
 
 #[test]
@@ -73,7 +148,10 @@ fn reference_forward_by_hand() {
     let conv = DwConv2d::new(3, 3);
     let ones = Tensor::from_vec(&[1, 1, 3, 3], vec![1.0f32; 9]).unwrap();
     let y = cpu::reference::forward(&conv, &x, &ones, None).unwrap();
-    assert_eq!(y.data(), &[12.0, 21.0, 16.0, 27.0, 45.0, 33.0, 24.0, 39.0, 28.0]);
+    assert_eq!(
+        y.data(),
+        &[12.0, 21.0, 16.0, 27.0, 45.0, 33.0, 24.0, 39.0, 28.0]
+    );
 }
 
 #[test]
@@ -83,8 +161,16 @@ fn reference_gradients_by_hand() {
     let x = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
     let dy = Tensor::from_vec(&[1, 1, 2, 2], vec![0.5f32, -1.0, 2.0, 0.25]).unwrap();
     let w = Tensor::from_vec(&[1, 1, 1, 1], vec![3.0f32]).unwrap();
-    assert_eq!(cpu::reference::data_grad(&conv, &dy, &w, (2, 2)).unwrap().data(), &[1.5, -3.0, 6.0, 0.75]);
-    assert_eq!(cpu::reference::weight_grad(&conv, &x, &dy).unwrap().data(), &[0.5 - 2.0 + 6.0 + 1.0]);
+    assert_eq!(
+        cpu::reference::data_grad(&conv, &dy, &w, (2, 2))
+            .unwrap()
+            .data(),
+        &[1.5, -3.0, 6.0, 0.75]
+    );
+    assert_eq!(
+        cpu::reference::weight_grad(&conv, &x, &dy).unwrap().data(),
+        &[0.5 - 2.0 + 6.0 + 1.0]
+    );
 
     // Stride 2, 2x2 filter on a 1x1x2x4 input: two outputs; dx scatters each dy over its window.
     let conv = DwConv2d::new(2, 2).with_padding(0, 0).with_stride(2, 2);

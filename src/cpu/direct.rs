@@ -774,7 +774,9 @@ pub(crate) fn from_f32<T: Element>(shape: &[usize], v: Vec<f32>) -> Result<Tenso
     match boxed.downcast::<Vec<T>>() {
         Ok(same) => Tensor::from_vec(shape, *same),
         Err(boxed) => {
-            let v = boxed.downcast::<Vec<f32>>().expect("the box holds the Vec<f32> built above");
+            let v = boxed
+                .downcast::<Vec<f32>>()
+                .expect("the box holds the Vec<f32> built above");
             Tensor::from_vec(shape, crate::dtype::from_f32_vec(&v))
         }
     }

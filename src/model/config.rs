@@ -129,7 +129,7 @@ impl ReplknetConfig {
                 )));
             }
             let k = self.large_kernel_sizes[st];
-            if k == 0 || k % 2 == 0 {
+            if k == 0 || k.is_multiple_of(2) {
                 return Err(Error::InvalidArgument(format!(
                     "RepLKNet config: large kernel {k} of stage {st} must be odd"
                 )));

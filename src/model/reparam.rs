@@ -146,7 +146,7 @@ pub fn large_kernel(ck: &Checkpoint, prefix: &str, form: Form) -> Result<Conv64>
 
 /// Adds a small depthwise kernel (zero-padded to K at the centre) into a large one, biases summed.
 pub fn merge_small(big: &mut Conv64, k: usize, small: &Conv64, sk: usize) -> Result<()> {
-    if sk > k || (k - sk) % 2 != 0 || small.cout != big.cout {
+    if sk > k || !(k - sk).is_multiple_of(2) || small.cout != big.cout {
         return Err(Error::Weights(format!(
             "cannot merge a {sk}x{sk} kernel into a {k}x{k} one (sizes must differ by an even number)"
         )));

@@ -5,7 +5,10 @@ use lkconv::{Element, Rng, Tensor};
 
 /// A generator with a fresh seed (printed so that a failure can be replayed with LKCONV_SEED).
 pub fn rng() -> Rng {
-    if let Some(seed) = std::env::var("LKCONV_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(seed) = std::env::var("LKCONV_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         eprintln!("seed {seed} (from LKCONV_SEED)");
         return Rng::new(seed);
     }

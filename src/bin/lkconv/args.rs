@@ -6,8 +6,11 @@ use lkconv::{Error, Result};
 pub fn pair(what: &str, s: &str) -> Result<(usize, usize)> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let num = |p: &str| {
-        p.parse::<usize>()
-            .map_err(|_| Error::InvalidArgument(format!("{what}: '{s}' is not N or N,M with non-negative integers")))
+        p.parse::<usize>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{what}: '{s}' is not N or N,M with non-negative integers"
+            ))
+        })
     };
     match parts.as_slice() {
         [a] => {
@@ -15,7 +18,9 @@ pub fn pair(what: &str, s: &str) -> Result<(usize, usize)> {
             Ok((v, v))
         }
         [a, b] => Ok((num(a)?, num(b)?)),
-        _ => Err(Error::InvalidArgument(format!("{what}: '{s}' is not N or N,M"))),
+        _ => Err(Error::InvalidArgument(format!(
+            "{what}: '{s}' is not N or N,M"
+        ))),
     }
 }
 
@@ -26,5 +31,6 @@ pub fn shape4(s: &str) -> Result<[usize; 4]> {
         .map(|p| p.trim().parse::<usize>())
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))?;
-    <[usize; 4]>::try_from(v).map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))
+    <[usize; 4]>::try_from(v)
+        .map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))
 }

@@ -47,7 +47,13 @@ fn kernel_of(w: &Tensor<f32>) -> Result<(usize, usize)> {
     }
 }
 
-fn compute<T: Element>(op: Op, device: Device, imp: Impl, args: &ConvArgs, file: &TensorFile) -> Result<(&'static str, Tensor<f32>)> {
+fn compute<T: Element>(
+    op: Op,
+    device: Device,
+    imp: Impl,
+    args: &ConvArgs,
+    file: &TensorFile,
+) -> Result<(&'static str, Tensor<f32>)> {
     let get = |name: &str| file.get(name).map(|t| t.cast::<T>());
     let out = match op {
         Op::Forward => {
@@ -55,7 +61,10 @@ fn compute<T: Element>(op: Op, device: Device, imp: Impl, args: &ConvArgs, file:
             let (kh, kw) = kernel_of(file.get("w")?)?;
             let conv = conv_for(args, kh, kw)?;
             let bias = file.tensors.get("bias").map(|b| b.cast::<T>());
-            ("y", device::forward(device, imp, &conv, &get("x")?, &w, bias.as_ref())?)
+            (
+                "y",
+                device::forward(device, imp, &conv, &get("x")?, &w, bias.as_ref())?,
+            )
         }
         Op::DataGrad => {
             let dy = get("dy")?;
@@ -65,14 +74,19 @@ fn compute<T: Element>(op: Op, device: Device, imp: Impl, args: &ConvArgs, file:
                 Some(s) => pair("--input-hw", s)?,
                 None => match dy.shape() {
                     [_, _, h, w] => (*h, *w),
-                    other => return Err(Error::Shape {
-                        what: "output gradient dy".into(),
-                        expected: "[N, C, OH, OW]".into(),
-                        got: other.to_vec(),
-                    }),
+                    other => {
+                        return Err(Error::Shape {
+                            what: "output gradient dy".into(),
+                            expected: "[N, C, OH, OW]".into(),
+                            got: other.to_vec(),
+                        })
+                    }
                 },
             };
-            ("dx", device::data_grad(device, imp, &conv, &dy, &get("w")?, hw)?)
+            (
+                "dx",
+                device::data_grad(device, imp, &conv, &dy, &get("w")?, hw)?,
+            )
         }
         Op::WeightGrad => {
             let k = args
@@ -81,7 +95,10 @@ fn compute<T: Element>(op: Op, device: Device, imp: Impl, args: &ConvArgs, file:
                 .ok_or_else(|| Error::InvalidArgument("wgrad needs --kernel KH,KW".into()))?;
             let (kh, kw) = pair("--kernel", k)?;
             let conv = conv_for(args, kh, kw)?;
-            ("dw", device::weight_grad(device, imp, &conv, &get("x")?, &get("dy")?)?)
+            (
+                "dw",
+                device::weight_grad(device, imp, &conv, &get("x")?, &get("dy")?)?,
+            )
         }
     };
     Ok((out.0, out.1.cast::<f32>()))

@@ -5,7 +5,10 @@ use lkconv::Result;
 pub fn run() -> Result<()> {
     println!("lkconv {}", env!("CARGO_PKG_VERSION"));
     if lkconv::cuda::kernels_compiled() {
-        println!("CUDA kernels: compiled for {}", lkconv::cuda::compiled_archs());
+        println!(
+            "CUDA kernels: compiled for {}",
+            lkconv::cuda::compiled_archs()
+        );
     } else {
         println!("CUDA kernels: built without CUDA kernels (nvcc was not found at build time)");
     }
@@ -22,8 +25,16 @@ pub fn run() -> Result<()> {
     }
     println!(
         "kernel simulator: {}",
-        if lkconv::sim::available() { "built" } else { "not built" }
+        if lkconv::sim::available() {
+            "built"
+        } else {
+            "not built"
+        }
     );
-    println!("CPU: {} threads, fast path uses {}", rayon::current_num_threads(), lkconv::cpu::direct::simd_description());
+    println!(
+        "CPU: {} threads, fast path uses {}",
+        rayon::current_num_threads(),
+        lkconv::cpu::direct::simd_description()
+    );
     Ok(())
 }

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lkconv", version, about = "Very large depthwise convolutions and RepLKNet, on CPU and CUDA")]
+#[command(
+    name = "lkconv",
+    version,
+    about = "Very large depthwise convolutions and RepLKNet, on CPU and CUDA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
