@@ -669,6 +669,33 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
 // ---------------------------------------------------------------------------------------------
 // Public entry points
 
+/// The forward pass on validated sizes.
+fn forward_kernel(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    if conv.is_unit() {
+        let (kh, kw) = conv.kernel;
+        correlate_unit(
+            s,
+            kh,
+            kw,
+            conv.padding.top as isize,
+            conv.padding.left as isize,
+            x,
+            w,
+            bias,
+            y,
+        );
+    } else {
+        super::naive::forward_plain(conv, s, x, w, bias, y);
+    }
+}
+
 /// y [N,C,OH,OW] = conv(x [N,C,H,W], w [C,1,KH,KW]) + bias [C], into a caller's buffer.
 /// `shape` comes from `conv.resolve`/`conv.check_forward`.
 pub fn forward_f32_into(
@@ -686,38 +713,13 @@ pub fn forward_f32_into(
         check_len("bias", b.len(), s.c)?;
     }
     check_len("y", y.len(), s.output_len())?;
-    if conv.is_unit() {
-        let (kh, kw) = conv.kernel;
-        correlate_unit(
-            &s,
-            kh,
-            kw,
-            conv.padding.top as isize,
-            conv.padding.left as isize,
-            x,
-            w,
-            bias,
-            y,
-        );
-    } else {
-        super::naive::forward_plain(conv, &s, x, w, bias, y);
-    }
+    forward_kernel(conv, &s, x, w, bias, y);
     Ok(())
 }
 
-/// dx [N,C,H,W] from dy [N,C,OH,OW] and w, into a caller's buffer.
-pub fn data_grad_f32_into(
-    conv: &DwConv2d,
-    shape: &ConvShape,
-    dy: &[f32],
-    w: &[f32],
-    dx: &mut [f32],
-) -> Result<()> {
-    let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
+/// The data gradient on validated sizes.
+fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (kh, kw) = conv.kernel;
-    check_len("dy", dy.len(), s.output_len())?;
-    check_len("w", w.len(), s.c * kh * kw)?;
-    check_len("dx", dx.len(), s.input_len())?;
     if conv.is_unit() {
         // dx = dy correlated with the filter rotated 180 degrees, padding K-1-p (may be negative).
         let mut flipped = w.to_vec();
@@ -734,9 +736,34 @@ pub fn data_grad_f32_into(
         let left = kw as isize - 1 - conv.padding.left as isize;
         correlate_unit(&t, kh, kw, top, left, dy, &flipped, None, dx);
     } else {
-        super::naive::data_grad_plain(conv, &s, dy, w, dx);
+        super::naive::data_grad_plain(conv, s, dy, w, dx);
     }
+}
+
+/// dx [N,C,H,W] from dy [N,C,OH,OW] and w, into a caller's buffer.
+pub fn data_grad_f32_into(
+    conv: &DwConv2d,
+    shape: &ConvShape,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
+    let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
+    let (kh, kw) = conv.kernel;
+    check_len("dy", dy.len(), s.output_len())?;
+    check_len("w", w.len(), s.c * kh * kw)?;
+    check_len("dx", dx.len(), s.input_len())?;
+    data_grad_kernel(conv, &s, dy, w, dx);
     Ok(())
+}
+
+/// The weight gradient on validated sizes.
+fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    if conv.is_unit() {
+        weight_grad_unit(conv, s, x, dy, dw);
+    } else {
+        super::naive::weight_grad_plain(conv, s, x, dy, dw);
+    }
 }
 
 /// dw [C,1,KH,KW] from x and dy, into a caller's buffer; bit-identical run after run.
@@ -752,34 +779,8 @@ pub fn weight_grad_f32_into(
     check_len("x", x.len(), s.input_len())?;
     check_len("dy", dy.len(), s.output_len())?;
     check_len("dw", dw.len(), s.c * kh * kw)?;
-    if conv.is_unit() {
-        weight_grad_unit(conv, &s, x, dy, dw);
-    } else {
-        super::naive::weight_grad_plain(conv, &s, x, dy, dw);
-    }
+    weight_grad_kernel(conv, &s, x, dy, dw);
     Ok(())
-}
-
-/// Converts to f32 unless the data already is f32 (no copy then).
-pub(crate) fn as_f32<T: Element>(t: &Tensor<T>) -> std::borrow::Cow<'_, [f32]> {
-    match (t as &dyn std::any::Any).downcast_ref::<Tensor<f32>>() {
-        Some(v) => std::borrow::Cow::Borrowed(v.data()),
-        None => std::borrow::Cow::Owned(t.to_f32_vec()),
-    }
-}
-
-/// Wraps f32 results as a tensor of T: the buffer itself for f32, a rounded copy otherwise.
-pub(crate) fn from_f32<T: Element>(shape: &[usize], v: Vec<f32>) -> Result<Tensor<T>> {
-    let boxed: Box<dyn std::any::Any> = Box::new(v);
-    match boxed.downcast::<Vec<T>>() {
-        Ok(same) => Tensor::from_vec(shape, *same),
-        Err(boxed) => {
-            let v = boxed
-                .downcast::<Vec<f32>>()
-                .expect("the box holds the Vec<f32> built above");
-            Tensor::from_vec(shape, crate::dtype::from_f32_vec(&v))
-        }
-    }
 }
 
 /// Forward on the fast path (f16/bf16 computed in f32).
@@ -789,11 +790,7 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
-    let mut y = vec![0.0f32; s.output_len()];
-    let b = bias.map(as_f32);
-    forward_f32_into(conv, &s, &as_f32(x), &as_f32(w), b.as_deref(), &mut y)?;
-    from_f32(&s.output_dims(), y)
+    super::tensor_forward(conv, x, w, bias, forward_kernel)
 }
 
 /// Data gradient on the fast path.
@@ -803,10 +800,7 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
-    let mut dx = vec![0.0f32; s.input_len()];
-    data_grad_f32_into(conv, &s, &as_f32(dy), &as_f32(w), &mut dx)?;
-    from_f32(&s.input_dims(), dx)
+    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
 }
 
 /// Weight gradient on the fast path (deterministic).
@@ -815,8 +809,5 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
-    let mut dw = vec![0.0f32; s.c * conv.kernel.0 * conv.kernel.1];
-    weight_grad_f32_into(conv, &s, &as_f32(x), &as_f32(dy), &mut dw)?;
-    from_f32(&conv.weight_dims(s.c), dw)
+    super::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
 }

@@ -5,7 +5,6 @@
 
 use rayon::prelude::*;
 
-use super::direct::{as_f32, from_f32};
 use super::gemm::sgemm;
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
@@ -46,12 +45,19 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
+    super::tensor_forward(conv, x, w, bias, forward_kernel)
+}
+
+fn forward_kernel(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    xf: &[f32],
+    wf: &[f32],
+    b: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let (xf, wf) = (as_f32(x), as_f32(w));
-    let b = bias.map(as_f32);
-    let idx = patch_indices(conv, &s);
-    let mut y = vec![0.0f32; s.output_len()];
+    let idx = patch_indices(conv, s);
     y.par_chunks_mut(s.oh * s.ow)
         .enumerate()
         .for_each_init(Vec::new, |cols, (plane, out)| {
@@ -68,11 +74,10 @@ pub fn forward<T: Element>(
                 0.0,
                 out,
             );
-            if let Some(b) = &b {
+            if let Some(b) = b {
                 out.iter_mut().for_each(|v| *v += b[c]);
             }
         });
-    from_f32(&s.output_dims(), y)
 }
 
 /// Weight gradient via im2col + GEMM (dw_c = sum over n of P^T dy), batch reduced in order.
@@ -81,11 +86,12 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
+    super::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
+}
+
+fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, xf: &[f32], dyf: &[f32], dw: &mut [f32]) {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let (xf, dyf) = (as_f32(x), as_f32(dy));
-    let idx = patch_indices(conv, &s);
-    let mut dw = vec![0.0f32; s.c * kk];
+    let idx = patch_indices(conv, s);
     dw.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
         let mut cols = vec![0.0f32; idx.len()];
         let mut part = vec![0.0f32; kk];
@@ -114,7 +120,6 @@ pub fn weight_grad<T: Element>(
         }
         out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
     });
-    from_f32(&conv.weight_dims(s.c), dw)
 }
 
 /// Data gradient via GEMM (dP = dy w^T) and col2im.
@@ -124,11 +129,12 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
+    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
+}
+
+fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dyf: &[f32], wf: &[f32], dx: &mut [f32]) {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let (dyf, wf) = (as_f32(dy), as_f32(w));
-    let idx = patch_indices(conv, &s);
-    let mut dx = vec![0.0f32; s.input_len()];
+    let idx = patch_indices(conv, s);
     dx.par_chunks_mut(s.h * s.w)
         .enumerate()
         .for_each_init(Vec::new, |cols, (plane, out)| {
@@ -151,5 +157,4 @@ pub fn data_grad<T: Element>(
                 }
             }
         });
-    from_f32(&s.input_dims(), dx)
 }

@@ -3,7 +3,6 @@
 
 use rayon::prelude::*;
 
-use super::direct::{as_f32, check_len, from_f32};
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::Result;
@@ -168,11 +167,7 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
-    let mut y = vec![0.0f32; s.output_len()];
-    let b = bias.map(as_f32);
-    forward_plain(conv, &s, &as_f32(x), &as_f32(w), b.as_deref(), &mut y);
-    from_f32(&s.output_dims(), y)
+    super::tensor_forward(conv, x, w, bias, forward_plain)
 }
 
 /// Data gradient by the plain gather loop.
@@ -182,10 +177,7 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
-    let mut dx = vec![0.0f32; s.input_len()];
-    data_grad_plain(conv, &s, &as_f32(dy), &as_f32(w), &mut dx);
-    from_f32(&s.input_dims(), dx)
+    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_plain)
 }
 
 /// Weight gradient by plain loops.
@@ -194,9 +186,5 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
-    let mut dw = vec![0.0f32; s.c * conv.kernel.0 * conv.kernel.1];
-    check_len("dw", dw.len(), s.c * conv.kernel.0 * conv.kernel.1)?;
-    weight_grad_plain(conv, &s, &as_f32(x), &as_f32(dy), &mut dw);
-    from_f32(&conv.weight_dims(s.c), dw)
+    super::tensor_weight_grad(conv, x, dy, weight_grad_plain)
 }
