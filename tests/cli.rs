@@ -46,85 +46,47 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
         "1,2",
     ];
 
-    for device in ["cpu", "cpu-ref"] {
-        let out = dir.path().join(format!("y_{device}.safetensors"));
-        let o = lkconv(
-            &[
-                &[
-                    "conv",
-                    "--op",
-                    "fwd",
-                    "--output",
-                    path(&out),
-                    "--device",
-                    device,
-                ][..],
-                &common,
-            ]
-            .concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let y = TensorFile::read(&out).unwrap().take("y").unwrap();
-        assert_close(
-            "cli fwd",
-            &y,
-            &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
+    let cases = [
+        (
+            "fwd",
+            "y",
+            vec!["--op", "fwd"],
+            cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
             2e-6,
-        );
-
-        let out = dir.path().join(format!("dx_{device}.safetensors"));
-        let o = lkconv(
-            &[
-                &[
-                    "conv",
-                    "--op",
-                    "dgrad",
-                    "--input-hw",
-                    "13,17",
-                    "--output",
-                    path(&out),
-                    "--device",
-                    device,
-                ][..],
-                &common,
-            ]
-            .concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let dx = TensorFile::read(&out).unwrap().take("dx").unwrap();
-        assert_close(
-            "cli dgrad",
-            &dx,
-            &cpu::reference::data_grad(&conv, &dy, &w, (13, 17)).unwrap(),
+        ),
+        (
+            "dgrad",
+            "dx",
+            vec!["--op", "dgrad", "--input-hw", "13,17"],
+            cpu::reference::data_grad(&conv, &dy, &w, (13, 17)).unwrap(),
             2e-6,
-        );
-
-        let out = dir.path().join(format!("dw_{device}.safetensors"));
-        let o = lkconv(
-            &[
-                &[
-                    "conv",
-                    "--op",
-                    "wgrad",
-                    "--kernel",
-                    "7,5",
-                    "--output",
-                    path(&out),
-                    "--device",
-                    device,
-                ][..],
-                &common,
-            ]
-            .concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let dw = TensorFile::read(&out).unwrap().take("dw").unwrap();
-        assert_close(
-            "cli wgrad",
-            &dw,
-            &cpu::reference::weight_grad(&conv, &x, &dy).unwrap(),
+        ),
+        (
+            "wgrad",
+            "dw",
+            vec!["--op", "wgrad", "--kernel", "7,5"],
+            cpu::reference::weight_grad(&conv, &x, &dy).unwrap(),
             2e-5,
-        );
+        ),
+    ];
+    for device in ["cpu", "cpu-ref"] {
+        for (op, name, flags, want, tol) in &cases {
+            let out = dir.path().join(format!("{op}_{device}.safetensors"));
+            let args = [
+                &["conv", "--output", path(&out), "--device", device][..],
+                flags,
+                &common,
+            ]
+            .concat();
+            let o = lkconv(&args);
+            assert!(
+                o.status.success(),
+                "{op} {device}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let got = TensorFile::read(&out).unwrap().take(name).unwrap();
+            assert_close(&format!("cli {op} {device}"), &got, want, *tol);
+        }
     }
 
     // Half-precision compute: files stay f32, results within bf16 precision.
