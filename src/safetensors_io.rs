@@ -9,10 +9,13 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::tensor::{checked_numel, Tensor};
 
-/// All tensors of a file, converted to f32 (f32, f16, bf16 and f64 are accepted), by name.
+/// All float tensors of a file, converted to f32 (f32, f16, bf16 and f64 are accepted), by name.
 #[derive(Debug, Default, Clone)]
 pub struct TensorFile {
     pub tensors: BTreeMap<String, Tensor<f32>>,
+    /// Tensors of other element types (e.g. BatchNorm's `num_batches_tracked`), by name, with
+    /// their dtype: never read as values, so asking for one is an error, not zeros.
+    pub non_float: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -36,8 +39,16 @@ impl TensorFile {
             SafeTensors::read_metadata(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
         let mut tensors = BTreeMap::new();
+        let mut non_float = BTreeMap::new();
         for (name, view) in st.tensors() {
-            tensors.insert(name.clone(), view_to_f32(&name, &view)?);
+            match view_to_f32(&name, &view)? {
+                Some(t) => {
+                    tensors.insert(name, t);
+                }
+                None => {
+                    non_float.insert(name, format!("{:?}", view.dtype()));
+                }
+            }
         }
         let metadata = meta
             .metadata()
@@ -45,25 +56,40 @@ impl TensorFile {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        Ok(TensorFile { tensors, metadata })
+        Ok(TensorFile {
+            tensors,
+            non_float,
+            metadata,
+        })
     }
 
     /// The tensor `name`, or an error naming it.
     pub fn get(&self, name: &str) -> Result<&Tensor<f32>> {
-        self.tensors
-            .get(name)
+        self.get_optional(name)?
             .ok_or_else(|| Error::Weights(format!("tensor '{name}' not found in file")))
+    }
+
+    /// The tensor `name` if the file has it; an error if it exists with a non-float dtype.
+    pub fn get_optional(&self, name: &str) -> Result<Option<&Tensor<f32>>> {
+        if let Some(dtype) = self.non_float.get(name) {
+            return Err(Error::DType(format!(
+                "tensor '{name}' has dtype {dtype}; expected F32, F16, BF16 or F64"
+            )));
+        }
+        Ok(self.tensors.get(name))
     }
 
     /// Removes and returns the tensor `name`, or an error naming it.
     pub fn take(&mut self, name: &str) -> Result<Tensor<f32>> {
+        self.get_optional(name)?;
         self.tensors
             .remove(name)
             .ok_or_else(|| Error::Weights(format!("tensor '{name}' not found in file")))
     }
 }
 
-fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
+/// The tensor as f32, or None for a non-float tensor.
+fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Option<Tensor<f32>>> {
     let shape = view.shape().to_vec();
     let numel = checked_numel(&shape)?;
     let bytes = view.data();
@@ -84,9 +110,16 @@ fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
-        StDtype::I64 | StDtype::I32 | StDtype::U8 | StDtype::BOOL => {
-            // Non-float tensors (e.g. num_batches_tracked) are skipped by value but kept by name.
-            vec![0.0; numel]
+        StDtype::I64
+        | StDtype::I32
+        | StDtype::I16
+        | StDtype::I8
+        | StDtype::U64
+        | StDtype::U32
+        | StDtype::U16
+        | StDtype::U8
+        | StDtype::BOOL => {
+            return Ok(None);
         }
         other => {
             return Err(Error::SafeTensors(format!(
@@ -100,7 +133,7 @@ fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
             data.len()
         )));
     }
-    Tensor::from_vec(&shape, data)
+    Tensor::from_vec(&shape, data).map(Some)
 }
 
 /// Writes f32 tensors to a safetensors file (written to a temporary name, then renamed, so a

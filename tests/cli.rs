@@ -131,6 +131,39 @@ fn bad_inputs_exit_2_and_write_nothing() {
     let x = Tensor::<f32>::full(&[1, 4, 8, 8], 1.0).unwrap();
     let w = Tensor::<f32>::full(&[3, 1, 5, 5], 1.0).unwrap(); // C mismatch
     safetensors_io::write(&wrong, &[("x", &x), ("w", &w)], None).unwrap();
+    // An integer weight tensor must be refused, not read as zeros.
+    let int_w = dir.path().join("int_w.safetensors");
+    let w_bytes: Vec<u8> = (0..4 * 25i64).flat_map(|v| v.to_le_bytes()).collect();
+    let x_bytes: Vec<u8> = x.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "w".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I64,
+                vec![4, 1, 5, 5],
+                &w_bytes,
+            )
+            .unwrap(),
+        ),
+        (
+            "x".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![1, 4, 8, 8],
+                &x_bytes,
+            )
+            .unwrap(),
+        ),
+    ];
+    std::fs::write(&int_w, safetensors::serialize(views, None).unwrap()).unwrap();
+    let o = lkconv(&["conv", "--input", path(&int_w), "--output", path(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("dtype"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists());
     let cases: Vec<Vec<&str>> = vec![
         vec!["conv", "--input", path(&corrupt), "--output", path(&out)],
         vec!["conv", "--input", path(&missing), "--output", path(&out)],

@@ -60,7 +60,7 @@ fn compute<T: Element>(
             let w = get("w")?;
             let (kh, kw) = kernel_of(file.get("w")?)?;
             let conv = conv_for(args, kh, kw)?;
-            let bias = file.tensors.get("bias").map(|b| b.cast::<T>());
+            let bias = file.get_optional("bias")?.map(|b| b.cast::<T>());
             (
                 "y",
                 device::forward(device, imp, &conv, &get("x")?, &w, bias.as_ref())?,
