@@ -55,6 +55,23 @@ impl Checkpoint {
     /// Reads and validates a safetensors checkpoint.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let file = TensorFile::read(path)?;
+        // A parameter stored as integers is a corrupt checkpoint, not a tensor to skip.
+        let bad: Vec<String> = file
+            .non_float
+            .iter()
+            .filter(|(name, _)| {
+                [".weight", ".bias", ".running_mean", ".running_var"]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+            })
+            .map(|(name, dtype)| format!("{name} ({dtype})"))
+            .collect();
+        if !bad.is_empty() {
+            return Err(Error::DType(format!(
+                "parameters with a non-float dtype: {}",
+                bad.join(", ")
+            )));
+        }
         Self::from_tensors(file.tensors)
     }
 
@@ -193,4 +210,37 @@ pub fn random_weights(
         out.insert(name, Tensor::from_vec(&shape, data)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod non_float_tests {
+    use super::*;
+
+    #[test]
+    fn integer_parameters_are_a_dtype_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("int.safetensors");
+        let bytes: Vec<u8> = (0..8i64).flat_map(|v| v.to_le_bytes()).collect();
+        let nbt = 7i64.to_le_bytes();
+        let views = vec![
+            (
+                "stem.0.conv.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![8], &bytes)
+                    .unwrap(),
+            ),
+            (
+                "stem.0.bn.num_batches_tracked".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![], &nbt)
+                    .unwrap(),
+            ),
+        ];
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        match Checkpoint::read(&path) {
+            Err(Error::DType(msg)) => {
+                assert!(msg.contains("stem.0.conv.weight"), "{msg}");
+                assert!(!msg.contains("num_batches_tracked"), "{msg}");
+            }
+            other => panic!("expected a dtype error, got {other:?}"),
+        }
+    }
 }
