@@ -16,6 +16,13 @@ namespace lk {
 constexpr int RX = 8;
 
 __device__ __forceinline__ int round_up4(int v) { return (v + 3) & ~3; }
+// Row stride (floats) of the tiled kernel's input tile: a multiple of 4 (16-byte loads), 4 more
+// than a multiple of 8 so that the rows of a warp start on different banks. Must match
+// `tile_ld` in src/kernels.rs.
+__device__ __forceinline__ int tile_ld(int tw, int kcw) {
+    const int ld = tw + round_up4(kcw);
+    return (ld % 8 == 0) ? ld + 4 : ld;
+}
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

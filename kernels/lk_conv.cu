@@ -93,7 +93,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     const int KCH = K ? K : a.aux2;  // filter rows per chunk
     const int KCW = K ? K : a.aux3;  // filter columns per chunk
     const int ldw = round_up4(KCW);
-    const int ld = TW + ldw;
+    const int ld = tile_ld(TW, KCW);
     float* smem = smem_all + threadIdx.z * (KCH * ldw + (TH + KCH - 1) * ld);
     float* s_w = smem;
     float* s_in = smem + KCH * ldw;

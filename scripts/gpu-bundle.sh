@@ -138,7 +138,7 @@ cat >"$bundle/run.sh" <<'RUN_SH'
 # run.log. Every step runs even when an earlier one fails; each is recorded PASS / FAIL /
 # TIMEOUT / SKIP, and the summary table is printed last. Budgets (seconds) can be changed
 # through the environment: TOTAL_S (whole run, default 480), TEST_S, SAN_S, BENCH_S,
-# BENCH_BUDGET_S, CPU_BENCH_S, CLI_S, TORCH_S, TORCH_BUDGET_S.
+# BENCH_BUDGET_S, CPU_BENCH_S, CLI_S, MODEL_S, TORCH_S, TORCH_BUDGET_S.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$here/out}"
@@ -266,11 +266,27 @@ if [ -n "$sanitizer" ] && [ -x "$bin/test-cuda" ]; then
     step "compute-sanitizer $tool" "${SAN_S:-100}" "$OUT/sanitizer.log" \
       env LKCONV_REQUIRE_GPU=1 "$sanitizer" --tool "$tool" --error-exitcode 17 "$bin/test-cuda" sanitizer_small --exact --test-threads 1
   done
+  # the GPU-resident RepLKNet forward (element-wise kernels, cuBLAS 1x1 convs) on the golden input
+  if [ -x "$bin/test-model" ]; then
+    step "compute-sanitizer memcheck (model)" "${SAN_MODEL_S:-90}" "$OUT/sanitizer.log" \
+      env LKCONV_REQUIRE_GPU=1 "$sanitizer" --tool memcheck --error-exitcode 17 "$bin/test-model" golden_cuda_both_forms --exact --test-threads 1
+  fi
   san_summary="$(grep -h 'ERROR SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')"
 else
   record "compute-sanitizer" SKIP 0 "compute-sanitizer or test-cuda not found"
   san_summary="not run"
 fi
+
+# 3b. the whole RepLKNet-31B forward pass resident on the GPU, batch 64 at 224 (CUDA events,
+#     images/s), f32 and bf16 storage (weights, activations; f32 arithmetic)
+model_lines=()
+for dt in f32 bf16; do
+  step "lkconv bench --model 31b cuda b64 $dt" "${MODEL_S:-90}" "$work/model-$dt.log" \
+    "$bin/lkconv" bench --model 31b --device cuda --batch 64 --dtype "$dt" --reps 10
+  cat "$work/model-$dt.log" >>"$runlog" 2>/dev/null
+  l="$(grep -h 'images/s' "$work/model-$dt.log" 2>/dev/null | tail -n 1)"
+  model_lines+=("$dt: ${l:-no result (see run.log)}")
+done
 
 # 4. the benchmarks, short measurement times
 if [ -x "$bin/bench-gpu" ]; then
@@ -324,9 +340,9 @@ record "lkconv bench --device cuda --json" "$cli_status" "$(( $(date +%s) - cli_
 torch_budget="${TORCH_BUDGET_S:-70}"
 [ "$(left)" -lt $((torch_budget + 40)) ] && torch_budget=$(( $(left) - 40 ))
 [ "$torch_budget" -lt 5 ] && torch_budget=5
-step "torch_compare.py" "${TORCH_S:-150}" "$runlog" \
+step "torch_compare.py" "${TORCH_S:-180}" "$runlog" \
   python3 "$work/torch_compare.py" --lkconv "$bin/lkconv" --ours "$OUT/cli-bench.json" \
-  --out "$OUT/torch.json" --budget-s "$torch_budget"
+  --out "$OUT/torch.json" --budget-s "$torch_budget" --model-ours "$work/model-f32.log" "$work/model-bf16.log"
 
 # 7. summary, printed last
 {
@@ -341,6 +357,9 @@ step "torch_compare.py" "${TORCH_S:-150}" "$runlog" \
        /time:/ && name != "" { t = $0; sub(/^.*time: */, "", t) }
        /thrpt:/ && name != "" { r = $0; sub(/^.*thrpt: */, "", r); print name, t, r; name = "" }' \
     "$OUT/criterion.log" 2>/dev/null | grep -E '^f32/.*/(fast|naive) ' | cut -c1-150 | head -n 60
+  echo "--- RepLKNet-31B on the GPU (lkconv bench --model 31b --device cuda --batch 64) ---"
+  printf '%s\n' "${model_lines[@]}"
+  sed -n '/== RepLKNet-31B forward/,/^$/p' "$runlog" | head -n 12
   echo "--- torch_compare ---"
   sed -n '/== timings/,$p' "$runlog" | head -n 80
 } >"$OUT/summary.txt" 2>&1

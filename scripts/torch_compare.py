@@ -12,6 +12,12 @@
    read from `lkconv bench --json` output (`--ours`, JSON arrays one per line) and put side by
    side.
 
+3. The whole model: a PyTorch eager RepLKNet-31B in merged form (defined compactly below: stem,
+   RepLKBlocks with the large kernel as one depthwise conv with bias, ConvFFNs, transitions,
+   head; random weights) timed at batch 64, 224x224, fp32 (TF32 off, like our SGEMM) and bf16
+   autocast, images/s, next to `lkconv bench --model 31b --device cuda` (`--model-ours`: the
+   text output of those runs).
+
 Prints a table and writes everything as JSON (`--out`). Never crashes because our binary
 fails: such a failure is recorded and reported. Exit status: 0 when every correctness check
 that ran passed, 1 otherwise, 2 when torch or CUDA is missing.
@@ -310,6 +316,158 @@ def load_ours(path):
     return out
 
 
+def build_replknet31b(torch, classes=1000):
+    """RepLKNet-31B in merged (deploy) form as the public code runs it after structural
+    re-parameterisation of the large kernels: the pre-BNs stay BatchNorm layers and every
+    conv_bn is a conv with bias (BN folded), so PyTorch does the pre-BN work that our deploy
+    form folds into the 1x1 convs (a few percent of the element-wise traffic, no FLOPs that
+    matter)."""
+    nn = torch.nn
+
+    def conv(cin, cout, k, stride=1, groups=1):
+        return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=True)
+
+    class RepLKBlock(nn.Module):
+        def __init__(self, c, k):
+            super().__init__()
+            self.prelkb_bn = nn.BatchNorm2d(c)
+            self.pw1 = conv(c, c, 1)
+            self.lk = conv(c, c, k, groups=c)
+            self.pw2 = conv(c, c, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.pw1(self.prelkb_bn(x)))
+            y = torch.relu(self.lk(y))
+            return x + self.pw2(y)
+
+    class ConvFFN(nn.Module):
+        def __init__(self, c, r=4):
+            super().__init__()
+            self.preffn_bn = nn.BatchNorm2d(c)
+            self.pw1 = conv(c, c * r, 1)
+            self.pw2 = conv(c * r, c, 1)
+
+        def forward(self, x):
+            return x + self.pw2(torch.nn.functional.gelu(self.pw1(self.preffn_bn(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            ch, layers, ks = [128, 256, 512, 1024], [2, 2, 18, 2], [31, 29, 27, 13]
+            c = ch[0]
+            self.stem = nn.Sequential(
+                conv(3, c, 3, 2), nn.ReLU(), conv(c, c, 3, 1, c), nn.ReLU(),
+                conv(c, c, 1), nn.ReLU(), conv(c, c, 3, 2, c), nn.ReLU())
+            self.stages = nn.ModuleList()
+            self.transitions = nn.ModuleList()
+            for s in range(4):
+                blocks = []
+                for _ in range(layers[s]):
+                    blocks += [RepLKBlock(ch[s], ks[s]), ConvFFN(ch[s])]
+                self.stages.append(nn.Sequential(*blocks))
+                if s < 3:
+                    self.transitions.append(nn.Sequential(
+                        conv(ch[s], ch[s + 1], 1), nn.ReLU(),
+                        conv(ch[s + 1], ch[s + 1], 3, 2, ch[s + 1]), nn.ReLU()))
+            self.norm = nn.BatchNorm2d(ch[3])
+            self.head = nn.Linear(ch[3], classes)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for s in range(4):
+                x = self.stages[s](x)
+                if s < 3:
+                    x = self.transitions[s](x)
+            x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.norm(x), 1), 1)
+            return self.head(x)
+
+    return Net()
+
+
+def parse_model_ours(paths):
+    """{dtype: (images/s, line)} from `lkconv bench --model` outputs ('... f32: median ...,
+    X images/s, ...'); a file without such a line gives its last line as the reason."""
+    import re
+
+    out = {}
+    for path in paths or []:
+        dt = "bf16" if "bf16" in os.path.basename(path) else "f32"
+        try:
+            with open(path) as f:
+                lines = [l.strip() for l in f if l.strip()]
+        except Exception as e:
+            out[dt] = (None, "no output (%s)" % e)
+            continue
+        hit = [l for l in lines if "images/s" in l and "RepLKNet" in l]
+        if hit:
+            m = re.search(r"([0-9.]+) images/s", hit[-1])
+            out[dt] = (float(m.group(1)) if m else None, hit[-1])
+        else:
+            err = [l for l in lines if "error" in l]
+            out[dt] = (None, (err or lines or ["no output"])[-1][:200])
+    return out
+
+
+def time_model(result, batch, budget_s):
+    """Times the eager RepLKNet-31B forward at `batch` x 3 x 224 x 224: fp32 (TF32 off) and
+    bf16 autocast, NCHW. Records images/s (or the error) in result["model"]."""
+    import torch
+
+    recs = result.setdefault("model", [])
+    try:
+        torch.manual_seed(0)
+        net = build_replknet31b(torch).cuda().eval()
+        params = sum(p.numel() for p in net.parameters())
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+    except Exception as e:
+        recs.append({"error": "building the model: %s" % e})
+        return
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for name in ["fp32", "bf16 autocast"]:
+        rec = {"variant": name, "batch": batch, "params": params}
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+            def fn():
+                with torch.inference_mode():
+                    if name.startswith("bf16"):
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            net(x)
+                    else:
+                        net(x)
+
+            ms, iters = median_ms(fn, budget_s / 2)
+            rec.update(ms=ms, iters=iters, images_per_s=batch / (ms / 1e3))
+        except Exception as e:
+            rec["error"] = str(e)[:300]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            torch.cuda.empty_cache()
+        recs.append(rec)
+    del net, x
+    torch.cuda.empty_cache()
+
+
+def print_model(result, ours, batch):
+    print("\n== RepLKNet-31B forward, batch %d, 224x224, images/s (median, CUDA events) ==" % batch)
+    for r in result.get("model", []):
+        if "error" in r:
+            print("torch %-14s error: %s" % (r.get("variant", ""), r["error"]))
+        else:
+            print("torch %-14s %9.1f images/s  (%.1f ms, %d runs, %d params)" % (
+                r["variant"], r["images_per_s"], r["ms"], r["iters"], r["params"]))
+    for dt in ["f32", "bf16"]:
+        if dt in ours:
+            ips, line = ours[dt]
+            if ips is not None:
+                print("lkconv %-13s %9.1f images/s  (%s)" % (dt, ips, line[:160]))
+            else:
+                print("lkconv %-13s %9s  (%s)" % (dt, "-", line[:160]))
+    result["model_ours"] = {k: {"images_per_s": v[0], "line": v[1]} for k, v in ours.items()}
+    print("")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lkconv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lkconv"))
@@ -318,6 +476,11 @@ def main():
     ap.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget for the timings")
     ap.add_argument("--per-case-s", type=float, default=0.25, help="measuring time per case")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--model-ours", nargs="*", default=[],
+                    help="outputs of lkconv bench --model 31b --device cuda (file names with bf16 for bf16)")
+    ap.add_argument("--model-batch", type=int, default=64)
+    ap.add_argument("--model-budget-s", type=float, default=16.0)
+    ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
 
     result = {"torch": None, "device": None, "checks": [], "timings": [], "notes": []}
@@ -364,6 +527,14 @@ def main():
             ",".join(map(str, r["shape"])), r["dtype"], r["pass"], fmt(r.get("ours_rel_err")),
             fmt(r.get("torch_nchw_rel_err")), fmt(r.get("torch_channels_last_rel_err")), status))
 
+    if not args.skip_model:
+        try:
+            time_model(result, args.model_batch, args.model_budget_s)
+        except Exception:
+            msg = traceback.format_exc()
+            print("model timing crashed:\n" + msg)
+            result["notes"].append("model timing crashed: " + msg[-600:])
+
     if not args.skip_timing:
         deadline = time.time() + args.budget_s
         try:
@@ -393,6 +564,11 @@ def main():
             if (tuple(rec["shape"]), rec["dtype"], rec["pass"]) == (shape, dt, ps):
                 rec["ours_fast_ms"] = of
                 rec["ours_naive_ms"] = on
+
+    try:
+        print_model(result, parse_model_ours(args.model_ours), args.model_batch)
+    except Exception:
+        print("model report crashed:\n" + traceback.format_exc())
 
     result["correctness_failures"] = len(failures)
     with open(args.out, "w") as f:

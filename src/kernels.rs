@@ -13,7 +13,10 @@
 //!   dilation 1, any kernel size (`kernels/lk_wgrad.cu`);
 //! - `lk_naive_fwd_<t>`, `lk_naive_dgrad_<t>`, `lk_naive_wgrad_<t>`: one thread per output, any
 //!   stride/dilation; the baseline and the generic path for stride/dilation != 1;
-//! - `lk_im2col_<t>`, `lk_im2col_epilogue_<t>`, `lk_col2im_<t>`: the im2col + GEMM baseline.
+//! - `lk_im2col_<t>`, `lk_im2col_epilogue_<t>`, `lk_col2im_<t>`: the im2col + GEMM baseline;
+//! - `lk_bias_act_<t>`, `lk_affine_<t>`, `lk_avgpool_<t>`, `lk_dense_conv_<t>`: RepLKNet's
+//!   element-wise epilogues, head pooling and stem conv (`kernels/lk_model.cu`, planned by the
+//!   `model_*_launch` functions).
 //!
 //! Tile configurations chosen by [`plan`] (RX = 8 outputs per thread along x):
 //! - tiled fwd/dgrad: register tile RY x 8 per thread (RY = 2 templated, 1 generic); block
@@ -218,6 +221,10 @@ fn all_names() -> &'static Vec<&'static str> {
                 "lk_im2col_{}",
                 "lk_im2col_epilogue_{}",
                 "lk_col2im_{}",
+                "lk_bias_act_{}",
+                "lk_affine_{}",
+                "lk_avgpool_{}",
+                "lk_dense_conv_{}",
             ] {
                 v.push(base.replace("{}", t));
             }
@@ -318,6 +325,116 @@ fn strided_launch(kernel: &'static str, total: usize, args: DwArgs) -> Launch {
     }
 }
 
+/// The activation a model kernel applies (`aux0` of `lk_bias_act` and `lk_dense_conv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelAct {
+    None = 0,
+    Relu = 1,
+    /// Exact GELU: 0.5 x (1 + erf(x / sqrt 2)).
+    Gelu = 2,
+}
+
+/// NCHW dims as the kernels' 32-bit fields, checking that the element count fits 64 bits.
+fn model_dims(n: usize, c: usize, h: usize, w: usize) -> Result<(DwArgs, usize)> {
+    let total = n
+        .checked_mul(c)
+        .and_then(|v| v.checked_mul(h))
+        .and_then(|v| v.checked_mul(w))
+        .filter(|&v| v <= i64::MAX as usize / 2)
+        .ok_or_else(|| Error::Overflow(format!("tensor {n}x{c}x{h}x{w}")))?;
+    let args = DwArgs {
+        n: to_i32("batch N", n)?,
+        c: to_i32("channels C", c)?,
+        h: to_i32("height H", h)?,
+        w: to_i32("width W", w)?,
+        ..DwArgs::default()
+    };
+    Ok((args, total))
+}
+
+/// `lk_bias_act_<t>` over an `[n, c, h, w]` tensor: `y = act(x + bias[c]) + res` (bind in0 = x,
+/// bias, in1 = res, out = y; bias and res may be 0). Pointers are left 0.
+pub fn model_bias_act_launch(
+    dtype: DType,
+    [n, c, h, w]: [usize; 4],
+    act: ModelAct,
+) -> Result<Launch> {
+    let (mut args, total) = model_dims(n, c, h, w)?;
+    args.aux0 = act as i32;
+    Ok(strided_launch(
+        name(format!("lk_bias_act_{}", dtype.name()))?,
+        total,
+        args,
+    ))
+}
+
+/// `lk_affine_<t>`: `y = x * scale[c] + shift[c]` (bind in0 = x, in1 = scale, bias = shift,
+/// out = y; scale and shift may be 0).
+pub fn model_affine_launch(dtype: DType, [n, c, h, w]: [usize; 4]) -> Result<Launch> {
+    let (args, total) = model_dims(n, c, h, w)?;
+    Ok(strided_launch(
+        name(format!("lk_affine_{}", dtype.name()))?,
+        total,
+        args,
+    ))
+}
+
+/// `lk_avgpool_<t>`: per plane `mean * scale[c] + shift[c]` into `[n, c]`, or `[c, n]` with
+/// `transposed` (bind in0 = x, in1 = scale, bias = shift, out).
+pub fn model_avgpool_launch(
+    dtype: DType,
+    [n, c, h, w]: [usize; 4],
+    transposed: bool,
+) -> Result<Launch> {
+    let (mut args, _) = model_dims(n, c, h, w)?;
+    args.aux1 = transposed as i32;
+    flat_launch(name(format!("lk_avgpool_{}", dtype.name()))?, n * c, args)
+}
+
+/// `lk_dense_conv_<t>`: a dense `k x k` conv (stride, padding, dilation 1) with bias and
+/// activation, `[n, cin, h, w]` -> `[n, cout, oh, ow]` (bind in0 = x, in1 = w `[cout, cin, k,
+/// k]`, bias, out = y).
+#[allow(clippy::too_many_arguments)]
+pub fn model_dense_conv_launch(
+    dtype: DType,
+    [n, cin, h, w]: [usize; 4],
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    act: ModelAct,
+) -> Result<Launch> {
+    let out = |v: usize| -> Result<usize> {
+        let padded = v + 2 * pad;
+        if k == 0 || stride == 0 || padded < k {
+            return Err(Error::EmptyOutput(format!(
+                "dense conv: input {v} (padding {pad}) is smaller than the kernel {k}"
+            )));
+        }
+        Ok((padded - k) / stride + 1)
+    };
+    let (oh, ow) = (out(h)?, out(w)?);
+    let (mut args, _) = model_dims(n, cin, h, w)?;
+    let (_, total) = model_dims(n, cout, oh, ow)?;
+    args.oh = to_i32("output height", oh)?;
+    args.ow = to_i32("output width", ow)?;
+    args.kh = to_i32("kernel", k)?;
+    args.kw = args.kh;
+    args.sh = to_i32("stride", stride)?;
+    args.sw = args.sh;
+    args.pad_top = to_i32("padding", pad)?;
+    args.pad_left = args.pad_top;
+    args.dh = 1;
+    args.dw = 1;
+    args.aux0 = act as i32;
+    args.aux1 = to_i32("output channels", cout)?;
+    flat_launch(
+        name(format!("lk_dense_conv_{}", dtype.name()))?,
+        total,
+        args,
+    )
+}
+
 /// Plans `op` with implementation `imp` for storage type `dtype` on a checked shape.
 ///
 /// `Impl::Fast` uses the tiled kernels for stride 1 / dilation 1 and the naive (one thread per
@@ -371,9 +488,21 @@ fn naive_plan(op: Op, t: &str, s: &ConvShape, conv: &DwConv2d, args: DwArgs) -> 
     })
 }
 
+/// Row stride (floats) of the tiled kernel's input tile: a multiple of 4 (16-byte loads) that is
+/// 4 more than a multiple of 8, so that the rows of a warp start on different shared-memory banks.
+/// Must match `tile_ld` in kernels/lk_common.cuh.
+fn tile_ld(tw: usize, kcw: usize) -> usize {
+    let ld = tw + round4(kcw);
+    if ld.is_multiple_of(8) {
+        ld + 4
+    } else {
+        ld
+    }
+}
+
 /// Shared bytes of the tiled fwd/dgrad kernel.
 fn tiled_smem(th: usize, tw: usize, kch: usize, kcw: usize) -> usize {
-    4 * (kch * round4(kcw) + (th + kch - 1) * (tw + round4(kcw)))
+    4 * (kch * round4(kcw) + (th + kch - 1) * tile_ld(tw, kcw))
 }
 
 /// The tiled forward / data-gradient kernel; None when no configuration fits the grid limits.
@@ -801,7 +930,7 @@ mod tests {
     #[test]
     fn catalogue_has_every_planned_kernel() {
         let names = kernel_names();
-        assert_eq!(names.len(), 78);
+        assert_eq!(names.len(), 90);
         let conv = DwConv2d::new(31, 31);
         let s = conv.resolve(1, 4, 20, 20).unwrap();
         for op in Op::ALL {

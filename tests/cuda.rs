@@ -659,6 +659,30 @@ fn device_tensor_shape_errors_are_typed() {
         )
     };
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    // A pointer that is not aligned to its elements is refused before any launch.
+    {
+        let (xp, _a) = x.slice().device_ptr(&stream);
+        let (wp, _b) = w.slice().device_ptr(&stream);
+        let (yp, _c) = y.slice_mut().device_ptr_mut(&stream);
+        // SAFETY: nothing is launched: the alignment check fails first.
+        let r = unsafe {
+            cuda::forward_raw(
+                &dev,
+                &stream,
+                Impl::Fast,
+                DType::F32,
+                &conv,
+                &s,
+                xp + 2,
+                wp,
+                0,
+                yp,
+                0,
+                0,
+            )
+        };
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    }
     // The device is still healthy afterwards.
     cuda::forward(&dev, &stream, Impl::Fast, &conv, &x, &w, None, &mut y, None).unwrap();
     y.to_host().unwrap();

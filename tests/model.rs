@@ -91,7 +91,8 @@ fn golden_training_form() {
     );
 }
 
-/// The depthwise layers on the CUDA kernels run by the kernel simulator.
+/// The whole forward pass as the device program (`model::gpu`) run by the kernel simulator:
+/// every kernel launch of the CUDA path, GEMMs on the host.
 #[test]
 fn golden_simulator_both_forms() {
     if !lkconv::sim::available() {
@@ -115,15 +116,37 @@ fn golden_simulator_both_forms() {
     );
 }
 
-/// The depthwise layers on a real GPU (skipped without CUDA).
+fn require_gpu() -> bool {
+    std::env::var("LKCONV_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// True when a CUDA device with the embedded kernels is usable; otherwise prints why and
+/// returns false (panics with `LKCONV_REQUIRE_GPU=1`).
+fn have_gpu() -> bool {
+    let reason = if !lkconv::cuda::kernels_compiled() {
+        "built without CUDA kernels".to_string()
+    } else {
+        match lkconv::cuda::CudaDevice::shared(0) {
+            Ok(d) if d.kernels_loaded() => return true,
+            Ok(_) => "the embedded kernels failed to load".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    if require_gpu() {
+        panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
+    }
+    println!("skipped: no CUDA device ({reason})");
+    false
+}
+
+/// The GPU-resident forward pass (cuBLAS 1x1 convs, our depthwise and element-wise kernels).
 #[test]
-fn golden_cuda_depthwise_both_forms() {
-    if lkconv::cuda::CudaDevice::new(0).is_err() {
-        eprintln!("no CUDA device: skipped");
+fn golden_cuda_both_forms() {
+    if !have_gpu() {
         return;
     }
     let file = golden();
-    let be = Backend::CudaDepthwise(0);
+    let be = Backend::Cuda(0);
     check_golden(&file, file.tensors.clone(), "logits", Form::Training, be);
     check_golden(
         &file,
@@ -132,6 +155,17 @@ fn golden_cuda_depthwise_both_forms() {
         Form::Merged,
         be,
     );
+}
+
+/// The depthwise layers alone on the GPU through host round trips (the rest on the CPU).
+#[test]
+fn golden_cuda_depthwise_both_forms() {
+    if !have_gpu() {
+        return;
+    }
+    let file = golden();
+    let be = Backend::CudaDepthwise(0);
+    check_golden(&file, file.tensors.clone(), "logits", Form::Training, be);
 }
 
 fn merged_tensors(file: &TensorFile) -> BTreeMap<String, Tensor<f32>> {
@@ -611,6 +645,76 @@ fn imagenet_names() {
 }
 
 /// A backbone-only checkpoint (no norm/head, per-stage norms as downstream checkpoints have).
+/// The device program in the simulator against the CPU engine on random weights: batch 2,
+/// odd image sizes (partial tiles everywhere), dw_ratio 1.5, stage outputs in a custom order,
+/// a second input size and a second model through the same workspace (program rebuilt,
+/// weights re-uploaded), and a backbone with per-stage norms (the affine kernel).
+#[test]
+fn simulator_matches_cpu_engine_on_random_models() {
+    if !lkconv::sim::available() {
+        eprintln!("kernel simulator not built: skipped");
+        return;
+    }
+    let mut rng = Rng::new(21);
+    let mut ws = lkconv::model::Workspace::with_backend(Backend::Sim);
+    for (seed, small, dw_ratio, (h, w)) in [
+        (3, Some(3), 1.5, (37, 29)),
+        (3, Some(3), 1.5, (16, 23)),
+        (4, None, 1.0, (21, 18)),
+    ] {
+        let model = Replknet::random(&tiny_config(small, dw_ratio), seed).unwrap();
+        let x = Tensor::<f32>::random(&[2, 3, h, w], &mut rng).unwrap();
+        let want = model
+            .run(
+                &x,
+                Some(&[1, 0]),
+                true,
+                &mut lkconv::model::Workspace::new(),
+            )
+            .unwrap();
+        let got = model.run(&x, Some(&[1, 0]), true, &mut ws).unwrap();
+        assert_close(
+            "logits",
+            got.logits.as_ref().unwrap(),
+            want.logits.as_ref().unwrap(),
+        );
+        assert_eq!(got.stages.len(), 2);
+        for ((gi, g), (wi, w)) in got.stages.iter().zip(&want.stages) {
+            assert_eq!(gi, wi);
+            assert_close(&format!("stage{gi}"), g, w);
+        }
+    }
+    // Per-stage norms, no head.
+    let cfg = tiny_config(Some(3), 1.0);
+    let mut t = lkconv::model::random_weights(&cfg, Form::Training, 12).unwrap();
+    t.retain(|n, _| !n.starts_with("norm.") && !n.starts_with("head."));
+    for s in 0..2 {
+        let c = cfg.channels[s];
+        for (f, lo) in [
+            ("weight", 0.5),
+            ("bias", -0.2),
+            ("running_mean", -0.2),
+            ("running_var", 0.5),
+        ] {
+            let v: Vec<f32> = (0..c).map(|_| lo + 0.5 * rng.uniform()).collect();
+            t.insert(
+                format!("stages.{s}.norm.{f}"),
+                Tensor::from_vec(&[c], v).unwrap(),
+            );
+        }
+    }
+    let model = Replknet::from_tensors(t).unwrap();
+    let x = Tensor::<f32>::random(&[1, 3, 24, 20], &mut rng).unwrap();
+    let want = model.forward_features(&x, &[0, 1]).unwrap();
+    let got = model.run(&x, Some(&[0, 1]), false, &mut ws).unwrap();
+    assert_close("stage0 (normed)", &got.stages[0].1, &want[0]);
+    assert_close("stage1 (normed)", &got.stages[1].1, &want[1]);
+    assert!(matches!(
+        model.run(&x, None, true, &mut ws),
+        Err(Error::Unsupported(_))
+    ));
+}
+
 #[test]
 fn downstream_backbone_with_stage_norms() {
     let cfg = tiny_config(Some(3), 1.0);
@@ -661,6 +765,27 @@ fn cli_bench_model_runs() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("images/s"));
     let o = lkconv_cli(&["bench", "--model", "31x", "--reps", "1"]);
     assert_eq!(o.status.code(), Some(2));
+    // the device program in the simulator (the CUDA path's launches)
+    if lkconv::sim::available() {
+        let o = lkconv_cli(&[
+            "bench", "--model", "31b", "--device", "sim", "--size", "32", "--reps", "1",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("images/s"));
+    }
+    let o = lkconv_cli(&[
+        "bench", "--model", "31b", "--device", "cpu", "--dtype", "bf16", "--reps", "1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("f32 only"));
+    if lkconv::sim::available() {
+        let o = lkconv_cli(&[
+            "bench", "--model", "31b", "--device", "sim", "--dtype", "bf16", "--size", "32",
+            "--reps", "1",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("sim bf16"));
+    }
 }
 
 /// Wide layers at a size where the 1x1 convs run in several column blocks.

@@ -363,6 +363,11 @@ impl CudaDevice {
         f: impl FnOnce(&CudaBlas) -> Result<R>,
     ) -> Result<R> {
         let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // cuBLAS calls use the thread's current context; a launch usually bound it, but a
+        // caller may reach a GEMM first on a fresh thread.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::Cuda(format!("binding the CUDA context: {e}")))?;
         if guard.is_none() {
             // SAFETY: only asks whether libcublas can be dlopened; no cuBLAS call is made, and
             // this must precede any, which would panic without the library.

@@ -45,6 +45,10 @@ pub use cudarc::driver::CudaStream;
 use crate::error::Error;
 use kernels::DwArgs;
 
+// For the GPU-resident model (`crate::model::gpu`).
+pub(crate) use gemm::{run as gemm_run, BatchedGemm};
+pub(crate) use ops::prepare_launches;
+
 // SAFETY: `DwArgs` is `#[repr(C)]` plain old data (five u64 then eighteen i32, no pointers the
 // driver follows on the host, no padding-sensitive invariants, `Copy`); every kernel takes it by
 // value as its single parameter `const DwArgs args`, declared with the identical layout in

@@ -89,8 +89,16 @@ fn check_tensor_device<T: CudaElement>(
 /// Checks every launch of a plan against the device's limits and fetches its kernels, so
 /// that a plan that cannot run fails before anything is queued.
 fn prepare(dev: &CudaDevice, plan: &Plan) -> Result<Vec<cudarc::driver::CudaFunction>> {
+    prepare_launches(dev, &plan.launches)
+}
+
+/// [`prepare`] for a list of launches.
+pub(crate) fn prepare_launches(
+    dev: &CudaDevice,
+    launches: &[kernels::Launch],
+) -> Result<Vec<cudarc::driver::CudaFunction>> {
     let info = dev.info();
-    plan.launches
+    launches
         .iter()
         .map(|l| {
             let (gx, gy, gz) = l.grid;
@@ -487,6 +495,20 @@ pub(crate) fn bind_raw(
             expected: plan.workspace_bytes,
             got: if workspace == 0 { 0 } else { workspace_len },
         });
+    }
+    // A misaligned element pointer would fault inside a kernel and poison the context.
+    let names = ["first input", "second input", "bias", "output"];
+    for (name, p) in names.iter().zip(ptrs) {
+        if !p.is_multiple_of(dtype.size_bytes() as u64) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} pointer {p:#x} is not aligned to its {dtype} elements"
+            )));
+        }
+    }
+    if !workspace.is_multiple_of(16) {
+        return Err(Error::InvalidArgument(format!(
+            "workspace pointer {workspace:#x} is not 16-byte aligned"
+        )));
     }
     let [in0, in1, bias, out] = ptrs;
     BoundPlan::new(dev, plan, in0, in1, bias, out, workspace)

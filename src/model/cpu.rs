@@ -130,31 +130,37 @@ impl Dims {
     pub fn hw(&self) -> usize {
         self.h * self.w
     }
-    fn to_vec(self) -> Vec<usize> {
+    pub(crate) fn to_vec(self) -> Vec<usize> {
         vec![self.n, self.c, self.h, self.w]
     }
 }
 
-/// Where the depthwise layers run (everything else runs on the CPU engine).
+/// Where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
     /// lkconv's fast CPU path.
     #[default]
     Cpu,
-    /// The CUDA kernels in the kernel simulator (slow: small inputs; checks the kernels in the
-    /// model's shapes, kernels larger than the feature map and the stride-2 layers included).
+    /// The whole forward pass as the device program of `super::gpu` run by the kernel
+    /// simulator (slow: small inputs; checks every kernel in the model's shapes, kernels larger
+    /// than the feature map and the stride-2 layers included; GEMMs on the host).
     Sim,
     /// The depthwise layers on CUDA GPU `ordinal` through host round trips (a correctness
     /// check of the CUDA kernels inside the model, not a fast GPU model: the 1x1 convs and
     /// everything else stay on the CPU).
     CudaDepthwise(usize),
+    /// The whole forward pass resident on CUDA GPU `ordinal` (`super::gpu`).
+    Cuda(usize),
 }
 
 /// Buffers reused across layers (and across calls when the caller keeps it).
 #[derive(Default, Debug)]
 pub struct Workspace {
-    /// Where the depthwise layers run.
+    /// Where the model runs.
     pub backend: Backend,
+    /// The device-resident model for `Backend::Sim` and `Backend::Cuda` (weights uploaded on
+    /// first use, reused while the workspace runs the same model).
+    gpu: Option<super::gpu::GpuModel>,
     a: Vec<f32>,
     b: Vec<f32>,
     t1: Vec<f32>,
@@ -405,12 +411,12 @@ impl Pointwise {
 }
 
 impl Depthwise {
-    fn conv(&self) -> DwConv2d {
+    pub(crate) fn conv(&self) -> DwConv2d {
         DwConv2d::new(self.k, self.k).with_stride(self.stride, self.stride)
     }
 
     /// Output dims for input `d`.
-    fn out_dims(&self, d: Dims) -> Result<Dims> {
+    pub(crate) fn out_dims(&self, d: Dims) -> Result<Dims> {
         let s = self.conv().resolve(d.n, d.c, d.h, d.w)?;
         Ok(Dims {
             h: s.oh,
@@ -434,13 +440,13 @@ impl Depthwise {
             Backend::Cpu => {
                 crate::cpu::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?
             }
-            Backend::Sim | Backend::CudaDepthwise(_) => {
+            Backend::Sim | Backend::CudaDepthwise(_) | Backend::Cuda(_) => {
                 let xt = Tensor::from_vec(&shape.input_dims(), x[..shape.input_len()].to_vec())?;
                 let wt = Tensor::from_vec(&conv.weight_dims(self.c), self.w.clone())?;
                 let bt = Tensor::from_vec(&[self.c], self.b.clone())?;
                 let fast = crate::device::Impl::Fast;
                 let out = match be {
-                    Backend::CudaDepthwise(i) => {
+                    Backend::CudaDepthwise(i) | Backend::Cuda(i) => {
                         crate::cuda::host::forward(i, fast, &conv, &xt, &wt, Some(&bt))?
                     }
                     _ => crate::sim::forward(fast, &conv, &xt, &wt, Some(&bt))?,
@@ -466,7 +472,7 @@ impl Depthwise {
 }
 
 impl DenseConv {
-    fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+    pub(crate) fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let o = |v: usize, what: &str| -> Result<usize> {
             let padded = v + 2 * self.pad;
             if padded < self.k {
@@ -672,7 +678,7 @@ impl Transition {
     }
 }
 
-fn dims_of(what: &str, shape: &[usize]) -> Result<Dims> {
+pub(crate) fn dims_of(what: &str, shape: &[usize]) -> Result<Dims> {
     let [n, c, h, w] = crate::conv::dims4(what, shape)?;
     if n == 0 || c == 0 || h == 0 || w == 0 {
         return Err(Error::shape(
@@ -740,6 +746,27 @@ impl DeployModel {
             return Err(Error::Unsupported(
                 "the checkpoint has no classification head (norm.* / head.*): request stage outputs with out_indices".into(),
             ));
+        }
+        let target = match ws.backend {
+            Backend::Sim => Some(super::gpu::GpuTarget::Sim),
+            Backend::Cuda(i) => Some(super::gpu::GpuTarget::Cuda(i)),
+            Backend::Cpu | Backend::CudaDepthwise(_) => None,
+        };
+        if let Some(target) = target {
+            let reuse = ws
+                .gpu
+                .as_ref()
+                .is_some_and(|g| g.target() == target && g.holds(self));
+            if !reuse {
+                ws.gpu = None; // frees the old device buffers first
+                ws.gpu = Some(super::gpu::GpuModel::new(
+                    self,
+                    target,
+                    crate::dtype::DType::F32,
+                )?);
+            }
+            let gpu = ws.gpu.as_mut().expect("set above");
+            return gpu.run(self, x, indices, want_logits);
         }
         let mut d = profile::time(0, || self.stem.run_ws(x.data(), d, ws))?;
         let mut stage_out: Vec<(usize, Tensor<f32>)> = Vec::new();

@@ -1,5 +1,7 @@
 //! RepLKNet (CVPR 2022) on lkconv: config inferred from a checkpoint, structural
-//! re-parameterisation into a deploy form, and a CPU inference engine.
+//! re-parameterisation into a deploy form, a CPU inference engine (`cpu`), and the forward pass
+//! resident on a CUDA GPU or run by the kernel simulator (`gpu`; `Backend::Cuda` / `Backend::Sim`
+//! in a [`Workspace`], or [`GpuModel`] directly).
 //!
 //! ```no_run
 //! use lkconv::model::Replknet;
@@ -11,6 +13,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod gpu;
 pub mod imagenet;
 pub mod reference;
 pub mod reparam;
@@ -21,6 +24,7 @@ use std::path::Path;
 
 pub use config::{Form, ReplknetConfig};
 pub use cpu::{Backend, DeployModel, Output, Workspace};
+pub use gpu::{GpuModel, GpuTarget};
 pub use weights::{normalize_name, random_weights, Checkpoint};
 
 use crate::error::Result;

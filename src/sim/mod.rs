@@ -169,6 +169,26 @@ fn launch(l: &kernels::Launch) -> Result<()> {
     )))
 }
 
+/// Runs one launch whose buffer addresses are already bound to host memory (the model's
+/// simulator back-end, `crate::model::gpu`).
+///
+/// # Safety
+/// Every address in `l.args` must be 0 or point to host memory that holds every element the
+/// kernel touches for the launch's problem (as planned by `crate::kernels`), the output not
+/// aliasing an input unless the kernel allows it, all alive and not accessed through Rust
+/// references while the call runs.
+pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
+    #[cfg(lkconv_sim)]
+    {
+        launch(l)
+    }
+    #[cfg(not(lkconv_sim))]
+    {
+        let _ = l;
+        unavailable()
+    }
+}
+
 /// Binds host buffers, poisons the output and workspace with NaN, runs every launch and the GEMM.
 fn run<T: Element>(
     mut plan: Plan,

@@ -5,19 +5,19 @@ use std::time::Instant;
 
 use crate::{BenchArgs, ClassifyArgs, ReplknetArgs};
 use lkconv::model::{
-    imagenet::IMAGENET_CLASSES, reference, Backend, Checkpoint, Replknet, ReplknetConfig,
+    imagenet::IMAGENET_CLASSES, reference, Backend, Checkpoint, GpuModel, GpuTarget, Replknet,
+    ReplknetConfig,
 };
 use lkconv::safetensors_io::{self, TensorFile};
 use lkconv::{Device, Error, Result, Tensor};
 
-/// The devices the model runs on today: cpu (deploy form), sim (deploy form with the depthwise
-/// layers on the CUDA kernels in the kernel simulator; slow, small inputs), cuda (the depthwise
-/// layers on the GPU through host round trips, the rest on the CPU: a correctness path) and
-/// cpu-ref (the un-folded training-form graph in f64, slow, small inputs).
+/// The devices the model runs on: cpu (deploy form), cuda (the deploy form resident on the
+/// GPU: our depthwise and element-wise kernels, cuBLAS for the 1x1 convs), sim (the same
+/// device program in the kernel simulator; slow, small inputs) and cpu-ref (the un-folded
+/// training-form graph in f64, slow, small inputs). `auto`: cuda when a GPU is usable, else cpu.
 fn model_device(name: &str) -> Result<Device> {
-    // `auto` picks the CPU until the model has a GPU path.
     let dev = if name == "auto" {
-        Device::Cpu
+        Device::auto()
     } else {
         Device::from_str(name)?
     };
@@ -27,12 +27,7 @@ fn model_device(name: &str) -> Result<Device> {
         Device::Sim => Err(Error::Simulator(
             "lkconv was built without the kernel simulator".into(),
         )),
-        Device::Cuda(_) => {
-            eprintln!(
-                "note: on {dev} only the depthwise layers run on the GPU (host round trips); the full GPU model is not implemented yet"
-            );
-            Ok(dev)
-        }
+        Device::Cuda(_) => Ok(dev),
     }
 }
 
@@ -197,7 +192,7 @@ pub fn preprocess(
 fn backend_of(dev: Device) -> Backend {
     match dev {
         Device::Sim => Backend::Sim,
-        Device::Cuda(i) => Backend::CudaDepthwise(i),
+        Device::Cuda(i) => Backend::Cuda(i),
         Device::Cpu | Device::CpuRef => Backend::Cpu,
     }
 }
@@ -206,7 +201,7 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
     let dev = model_device(&args.device)?;
     if dev == Device::CpuRef {
         return Err(Error::Unsupported(
-            "classify runs on --device cpu or sim".into(),
+            "classify runs on --device cpu, cuda or sim".into(),
         ));
     }
     let arch = ReplknetConfig::by_name(&args.arch)?;
@@ -256,9 +251,15 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let name = args.model.as_deref().unwrap_or("31b");
     let dev = model_device(&args.device)?;
-    if dev != Device::Cpu {
+    if dev == Device::CpuRef {
+        return Err(Error::Unsupported(
+            "bench --model runs on --device cpu, cuda or sim".into(),
+        ));
+    }
+    let dtype = lkconv::DType::from_str(&args.dtype)?;
+    if dtype != lkconv::DType::F32 && !matches!(dev, Device::Cuda(_) | Device::Sim) {
         return Err(Error::Unsupported(format!(
-            "bench --model runs on --device cpu only (got {dev})"
+            "bench --model --dtype {dtype} runs on --device cuda or sim only (the CPU engine is f32 only)"
         )));
     }
     if args.batch == 0 {
@@ -273,30 +274,64 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let mut rng = lkconv::Rng::new(2);
     let x = Tensor::<f32>::random(&[args.batch, 3, args.size, args.size], &mut rng)?;
-    let mut ws = lkconv::model::Workspace::new();
-    model.run(&x, None, true, &mut ws)?; // warm-up: grows the workspace
     let reps = args.reps.max(1);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        let out = model.run(&x, None, true, &mut ws)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        std::hint::black_box(out);
-    }
+    let (mut times, where_, timer) = match dev {
+        Device::Cuda(_) | Device::Sim => {
+            let target = match dev {
+                Device::Cuda(i) => GpuTarget::Cuda(i),
+                _ => GpuTarget::Sim,
+            };
+            let t = Instant::now();
+            let mut gpu = GpuModel::new(&model.deploy, target, dtype)?;
+            let upload_s = t.elapsed().as_secs_f64();
+            // one untimed run inside time_forward builds the program and warms up
+            let times = gpu.time_forward(&model.deploy, &x, reps)?;
+            let what = match dev {
+                Device::Cuda(i) => lkconv::cuda::CudaDevice::shared(i)
+                    .map(|d| format!("{dev} ({})", d.info().name))
+                    .unwrap_or_else(|_| dev.to_string()),
+                _ => dev.to_string(),
+            };
+            let timer = if matches!(dev, Device::Cuda(_)) {
+                format!("CUDA events, weights uploaded in {upload_s:.2} s")
+            } else {
+                "wall clock".to_string()
+            };
+            (times, what, timer)
+        }
+        _ => {
+            let mut ws = lkconv::model::Workspace::new();
+            model.run(&x, None, true, &mut ws)?; // warm-up: grows the workspace
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let t = Instant::now();
+                let out = model.run(&x, None, true, &mut ws)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                std::hint::black_box(out);
+            }
+            (
+                times,
+                format!("cpu ({} threads)", rayon::current_num_threads()),
+                "wall clock".to_string(),
+            )
+        }
+    };
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     let gmacs = cfg.macs(args.size, args.size) / 1e9;
     println!(
-        "RepLKNet-{} {}x3x{}x{} cpu ({} threads): median {:.1} ms (min {:.1}, max {:.1}, {} runs), {:.2} images/s, {:.1} GFLOP/s ({:.2} GMACs/image); random weights built+folded in {:.2} s",
+        "RepLKNet-{} {}x3x{}x{} {} {}: median {:.2} ms (min {:.2}, max {:.2}, {} runs, {}), {:.2} images/s, {:.1} GFLOP/s ({:.2} GMACs/image); random weights built+folded in {:.2} s",
         name.to_ascii_uppercase(),
         args.batch,
         args.size,
         args.size,
-        rayon::current_num_threads(),
+        where_,
+        dtype,
         med,
         times[0],
         times[times.len() - 1],
         reps,
+        timer,
         args.batch as f64 / (med / 1e3),
         2.0 * gmacs * args.batch as f64 / (med / 1e3),
         gmacs,
