@@ -204,22 +204,28 @@ pub fn fold_stem(ck: &Checkpoint) -> Result<Stem> {
     })
 }
 
+/// A block's `pw1` conv_bn with the block's pre-BN (`{prefix}.{pre}`) folded in:
+/// pw1(bn(x)), the pre-BN acting on pw1's input and pw1's own BN on its output.
+fn pw1_with_pre_bn(ck: &Checkpoint, prefix: &str, pre: &str) -> Result<Conv64> {
+    let pre = bn(ck, &format!("{prefix}.{pre}"))?;
+    let w1 = ck.get(&format!("{prefix}.pw1.conv.weight"))?;
+    let b = match ck.tensors.get(&format!("{prefix}.pw1.conv.bias")) {
+        Some(b) => to64(b.data()),
+        None => vec![0.0; w1.shape()[0]],
+    };
+    Ok(Conv64 {
+        cout: w1.shape()[0],
+        w: to64(w1.data()),
+        b,
+    }
+    .after_bn(&pre)
+    .then_bn(&bn(ck, &format!("{prefix}.pw1.bn"))?))
+}
+
 /// RepLKBlock `stages.{s}.blocks.{2i}` in deploy form.
 pub fn fold_replk_block(ck: &Checkpoint, s: usize, i: usize) -> Result<RepLkBlock> {
     let p = format!("stages.{s}.blocks.{}", 2 * i);
-    let pre = bn(ck, &format!("{p}.prelkb_bn"))?;
-    // pw1(bn(x)): the pre-BN acts on pw1's input, pw1's own BN on its output.
-    let w1 = ck.get(&format!("{p}.pw1.conv.weight"))?;
-    let conv1 = Conv64 {
-        cout: w1.shape()[0],
-        w: to64(w1.data()),
-        b: match ck.tensors.get(&format!("{p}.pw1.conv.bias")) {
-            Some(b) => to64(b.data()),
-            None => vec![0.0; w1.shape()[0]],
-        },
-    }
-    .after_bn(&pre)
-    .then_bn(&bn(ck, &format!("{p}.pw1.bn"))?);
+    let conv1 = pw1_with_pre_bn(ck, &p, "prelkb_bn")?;
     let form = ck.forms[s][i];
     let k = ck.config.large_kernel_sizes[s];
     let lk = large_kernel(ck, &format!("{p}.large_kernel"), form)?;
@@ -233,18 +239,7 @@ pub fn fold_replk_block(ck: &Checkpoint, s: usize, i: usize) -> Result<RepLkBloc
 /// ConvFFN `stages.{s}.blocks.{2i+1}` in deploy form.
 pub fn fold_ffn_block(ck: &Checkpoint, s: usize, i: usize) -> Result<FfnBlock> {
     let p = format!("stages.{s}.blocks.{}", 2 * i + 1);
-    let pre = bn(ck, &format!("{p}.preffn_bn"))?;
-    let w1 = ck.get(&format!("{p}.pw1.conv.weight"))?;
-    let conv1 = Conv64 {
-        cout: w1.shape()[0],
-        w: to64(w1.data()),
-        b: match ck.tensors.get(&format!("{p}.pw1.conv.bias")) {
-            Some(b) => to64(b.data()),
-            None => vec![0.0; w1.shape()[0]],
-        },
-    }
-    .after_bn(&pre)
-    .then_bn(&bn(ck, &format!("{p}.pw1.bn"))?);
+    let conv1 = pw1_with_pre_bn(ck, &p, "preffn_bn")?;
     Ok(FfnBlock {
         pw1: pointwise(&conv1),
         pw2: pointwise(&conv_bn(ck, &format!("{p}.pw2"))?),
