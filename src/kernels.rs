@@ -12,7 +12,10 @@
 //! - `lk_wgrad_partial_<t>`, `lk_wgrad_reduce_<t>`: deterministic weight gradient, stride 1 /
 //!   dilation 1, any kernel size (`kernels/lk_wgrad.cu`);
 //! - `lk_naive_fwd_<t>`, `lk_naive_dgrad_<t>`, `lk_naive_wgrad_<t>`: one thread per output, any
-//!   stride/dilation; the baseline and the generic path for stride/dilation != 1;
+//!   stride/dilation; the baseline and the fwd/dgrad path for stride/dilation != 1;
+//! - `lk_wgrad_strided_<t>` (+ `lk_wgrad_reduce_<t>`): deterministic weight gradient for any
+//!   stride/dilation (and stride-1 shapes whose tiles do not fit shared memory)
+//!   (`kernels/lk_wgrad_strided.cu`);
 //! - `lk_im2col_<t>`, `lk_im2col_epilogue_<t>`, `lk_col2im_<t>`: the im2col + GEMM baseline;
 //! - `lk_bias_act_<t>`, `lk_affine_<t>`, `lk_avgpool_<t>`, `lk_dense_conv_<t>`: RepLKNet's
 //!   element-wise epilogues, head pooling and stem conv (`kernels/lk_model.cu`, planned by the
@@ -27,7 +30,10 @@
 //!   (small images: up to 256 threads within 48 KB); grid (ceil(N*C / P), tiles_y, tiles_x);
 //! - wgrad partial: output tile TH x TW = min(OH, 16) x min(OW, 32) (shrunk to fit 48 KB of
 //!   shared memory), one thread per (filter row, 8 filter columns) unit, G row groups filling up to
-//!   256 threads; B = clamp(ceil(528 / C), 1, N * tiles) blocks per channel.
+//!   256 threads; B = clamp(ceil(528 / C), 1, N * tiles) blocks per channel;
+//! - wgrad strided: 256 threads = TG tap groups (8 taps each, TG = the power of two <= 8 that
+//!   covers ceil(KH*KW / 8)) x 256/TG position lanes, 8 KB of shared memory;
+//!   B = clamp(min(ceil(528 / C), N*OH*OW / 1024), 1, 65535) blocks per channel.
 
 use std::sync::OnceLock;
 
@@ -215,6 +221,7 @@ fn all_names() -> &'static Vec<&'static str> {
                 "lk_dgrad_{}_generic",
                 "lk_wgrad_partial_{}",
                 "lk_wgrad_reduce_{}",
+                "lk_wgrad_strided_{}",
                 "lk_naive_fwd_{}",
                 "lk_naive_dgrad_{}",
                 "lk_naive_wgrad_{}",
@@ -437,9 +444,11 @@ pub fn model_dense_conv_launch(
 
 /// Plans `op` with implementation `imp` for storage type `dtype` on a checked shape.
 ///
-/// `Impl::Fast` uses the tiled kernels for stride 1 / dilation 1 and the naive (one thread per
-/// output, any stride/dilation) kernels otherwise; `Impl::Naive` and `Impl::Im2col` are the
-/// baselines (im2col supports all three ops: see [`GemmStep`]); `Impl::Reference` is CPU-only.
+/// `Impl::Fast` uses the tiled kernels for stride 1 / dilation 1; otherwise the deterministic
+/// two-kernel `lk_wgrad_strided` + `lk_wgrad_reduce` for the weight gradient and the naive (one
+/// thread per output, any stride/dilation) kernels for fwd/dgrad; `Impl::Naive` and
+/// `Impl::Im2col` are the baselines (im2col supports all three ops: see [`GemmStep`]);
+/// `Impl::Reference` is CPU-only.
 pub fn plan(op: Op, imp: Impl, dtype: DType, conv: &DwConv2d, shape: &ConvShape) -> Result<Plan> {
     let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
     if s != *shape {
@@ -459,12 +468,20 @@ pub fn plan(op: Op, imp: Impl, dtype: DType, conv: &DwConv2d, shape: &ConvShape)
         Impl::Naive => naive_plan(op, t, &s, conv, args),
         Impl::Im2col => im2col_plan(op, t, &s, conv, args),
         Impl::Fast => {
-            if !conv.is_unit() {
-                return naive_plan(op, t, &s, conv, args);
-            }
             let fast = match op {
-                Op::Forward | Op::DataGrad => tiled_plan(op, t, &s, conv, args)?,
-                Op::WeightGrad => wgrad_plan(t, &s, conv, args)?,
+                Op::Forward | Op::DataGrad if conv.is_unit() => tiled_plan(op, t, &s, conv, args)?,
+                Op::Forward | Op::DataGrad => None,
+                Op::WeightGrad => {
+                    let tiled = if conv.is_unit() {
+                        wgrad_plan(t, &s, conv, args)?
+                    } else {
+                        None
+                    };
+                    match tiled {
+                        Some(p) => Some(p),
+                        None => wgrad_strided_plan(t, &s, conv, args)?,
+                    }
+                }
             };
             match fast {
                 Some(p) => Ok(p),
@@ -666,6 +683,60 @@ fn wgrad_plan(t: &str, s: &ConvShape, conv: &DwConv2d, mut args: DwArgs) -> Resu
     }))
 }
 
+/// Threads per block of `lk_wgrad_strided` (must match `WG_THREADS` in the kernel).
+const WGRAD_STRIDED_THREADS: usize = 256;
+/// Filter taps per thread of `lk_wgrad_strided` (`WG_TC`).
+const WGRAD_STRIDED_TAPS: usize = 8;
+/// Blocks the strided weight-gradient grid aims for (4 per SM of a 132-SM H100).
+const WGRAD_TARGET_BLOCKS: usize = 528;
+/// Output positions a strided weight-gradient block gets at least (when there are enough).
+const WGRAD_MIN_POSITIONS: usize = 1024;
+
+/// The deterministic weight gradient for any stride/dilation: `lk_wgrad_strided` (partial sums
+/// per (channel, slice of the N*OH*OW positions)) + `lk_wgrad_reduce`; None when an index would
+/// not fit the kernel's 32-bit ints.
+fn wgrad_strided_plan(
+    t: &str,
+    s: &ConvShape,
+    conv: &DwConv2d,
+    mut args: DwArgs,
+) -> Result<Option<Plan>> {
+    let (kh, kw) = conv.kernel;
+    let kk = kh * kw;
+    let ohw = s.oh * s.ow;
+    if ohw > i32::MAX as usize / 2 {
+        return Ok(None);
+    }
+    // tap groups: a power of two <= 8 covering the 8-tap chunks (fewer passes over the slice)
+    let chunks = ceil_div(kk, WGRAD_STRIDED_TAPS);
+    let tg = chunks.next_power_of_two().min(8);
+    let positions = s.n * ohw;
+    let blocks = ceil_div(WGRAD_TARGET_BLOCKS, s.c)
+        .min(positions / WGRAD_MIN_POSITIONS)
+        .clamp(1, 65535);
+    let ws_len =
+        s.c.checked_mul(blocks)
+            .and_then(|v| v.checked_mul(kk))
+            .and_then(|v| v.checked_mul(4))
+            .ok_or_else(|| Error::Overflow("weight-gradient workspace".into()))?;
+    let mut a1 = args;
+    a1.aux0 = tg as i32;
+    args.aux0 = blocks as i32;
+    let partial = Launch {
+        kernel: name(format!("lk_wgrad_strided_{t}"))?,
+        grid: (s.c as u32, blocks as u32, 1),
+        block: (WGRAD_STRIDED_THREADS as u32, 1, 1),
+        shared_bytes: (4 * WGRAD_STRIDED_THREADS * WGRAD_STRIDED_TAPS) as u32,
+        args: a1,
+    };
+    let reduce = flat_launch(name(format!("lk_wgrad_reduce_{t}"))?, s.c * kk, args)?;
+    Ok(Some(Plan {
+        launches: vec![partial, reduce],
+        workspace_bytes: ws_len,
+        gemm: None,
+    }))
+}
+
 fn im2col_plan(op: Op, t: &str, s: &ConvShape, conv: &DwConv2d, args: DwArgs) -> Result<Plan> {
     let (kh, kw) = conv.kernel;
     let kk = kh * kw;
@@ -788,7 +859,8 @@ fn taps_inside(o: usize, k: usize, pad: i64, len: usize) -> usize {
 /// (`DwConv2d::useful_flops / 2` over this). Tiled fwd/dgrad: every thread runs its full
 /// 1 x RX register tile over the filter rows that touch the image (templated: all filter columns;
 /// generic: the columns its outputs can reach); wgrad: each unit's clamped rows times 8-column
-/// steps of 64 FMAs; naive: only taps inside the image; im2col: the nominal GEMM.
+/// steps of 64 FMAs; naive and strided wgrad: only taps inside the image; im2col: the nominal
+/// GEMM.
 pub fn executed_fmas(op: Op, imp: Impl, conv: &DwConv2d, shape: &ConvShape) -> Result<f64> {
     let plan = plan(op, imp, DType::F32, conv, shape)?;
     let s = shape;
@@ -798,7 +870,7 @@ pub fn executed_fmas(op: Op, imp: Impl, conv: &DwConv2d, shape: &ConvShape) -> R
     if plan.gemm.is_some() {
         return Ok((s.c * s.n * s.oh * s.ow * kh * kw) as f64);
     }
-    if l.kernel.starts_with("lk_naive") {
+    if l.kernel.starts_with("lk_naive") || l.kernel.starts_with("lk_wgrad_strided") {
         return Ok(conv.useful_flops(s) / 2.0);
     }
     let p = conv.padding;
@@ -930,7 +1002,7 @@ mod tests {
     #[test]
     fn catalogue_has_every_planned_kernel() {
         let names = kernel_names();
-        assert_eq!(names.len(), 90);
+        assert_eq!(names.len(), 93);
         let conv = DwConv2d::new(31, 31);
         let s = conv.resolve(1, 4, 20, 20).unwrap();
         for op in Op::ALL {

@@ -359,9 +359,105 @@ fn naive_all_ops() {
 fn fast_strided_and_dilated_use_the_generic_path() {
     let mut rng = rng_for("fast_strided_and_dilated_use_the_generic_path");
     for case in strided_cases(&mut rng) {
+        let wgrad = planned_kernel(Op::WeightGrad, Impl::Fast, &case);
+        if case.conv.is_unit() {
+            assert!(wgrad.starts_with("lk_wgrad_partial"), "{wgrad}");
+        } else {
+            assert!(wgrad.starts_with("lk_wgrad_strided"), "{wgrad}");
+        }
         for op in Op::ALL {
             check::<f32>(&mut rng, op, Impl::Fast, &case);
         }
+    }
+}
+
+/// Strided / dilated weight-gradient cases: (n, c, h, w, kernel, stride, dilation, padding
+/// top/bottom/left/right).
+type StridedWgrad = (
+    usize,
+    usize,
+    usize,
+    usize,
+    (usize, usize),
+    (usize, usize),
+    (usize, usize),
+    [usize; 4],
+);
+
+fn strided_wgrad_cases() -> Vec<StridedWgrad> {
+    vec![
+        // RepLKNet's 3x3 stride-2 transition, batch 3: several blocks per channel
+        (3, 2, 64, 62, (3, 3), (2, 2), (1, 1), [1, 1, 1, 1]),
+        // stride 3, odd sizes, one channel
+        (1, 1, 29, 31, (5, 5), (3, 3), (1, 1), [2, 2, 2, 2]),
+        // dilation 2, K7, batch 3
+        (3, 3, 23, 19, (7, 7), (1, 1), (2, 2), [6, 6, 6, 6]),
+        // asymmetric stride and dilation, rectangular filter, asymmetric padding
+        (2, 1, 17, 26, (3, 6), (2, 3), (3, 1), [0, 5, 4, 1]),
+        // filter larger than the image (padding), stride 2: more than 8 chunks of taps (passes)
+        (1, 2, 9, 7, (31, 31), (2, 2), (1, 1), [15, 15, 15, 15]),
+        // filter larger than the image, dilation 2
+        (2, 1, 6, 11, (9, 13), (1, 2), (2, 1), [8, 8, 12, 0]),
+        // 1x1 filter, stride 2
+        (1, 3, 12, 15, (1, 1), (2, 2), (1, 1), [0, 0, 0, 0]),
+    ]
+}
+
+fn strided_wgrad_case(c: &StridedWgrad) -> Case {
+    let &(n, ch, h, w, (kh, kw), (sh, sw), (dh, dw), [top, bottom, left, right]) = c;
+    Case {
+        n,
+        c: ch,
+        h,
+        w,
+        conv: DwConv2d::new(kh, kw)
+            .with_stride(sh, sw)
+            .with_dilation(dh, dw)
+            .with_padding_sides(Padding {
+                top,
+                bottom,
+                left,
+                right,
+            }),
+        bias: false,
+    }
+}
+
+#[test]
+fn fast_strided_wgrad() {
+    let mut rng = rng_for("fast_strided_wgrad");
+    let mut multi_block = false;
+    for c in strided_wgrad_cases() {
+        let case = strided_wgrad_case(&c);
+        let s = case.conv.resolve(case.n, case.c, case.h, case.w).unwrap();
+        let p = kernels::plan(Op::WeightGrad, Impl::Fast, DType::F32, &case.conv, &s).unwrap();
+        assert_eq!(p.launches.len(), 2, "{p:?}");
+        assert!(
+            p.launches[0].kernel.starts_with("lk_wgrad_strided"),
+            "{p:?}"
+        );
+        assert!(p.launches[1].kernel.starts_with("lk_wgrad_reduce"), "{p:?}");
+        multi_block |= p.launches[0].grid.1 > 1;
+        check_all_dtypes(&mut rng, Op::WeightGrad, Impl::Fast, &case);
+    }
+    assert!(multi_block, "no case splits a channel over several blocks");
+    // Impl::Naive stays the naive baseline
+    let case = strided_wgrad_case(&strided_wgrad_cases()[0]);
+    assert!(planned_kernel(Op::WeightGrad, Impl::Naive, &case).starts_with("lk_naive_wgrad"));
+}
+
+#[test]
+fn strided_wgrad_is_bit_identical_across_runs() {
+    let mut rng = rng_for("strided_wgrad_is_bit_identical_across_runs");
+    for c in [strided_wgrad_cases()[0], strided_wgrad_cases()[2]] {
+        let case = strided_wgrad_case(&c);
+        let s = case.conv.resolve(case.n, case.c, case.h, case.w).unwrap();
+        let x = Tensor::<f32>::random(&s.input_dims(), &mut rng).unwrap();
+        let dy = Tensor::<f32>::random(&s.output_dims(), &mut rng).unwrap();
+        let a = sim::weight_grad(Impl::Fast, &case.conv, &x, &dy).unwrap();
+        let b = sim::weight_grad(Impl::Fast, &case.conv, &x, &dy).unwrap();
+        let bits = |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "{case:?}");
     }
 }
 
