@@ -39,7 +39,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(s) => vec![s.parse()?],
         None => match device {
             Device::Cuda(_) | Device::Sim => vec![Impl::Fast, Impl::Naive, Impl::Im2col],
-            _ => vec![Impl::Fast, Impl::Naive, Impl::Im2col, Impl::Reference],
+            Device::CpuRef => vec![Impl::Reference],
+            Device::Cpu => vec![Impl::Fast, Impl::Naive, Impl::Im2col, Impl::Reference],
         },
     };
     let problems: Vec<(DwConv2d, ConvShape)> = match &args.shape {
