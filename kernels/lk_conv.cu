@@ -15,8 +15,9 @@
 //   (so that shared memory stays small for any size); a shift register of RX inputs slides along
 //   the filter row (one shared load + one broadcast weight load per RX FMAs).
 //   Per thread, only filter rows that touch the image are visited (ky range clamped per output
-//   row); chunks that cannot touch the image are skipped block-wide; the generic path also clamps
-//   the filter columns per thread.
+//   row, rows past the plane skipped); chunks that cannot touch the image are skipped block-wide;
+//   the filter columns are clamped per thread too: to quads of 4 taps (templated, guarded quads
+//   of the unrolled loop) or to single taps (generic).
 //   dgrad: in0 = dy (the "source" plane is OH x OW), out = dx (H x W), padding KH-1-top, KW-1-left.
 #include "lk_common.cuh"
 
@@ -126,10 +127,22 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
             if (oy < OH) {
                 if constexpr (K > 0) {
                     constexpr int KP = (K + 3) & ~3;
+                    // output rows of this thread inside the plane (row r >= ry_n is not stored)
+                    const int ry_n = min(RY, OH - oy);
+                    // filter-column quads [kq_lo, kq_hi) (taps 4 kq .. 4 kq + 3) that can touch
+                    // the image for at least one of this thread's stored outputs j < jn (source
+                    // column gx0 + j + kx); the others only read zeros. Per-thread constants, so
+                    // the guards below are uniform branches around fully unrolled quads.
+                    const int jn = min(RX, tile_cols - x0);
+                    const int gx0 = ox0 + x0 - pl;
+                    const int kx_lo = max(0, -(gx0 + jn - 1));
+                    const int kx_hi = min(K, SW - gx0);
+                    const int kq_lo = kx_lo >> 2;
+                    const int kq_hi = (jn > 0 && kx_lo < kx_hi) ? (kx_hi + 3) >> 2 : kq_lo;
                     // source rows s (tile row ly + s, image row oy - pt + s) inside the image;
                     // row s feeds output row r with filter row s - r
                     const int s_lo = max(0, pt - oy);
-                    const int s_hi = min(RY + K - 1, SH + pt - oy);
+                    const int s_hi = kq_lo < kq_hi ? min(ry_n + K - 1, SH + pt - oy) : s_lo;
 #pragma unroll 1
                     for (int s = s_lo; s < s_hi; ++s) {
                         const float* row = s_in + (ly + s) * ld + x0;
@@ -145,10 +158,11 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
 #pragma unroll
                         for (int r = 0; r < RY; ++r) {
                             const int ky = s - r;
-                            if (ky < 0 || ky >= K) continue;
+                            if (ky < 0 || ky >= K || r >= ry_n) continue;
                             const float* wr = s_w + ky * ldw;
 #pragma unroll
                             for (int kq = 0; kq < KP / 4; ++kq) {
+                                if (kq < kq_lo || kq >= kq_hi) continue;
                                 const float4 wv = lds4(wr + 4 * kq);
                                 const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll

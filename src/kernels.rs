@@ -857,8 +857,9 @@ fn taps_inside(o: usize, k: usize, pad: i64, len: usize) -> usize {
 /// The FMAs the planned kernels execute for one call (padding taps and idle lanes of a register
 /// tile included), to report which share of the executed work is useful
 /// (`DwConv2d::useful_flops / 2` over this). Tiled fwd/dgrad: every thread runs its full
-/// 1 x RX register tile over the filter rows that touch the image (templated: all filter columns;
-/// generic: the columns its outputs can reach); wgrad: each unit's clamped rows times 8-column
+/// 1 x RX register tile over the filter rows that touch the image (templated: the quads of 4
+/// filter columns its stored outputs can reach, and no register row past the plane; generic: the
+/// columns its outputs can reach); wgrad: each unit's clamped rows times 8-column
 /// steps of 64 FMAs; naive and strided wgrad: only taps inside the image; im2col: the nominal
 /// GEMM.
 pub fn executed_fmas(op: Op, imp: Impl, conv: &DwConv2d, shape: &ConvShape) -> Result<f64> {
@@ -902,10 +903,10 @@ pub fn executed_fmas(op: Op, imp: Impl, conv: &DwConv2d, shape: &ConvShape) -> R
     }
     // tiled fwd / dgrad
     let dgrad = op == Op::DataGrad;
-    let (src_h, src_w, oh) = if dgrad {
-        (s.oh, s.ow, s.h)
+    let (src_h, src_w, oh, ow) = if dgrad {
+        (s.oh, s.ow, s.h, s.w)
     } else {
-        (s.h, s.w, s.oh)
+        (s.h, s.w, s.oh, s.ow)
     };
     let (pt, pl) = if dgrad {
         (kh as i64 - 1 - p.top as i64, kw as i64 - 1 - p.left as i64)
@@ -915,27 +916,39 @@ pub fn executed_fmas(op: Op, imp: Impl, conv: &DwConv2d, shape: &ConvShape) -> R
     let generic = l.kernel.ends_with("_generic");
     let ry = if generic { 1 } else { 2 };
     let th = l.block.1 as usize * ry;
+    // rows: per output row inside the plane (the templated kernel skips its second register row
+    // past the plane), the filter rows whose source row is in the image
     let mut rows = 0usize;
     for oy0 in (0..oh).step_by(th) {
         for oyb in (oy0..oy0 + th).step_by(ry).filter(|&o| o < oh) {
-            rows += (oyb..oyb + ry)
+            rows += (oyb..(oyb + ry).min(oh))
                 .map(|oy| taps_inside(oy, kh, pt, src_h))
                 .sum::<usize>();
         }
     }
+    // cols: per thread (global x index t, outputs t*RX ..), the filter columns it visits
     let threads_x = (l.grid.2 * l.block.0) as usize;
-    let cols: usize = if generic {
-        (0..threads_x)
-            .map(|t| {
-                let gx0 = (t * RX) as i64 - pl;
+    let cols: usize = (0..threads_x)
+        .map(|t| {
+            let gx0 = (t * RX) as i64 - pl;
+            if generic {
                 let lo = (-(gx0 + RX as i64 - 1)).max(0);
                 let hi = (kw as i64).min(src_w as i64 - gx0);
                 (hi - lo).max(0) as usize
-            })
-            .sum()
-    } else {
-        threads_x * kw
-    };
+            } else {
+                // quads of 4 taps that reach the image for one of the stored outputs j < jn
+                let jn = (RX as i64).min(ow as i64 - (t * RX) as i64);
+                let lo = (-(gx0 + jn - 1)).max(0);
+                let hi = (kw as i64).min(src_w as i64 - gx0);
+                if jn <= 0 || lo >= hi {
+                    0
+                } else {
+                    let (q_lo, q_hi) = (lo / 4, (hi + 3) / 4);
+                    ((4 * q_hi).min(kw as i64) - 4 * q_lo) as usize
+                }
+            }
+        })
+        .sum();
     Ok(planes * (rows * cols * RX) as f64)
 }
 
