@@ -16,6 +16,17 @@ fn lkconv(args: &[&str]) -> std::process::Output {
         .expect("run lkconv")
 }
 
+/// Runs a `conv` command that must succeed and returns tensor `name` of its output file.
+fn conv_output(args: &[&str], out: &Path, name: &str) -> Tensor<f32> {
+    let o = lkconv(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    TensorFile::read(out).unwrap().take(name).unwrap()
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
@@ -78,36 +89,27 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
                 &common,
             ]
             .concat();
-            let o = lkconv(&args);
-            assert!(
-                o.status.success(),
-                "{op} {device}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            let got = TensorFile::read(&out).unwrap().take(name).unwrap();
+            let got = conv_output(&args, &out, name);
             assert_close(&format!("cli {op} {device}"), &got, want, *tol);
         }
     }
 
     // Half-precision compute: files stay f32, results within bf16 precision.
     let out = dir.path().join("y_bf16.safetensors");
-    let o = lkconv(
+    let args = [
         &[
-            &[
-                "conv",
-                "--op",
-                "fwd",
-                "--dtype",
-                "bf16",
-                "--output",
-                path(&out),
-            ][..],
-            &common,
-        ]
-        .concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let y = TensorFile::read(&out).unwrap().take("y").unwrap();
+            "conv",
+            "--op",
+            "fwd",
+            "--dtype",
+            "bf16",
+            "--output",
+            path(&out),
+        ][..],
+        &common,
+    ]
+    .concat();
+    let y = conv_output(&args, &out, "y");
     assert_close(
         "cli fwd bf16",
         &y,
@@ -319,13 +321,7 @@ fn conv_on_the_simulator_agrees_with_the_reference_device() {
                 &extra,
             ]
             .concat();
-            let o = lkconv(&args);
-            assert!(
-                o.status.success(),
-                "{op} {device}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            results.push(TensorFile::read(&out).unwrap().take(name).unwrap());
+            results.push(conv_output(&args, &out, name));
         }
         assert_close(
             &format!("{op} sim vs cpu-ref"),
