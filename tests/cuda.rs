@@ -778,3 +778,231 @@ fn time_op_measures_something() {
         }
     }
 }
+
+// ---- The benchmark shapes ------------------------------------------------------------------------
+//
+// One test body (`check_benchmark_shapes`), every device (the candle `test_device!` pattern): on
+// the GPU at the benchmark shapes (skipped without one), in the kernel simulator at reduced sizes
+// that take the same planner branches (the N=64 full-plane tiles, the N=1 split tiles, plane
+// packing). Per shape, dtype and pass: the fast kernels against the naive kernel on the same
+// device over the whole output (the tolerance scaled by the naive kernel run on |inputs|), and
+// against the f64 CPU reference on a slice (two images x three channels; all images of the
+// three channels for the weight gradient).
+
+/// Where the body runs: the simulator, or a GPU through the stream API (outputs poisoned with NaN).
+enum Runner {
+    Sim,
+    Gpu(Arc<CudaDevice>, Arc<cuda::CudaStream>),
+}
+
+impl Runner {
+    fn run<T: CudaElement>(&self, op: Op, imp: Impl, cs: &Case, d: &Data<T>) -> Tensor<T> {
+        let what = format!("{} {} {} {:?}", T::DTYPE, op.name(), imp.name(), cs);
+        let r = match self {
+            // the simulator poisons outputs and workspace with NaN itself
+            Runner::Sim => match op {
+                Op::Forward => {
+                    lkconv::device::forward(Device::Sim, imp, &cs.conv, &d.x, &d.w, Some(&d.b))
+                }
+                Op::DataGrad => {
+                    lkconv::device::data_grad(Device::Sim, imp, &cs.conv, &d.dy, &d.w, (cs.h, cs.w))
+                }
+                Op::WeightGrad => {
+                    lkconv::device::weight_grad(Device::Sim, imp, &cs.conv, &d.x, &d.dy)
+                }
+            },
+            Runner::Gpu(dev, stream) => {
+                run_device::<T>(dev, stream, op, imp, cs, d, &mut Workspace::new())
+            }
+        };
+        r.unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+}
+
+/// Planes `(i, j)` for `i in first`, `j in second` of a tensor whose first two dims index planes
+/// (x, dy: [N, C, ..]; w, dw: [C, 1, ..]), as a new tensor [first.len(), second.len(), ..].
+fn planes<T: Element>(t: &Tensor<T>, first: &[usize], second: &[usize]) -> Tensor<T> {
+    let s = t.shape();
+    let plane: usize = s[2..].iter().product();
+    let mut data = Vec::with_capacity(first.len() * second.len() * plane);
+    for &i in first {
+        for &j in second {
+            let at = (i * s[1] + j) * plane;
+            data.extend_from_slice(&t.data()[at..at + plane]);
+        }
+    }
+    let mut shape = vec![first.len(), second.len()];
+    shape.extend_from_slice(&s[2..]);
+    Tensor::from_vec(&shape, data).unwrap()
+}
+
+fn abs_of<T: Element>(t: &Tensor<T>) -> Tensor<T> {
+    Tensor::from_vec(
+        t.shape(),
+        t.data()
+            .iter()
+            .map(|v| T::from_f32(v.to_f32().abs()))
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// |fast - naive| <= eps(T) max(|fast|, |naive|) + 3e-5 * magnitude + 1e-6 everywhere (both round
+/// once to T; the magnitude is the naive kernel on |inputs|; NaN fails).
+fn assert_matches_naive<T: Element>(
+    what: &str,
+    fast: &Tensor<T>,
+    naive: &Tensor<T>,
+    mag: &Tensor<T>,
+) {
+    assert_eq!(fast.shape(), naive.shape(), "{what}: shape");
+    let eps = T::DTYPE.epsilon();
+    let mut bad = 0usize;
+    let mut first = Vec::new();
+    for (i, ((f, n), m)) in fast
+        .data()
+        .iter()
+        .zip(naive.data())
+        .zip(mag.data())
+        .enumerate()
+    {
+        let (f, n, m) = (f.to_f64(), n.to_f64(), m.to_f64());
+        let tol = eps * f.abs().max(n.abs()) + 3e-5 * m + 1e-6;
+        let err = (f - n).abs();
+        if err.is_nan() || err > tol || m.is_nan() {
+            bad += 1;
+            if first.len() < 6 {
+                first.push(format!("[{i}] fast {f} naive {n} (tol {tol:.3e})"));
+            }
+        }
+    }
+    assert!(
+        bad == 0,
+        "{what}: {bad} of {} elements differ from the naive kernel, e.g. {first:?}",
+        fast.len()
+    );
+}
+
+/// The body: every pass of every case, fast against naive on the device and against the f64
+/// reference on a slice.
+fn check_benchmark_shapes<T: CudaElement>(runner: &Runner, cases: &[Case]) {
+    for (i, cs) in cases.iter().enumerate() {
+        let d = data::<T>(cs, 900 + i as u64);
+        let d_abs = Data {
+            x: abs_of(&d.x),
+            w: abs_of(&d.w),
+            b: abs_of(&d.b),
+            dy: abs_of(&d.dy),
+        };
+        // the slice: first and last image, first, middle and last channel
+        let mut ns = vec![0, cs.n - 1];
+        ns.dedup();
+        let mut chans = vec![0, cs.c / 2, cs.c - 1];
+        chans.dedup();
+        let all_n: Vec<usize> = (0..cs.n).collect();
+        for op in Op::ALL {
+            let what = format!("{} {} {:?}", T::DTYPE, op.name(), cs);
+            let fast = runner.run(op, Impl::Fast, cs, &d);
+            let naive = runner.run(op, Impl::Naive, cs, &d);
+            let mag = runner.run(op, Impl::Naive, cs, &d_abs);
+            assert_matches_naive(&format!("{what} fast vs naive"), &fast, &naive, &mag);
+            // the reference needs every image of a channel for the weight gradient
+            let sn = if op == Op::WeightGrad { &all_n } else { &ns };
+            let sub = case(sn.len(), chans.len(), cs.h, cs.w, cs.conv);
+            let sub_data = Data {
+                x: planes(&d.x, sn, &chans),
+                w: planes(&d.w, &chans, &[0]),
+                b: Tensor::from_vec(
+                    &[chans.len()],
+                    chans.iter().map(|&c| d.b.data()[c]).collect(),
+                )
+                .unwrap(),
+                dy: planes(&d.dy, sn, &chans),
+            };
+            let (want, want_mag) = reference_of(op, &sub, &sub_data);
+            let got = match op {
+                Op::WeightGrad => planes(&fast, &chans, &[0]),
+                _ => planes(&fast, &ns, &chans),
+            };
+            assert_close(
+                &format!("{what} fast vs f64 reference on images {ns:?} channels {chans:?}"),
+                &got,
+                &want,
+                &want_mag,
+            );
+        }
+    }
+}
+
+/// The shapes that matter (BENCHMARKS.md): RepLKNet-31B's first and last layers at N=64 and the
+/// first at N=1.
+fn gpu_benchmark_cases() -> Vec<Case> {
+    vec![
+        case(64, 128, 56, 56, DwConv2d::new(31, 31)),
+        case(64, 1024, 7, 7, DwConv2d::new(13, 13)),
+        case(1, 128, 56, 56, DwConv2d::new(31, 31)),
+    ]
+}
+
+/// Reduced sizes for the simulator with the same plans as `gpu_benchmark_cases` per plane:
+/// 264 planes of 56x56 K31 (enough blocks for full-plane tiles, as at N=64), 544 planes of 7x7 K13
+/// (plane packing, P=2), 4 planes of 56x56 K31 (split tiles, as at N=1).
+fn sim_benchmark_cases() -> Vec<Case> {
+    vec![
+        case(2, 132, 56, 56, DwConv2d::new(31, 31)),
+        case(2, 272, 7, 7, DwConv2d::new(13, 13)),
+        case(1, 4, 56, 56, DwConv2d::new(31, 31)),
+    ]
+}
+
+/// The planner branches the cases must reach (checked on both devices' case lists, so that a
+/// planner change that stops packing planes makes this fail instead of silently testing less).
+fn assert_plans_cover_packing_and_split_tiles(cases: &[Case]) {
+    let plan_of = |cs: &Case| {
+        let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
+        lkconv::kernels::plan(Op::Forward, Impl::Fast, DType::F32, &cs.conv, &s).unwrap()
+    };
+    let plans: Vec<_> = cases.iter().map(plan_of).collect();
+    assert!(
+        plans.iter().any(|p| p.launches[0].block.2 > 1),
+        "no case packs several planes into a block: {plans:?}"
+    );
+    // full-plane tiles (one tile row per plane) and split tiles (batch 1) for the 56x56 K31 layer
+    assert_eq!(plans[0].launches[0].grid.1, 1, "{:?}", plans[0]);
+    assert!(plans[2].launches[0].grid.1 > 1, "{:?}", plans[2]);
+}
+
+#[test]
+fn benchmark_shape_cases_reach_the_planner_branches() {
+    assert_plans_cover_packing_and_split_tiles(&gpu_benchmark_cases());
+    assert_plans_cover_packing_and_split_tiles(&sim_benchmark_cases());
+}
+
+/// `$gpu` runs the body on the GPU at the benchmark shapes (skips without one), `$sim` in the
+/// simulator at the reduced sizes.
+macro_rules! benchmark_shape_tests {
+    ($t:ty, $gpu:ident, $sim:ident) => {
+        #[test]
+        fn $gpu() {
+            let Some(dev) = gpu() else { return };
+            let stream = dev.new_stream().unwrap();
+            check_benchmark_shapes::<$t>(&Runner::Gpu(dev, stream), &gpu_benchmark_cases());
+        }
+
+        #[test]
+        fn $sim() {
+            check_benchmark_shapes::<$t>(&Runner::Sim, &sim_benchmark_cases());
+        }
+    };
+}
+
+benchmark_shape_tests!(
+    f32,
+    benchmark_shapes_f32_gpu,
+    benchmark_shapes_f32_simulator
+);
+benchmark_shape_tests!(
+    bf16,
+    benchmark_shapes_bf16_gpu,
+    benchmark_shapes_bf16_simulator
+);
