@@ -256,8 +256,8 @@ GROUP_MS = 2.0
 GROUPS = 5
 
 
-def time_ms(fn, budget_s):
-    """Per-call ms of fn(), timed like lkconv's timer: one warm-up call, then up to GROUPS
+def time_ms(fn, budget_s, max_groups=GROUPS):
+    """Per-call ms of fn(), timed like lkconv's timer: one warm-up call, then up to max_groups
     groups of M back-to-back calls between two CUDA events (M sized from a timed call so that a
     group lasts >= GROUP_MS), synchronised; the median per-call time of the groups.
     Returns (ms, calls timed, M)."""
@@ -272,7 +272,7 @@ def time_ms(fn, budget_s):
     e.synchronize()
     first = max(s.elapsed_time(e), 1e-3)
     m = int(max(1, min(200, -(-GROUP_MS // first))))
-    groups = int(max(1, min(GROUPS, (budget_s * 1e3) / (first * m))))
+    groups = int(max(1, min(max_groups, (budget_s * 1e3) / (first * m))))
     times = []
     for _ in range(groups):
         s.record()
@@ -473,7 +473,7 @@ def time_model(result, batch, budget_s, deadline):
                     else:
                         net(x)
 
-            ms, iters, _ = time_ms(fn, min(budget_s / 2, deadline.left() / 2))
+            ms, iters, _ = time_ms(fn, min(budget_s / 2, deadline.left() / 2), max_groups=3)
             rec.update(ms=ms, iters=iters, images_per_s=batch / (ms / 1e3))
         except Exception as e:
             rec["error"] = str(e)[:300]
