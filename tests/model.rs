@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{assert_matches, Expected};
+use common::{assert_matches, have_gpu, Expected};
 use lkconv::model::reference::{self, Act64};
 use lkconv::model::{reparam, Backend, Checkpoint, Form, Replknet, ReplknetConfig};
 use lkconv::safetensors_io::TensorFile;
@@ -101,29 +101,6 @@ fn golden_simulator_both_forms() {
         Form::Merged,
         Backend::Sim,
     );
-}
-
-fn require_gpu() -> bool {
-    std::env::var("LKCONV_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// True when a CUDA device with the embedded kernels is usable; otherwise prints why and
-/// returns false (panics with `LKCONV_REQUIRE_GPU=1`).
-fn have_gpu() -> bool {
-    let reason = if !lkconv::cuda::kernels_compiled() {
-        "built without CUDA kernels".to_string()
-    } else {
-        match lkconv::cuda::CudaDevice::shared(0) {
-            Ok(d) if d.kernels_loaded() => return true,
-            Ok(_) => "the embedded kernels failed to load".to_string(),
-            Err(e) => e.to_string(),
-        }
-    };
-    if require_gpu() {
-        panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
-    }
-    println!("skipped: no CUDA device ({reason})");
-    false
 }
 
 /// The GPU-resident forward pass (cuBLAS 1x1 convs, our depthwise and element-wise kernels).

@@ -299,3 +299,22 @@ pub fn assert_matches<T: Element>(what: &str, got: &Tensor<T>, want: &Expected) 
         );
     }
 }
+
+/// True when a CUDA device with the embedded kernels is usable; otherwise prints "skipped: no
+/// CUDA device (why)" and returns false (panics instead with `LKCONV_REQUIRE_GPU=1`).
+pub fn have_gpu() -> bool {
+    let reason = if !lkconv::cuda::kernels_compiled() {
+        "built without CUDA kernels".to_string()
+    } else {
+        match lkconv::cuda::CudaDevice::shared(0) {
+            Ok(d) if d.kernels_loaded() => return true,
+            Ok(_) => "the embedded kernels failed to load".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    if std::env::var("LKCONV_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
+    }
+    println!("skipped: no CUDA device ({reason})");
+    false
+}
