@@ -5,8 +5,8 @@
 #
 #     bash target/gpu-bundle/run.sh          # logs and summary.txt in $OUT (default ./out)
 #
-# Contents: the GPU test binaries (tests/cuda.rs, tests/model.rs, tests/tensor_core.rs when it
-# exists), the GPU criterion harness (benches/gpu.rs), the `lkconv` CLI, all stripped, plus
+# Contents: the test binaries with GPU tests (tests/cuda.rs, tests/model.rs, and
+# tests/concurrency.rs, tests/tensor_core.rs when they exist), the GPU criterion harness (benches/gpu.rs), the `lkconv` CLI, all stripped, plus
 # torch_compare.py, run.sh and bundle.env. The CPU-only test binaries are not bundled.
 # The kernels are compiled for sm_90 only (`LKCONV_CUDA_ARCHS=90`: the H100/H200 the run gets;
 # set LKCONV_CUDA_ARCHS to override, empty for build.rs's default list), in a target folder of
@@ -46,9 +46,11 @@ for line in sys.stdin:
 '
 }
 
-# The GPU test targets (a tests/tensor_core.rs from the tensor-core work is picked up when present).
+# The test targets with GPU tests (run.sh runs only their CUDA tests).
 test_targets=(--test cuda --test model)
-[ -f tests/tensor_core.rs ] && test_targets+=(--test tensor_core)
+for t in concurrency tensor_core; do
+  [ -f "tests/$t.rs" ] && test_targets+=(--test "$t")
+done
 
 # LKCONV_BUNDLE_KEEP_GOING=1: bundle whatever builds and list what failed in BUILD-INFO.txt.
 keep=()
@@ -68,11 +70,11 @@ build() { # name cargo-args...
 }
 say "building for sm_${LKCONV_CUDA_ARCHS:-<build.rs default>} in $CARGO_TARGET_DIR"
 say "building the GPU test binaries (${test_targets[*]})"
-build tests test --release --no-run "${test_targets[@]}"
+build tests test --release --no-run -p lkconv "${test_targets[@]}"
 say "building the GPU criterion harness"
-build benches bench --no-run --bench gpu
+build benches bench --no-run -p lkconv --bench gpu
 say "building the lkconv CLI"
-build cli build --release --bin lkconv
+build cli build --release -p lkconv --bin lkconv
 grep -h 'warning: lkconv@' "$tmp"/*.err | sort -u >&2 || true
 
 cli="$(awk -F'\t' '$1 == "bin" && $2 == "lkconv" { print $3 }' "$tmp/cli.tsv" | tail -n 1)"

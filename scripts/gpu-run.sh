@@ -3,12 +3,12 @@
 # GPU machine (the device tool: carry ["target/gpu-bundle"], command
 # "bash target/gpu-bundle/run.sh", timeout_s 540). BENCHMARKS.md "The first GPU run" says how.
 #
-# Order (most valuable results first; each step has a time limit; the limits add up to 460 s,
-# 485 with the tensor-core tests, and TOTAL_S = 480 s caps the whole run, so that the summary is
+# Order (most valuable results first; each step has a time limit; the limits add up to 475 s,
+# 500 with the tensor-core tests, and TOTAL_S = 480 s caps the whole run, so that the summary is
 # written before the device tool stops the run):
 #   1 env       nvidia-smi, lkconv info; no GPU -> every GPU step is skipped, exit 3 at once
-#   2 tests     the CUDA and model test binaries (GPU tests only; not their simulator twins),
-#               LKCONV_REQUIRE_GPU=1
+#   2 tests     the CUDA tests of the cuda, model, concurrency (and tensor_core) test binaries
+#               (not the simulator twins), LKCONV_REQUIRE_GPU=1
 #   3 bench     lkconv bench --device cuda --json: fast at N=64 and N=1 (f32, bf16, f16),
 #               then naive and im2col at N=1
 #   4 torch     scripts/torch_compare.py: PyTorch (cuDNN) vs lkconv, timings and a check
@@ -174,15 +174,16 @@ if ! sed -n '/===== lkconv info/,$p' "$OUT/env.log" | grep -q '^CUDA devices:$';
 fi
 
 # ---- 2. tests (GPU test binaries only) ----------------------------------------------------------
-step "test cuda" "${LIMIT_TESTS:-80}" "$OUT/tests.log" \
-  "${LK[@]}" LKCONV_REQUIRE_GPU=1 "$bin/test-cuda" --skip simulator --test-threads 4
-step "test model (cuda)" "${LIMIT_TESTS_MODEL:-30}" "$OUT/tests.log" \
-  "${LK[@]}" LKCONV_REQUIRE_GPU=1 "$bin/test-model" cuda --test-threads 4
-# hook: the tensor-core kernels' tests (tests/tensor_core.rs), bundled when they exist
-if [ -x "$bin/test-tensor_core" ]; then
-  step "test tensor_core" "${LIMIT_TESTS_TC:-25}" "$OUT/tests.log" \
-    "${LK[@]}" LKCONV_REQUIRE_GPU=1 "$bin/test-tensor_core" --test-threads 4
-fi
+# "binary|filter args|limit": the CUDA tests (not their simulator twins), the model's CUDA tests,
+# the CUDA test of tests/concurrency.rs (threads on streams) and, when bundled, tests/tensor_core.rs
+for t in "test-cuda|--skip simulator|${LIMIT_TESTS:-75}" "test-model|cuda|${LIMIT_TESTS_MODEL:-30}" \
+  "test-concurrency|cuda|${LIMIT_TESTS_CONCURRENCY:-20}" "test-tensor_core||${LIMIT_TESTS_TC:-25}"; do
+  IFS='|' read -r name filter limit <<<"$t"
+  [ -x "$bin/$name" ] || continue
+  # shellcheck disable=SC2086
+  step "$name${filter:+ ($filter)}" "$limit" "$OUT/tests.log" \
+    "${LK[@]}" LKCONV_REQUIRE_GPU=1 "$bin/$name" $filter --test-threads 4
+done
 
 # ---- 3. lkconv bench --device cuda --json ---------------------------------------------------------
 # One call per (dtype, impl, shape); "-" = the four RepLKNet-31B layers at N=1 (the default).
