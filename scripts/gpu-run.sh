@@ -256,9 +256,20 @@ else
 fi
 
 # ---- 8. the standalone tuning harness, when time is left --------------------------------------
+# Plans from the bundled lkconv (`lkconv plan --json`, the benchmark shapes) when it has the
+# command, else the checked-in fixture.
 if [ -f "$repo/kernels/bench/run.sh" ] && [ "$(left)" -ge 40 ]; then
+  plans=()
+  if "$bin/lkconv" plan --help >/dev/null 2>&1; then
+    for dt in f32 bf16; do
+      for imp in fast naive; do
+        "$bin/lkconv" plan --json --dtype "$dt" --impl "$imp" >>"$work/plans.json" 2>>"$OUT/extra.log"
+      done
+    done
+    [ -s "$work/plans.json" ] && plans=("$work/plans.json")
+  fi
   step "harness (kernels/bench)" "$(( $(left) - 5 ))" "$OUT/extra.log" \
-    bash "$repo/kernels/bench/run.sh" --quick
+    bash "$repo/kernels/bench/run.sh" --quick "${plans[@]}"
 else
   skip "harness (kernels/bench)" "no time left or not in the repository copy"
 fi

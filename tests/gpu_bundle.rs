@@ -166,7 +166,9 @@ exit 101"#,
     assert!(stdout.trim_end().ends_with(summary.trim_end()), "{stdout}");
     // the library path goes to lkconv's commands, not to the others
     let tests = std::fs::read_to_string(out.join("tests.log")).unwrap();
-    assert!(tests.contains("LD=/stand-in/cublas REQUIRE=1"), "{tests}");
+    // (a machine with a CUDA toolkit adds its own lib64 after the given path)
+    assert!(tests.contains("LD=/stand-in/cublas"), "{tests}");
+    assert!(tests.contains("REQUIRE=1"), "{tests}");
     let env = std::fs::read_to_string(out.join("env.log")).unwrap();
     assert!(env.contains("LD=/stand-in/cublas"), "{env}");
     assert!(env.contains("smi LD=\n"), "nvidia-smi saw the path: {env}");

@@ -52,4 +52,9 @@ class Backend {
 // module: the cubin/fatbin with the kernels (CUDA); ignored by the simulator.
 std::unique_ptr<Backend> make_backend(const std::string& module);
 
+// The storage conversions the kernels use (cuda_fp16.h / cuda_bf16.h on the host, or the
+// simulator's bit-exact versions): f32 -> f16 or bf16 bits (round to nearest even) and back.
+uint16_t half_bits_of(float v, bool bf16);
+float float_of_half_bits(uint16_t bits, bool bf16);
+
 }  // namespace lkbench

@@ -3,6 +3,8 @@
 // stream, CUDA events for timing, and cuBLAS (libcublas, opened at run time when present) for
 // the im2col baseline's GEMM step.
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <dlfcn.h>
 
 #include <map>
@@ -205,6 +207,13 @@ class CudaBackend : public Backend {
 
 std::unique_ptr<Backend> make_backend(const std::string& module) {
     return std::make_unique<CudaBackend>(module.empty() ? "lkbench_kernels.cubin" : module);
+}
+
+uint16_t half_bits_of(float v, bool bf16) {
+    return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+}
+float float_of_half_bits(uint16_t bits, bool bf16) {
+    return bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
 }
 
 }  // namespace lkbench

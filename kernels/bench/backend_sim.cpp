@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "sim/sim_runtime.h"
 
 extern "C" int lksim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                             unsigned by, unsigned bz, unsigned shared_bytes, const DwArgs* args,
@@ -75,5 +76,10 @@ class SimBackend : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_backend(const std::string&) { return std::make_unique<SimBackend>(); }
+
+uint16_t half_bits_of(float v, bool bf16) { return bf16 ? __float2bfloat16_rn(v).x : __float2half_rn(v).x; }
+float float_of_half_bits(uint16_t bits, bool bf16) {
+    return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+}
 
 }  // namespace lkbench

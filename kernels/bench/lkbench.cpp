@@ -165,50 +165,13 @@ Plan plan_from_json(const lkjson::Value& v) {
 // ---- storage types ----------------------------------------------------------------------------
 static size_t elem_bytes(const std::string& dtype) { return dtype == "f32" ? 4 : 2; }
 
-static uint32_t f32_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-static float bits_f32(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-// Round to nearest even (finite inputs).
-static uint16_t to_bf16(float f) {
-    uint32_t u = f32_bits(f);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static float from_bf16(uint16_t b) { return bits_f32((uint32_t)b << 16); }
-// Round to nearest even; the inputs here are small multiples of 2^-8 (normal or zero in f16).
-static uint16_t to_f16(float f) {
-    uint32_t u = f32_bits(f);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a < 0x38800000u) return sign;  // below the smallest normal: not produced by fill()
-    uint32_t exp = (a >> 23) - 112u, man = a & 0x7fffffu;
-    uint32_t h = (exp << 10) | (man >> 13), rest = man & 0x1fffu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h += 1;
-    return (uint16_t)(sign | h);
-}
-static float from_f16(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0));
-    if (exp == 0) {
-        float v = std::ldexp((float)man, -24);
-        return sign ? -v : v;
-    }
-    return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
-}
-
 static std::vector<unsigned char> encode(const std::vector<float>& v, const std::string& dtype) {
     std::vector<unsigned char> out(v.size() * elem_bytes(dtype));
     for (size_t i = 0; i < v.size(); ++i) {
         if (dtype == "f32") {
             std::memcpy(&out[4 * i], &v[i], 4);
         } else {
-            uint16_t b = dtype == "bf16" ? to_bf16(v[i]) : to_f16(v[i]);
+            uint16_t b = half_bits_of(v[i], dtype == "bf16");
             std::memcpy(&out[2 * i], &b, 2);
         }
     }
@@ -224,7 +187,7 @@ static std::vector<float> decode(const std::vector<unsigned char>& raw, const st
         } else {
             uint16_t b;
             std::memcpy(&b, &raw[2 * i], 2);
-            out[i] = dtype == "bf16" ? from_bf16(b) : from_f16(b);
+            out[i] = float_of_half_bits(b, dtype == "bf16");
         }
     }
     return out;

@@ -2,7 +2,8 @@
 # On a GPU machine: builds lkbench with nvcc (build.sh cuda, seconds) and runs it on plan files:
 #   bash kernels/bench/run.sh [--quick] [PLAN.json...] [-- LKBENCH-OPTIONS...]
 # Default plans: fixtures/benchmark.json (the benchmark shapes, fast and naive, f32 and bf16).
-# Fresh plans for an edited planner: `lkconv plan --json ... > my.json` (one object per line).
+# Fresh plans from the planner (the benchmark shapes; the naive plans are the check's reference):
+#   for i in fast naive; do lkconv plan --json --dtype f32 --impl $i; done > my.json
 # --quick: 3 timing groups instead of 5. The build goes to $LKBENCH_OUT (default a temp dir).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
