@@ -144,15 +144,25 @@ Plan plan_from_json(const lkjson::Value& v) {
         G.m = g.at("m").integer();
         G.n = g.at("n").integer();
         G.k = g.at("k").integer();
-        G.a_offset = g.at("a_offset").integer();
+        // f32 element offsets into the workspace ("a_offset"), or byte offsets ("a", as the
+        // planner's Gemm holds them before binding)
+        auto offset = [&](const char* elems, const char* bytes) -> long long {
+            if (g.has(elems)) return g.at(elems).integer();
+            long long b = g.at(bytes).integer();
+            if (b % 4) throw std::runtime_error(std::string("gemm.") + bytes + " is not a multiple of 4 bytes");
+            return b / 4;
+        };
+        if (g.has("dtype") && g.at("dtype").text() != "f32")
+            throw std::runtime_error("only f32 GEMM steps are supported");
+        G.a_offset = offset("a_offset", "a");
         G.lda = g.at("lda").integer();
         G.stride_a = g.at("stride_a").integer();
         G.a_trans = g.at("a_trans").boolean();
-        G.b_offset = g.at("b_offset").integer();
+        G.b_offset = offset("b_offset", "b");
         G.ldb = g.at("ldb").integer();
         G.stride_b = g.at("stride_b").integer();
         G.b_trans = g.at("b_trans").boolean();
-        G.c_offset = g.at("c_offset").integer();
+        G.c_offset = offset("c_offset", "c");
         G.ldc = g.at("ldc").integer();
         G.stride_c = g.at("stride_c").integer();
         if (G.after_launch < 0 || G.after_launch >= (long long)p.launches.size())
