@@ -4,8 +4,9 @@
 1. Timing, on the benchmark shapes: PyTorch forward, data gradient and weight gradient (the
    aten `convolution_backward` that autograd calls, one gradient at a time), NCHW and
    channels_last, fp32/bf16/fp16 (in that order, most valuable shapes first), timed like
-   lkconv's own timer: after a warm-up, groups of M back-to-back calls between two CUDA events
-   (M chosen so that a group lasts >= 2 ms), the median per-call time of the groups; both
+   lkconv's own timer (src/cuda/timing.rs): after a warm-up, groups of M back-to-back calls
+   between two CUDA events (M <= 1000 chosen so that a group lasts >= 1 ms), the median per-call
+   time of the groups; both
    sides synchronise before reading the events. Our times are read from `lkconv bench --json`
    output (`--ours`, JSON arrays one per line) and put side by side.
 2. Correctness, on small shapes: for fp32, fp16 and bf16, forward (with bias), data gradient
@@ -252,7 +253,7 @@ def check_correctness(lkconv, workdir, dev, records, failures, impls, deadline):
                 records.append(rec)
 
 
-GROUP_MS = 2.0
+GROUP_MS = 1.0
 GROUPS = 5
 
 
@@ -271,7 +272,7 @@ def time_ms(fn, budget_s, max_groups=GROUPS):
     e.record()
     e.synchronize()
     first = max(s.elapsed_time(e), 1e-3)
-    m = int(max(1, min(200, -(-GROUP_MS // first))))
+    m = int(max(1, min(1000, -(-GROUP_MS // first))))
     groups = int(max(1, min(max_groups, (budget_s * 1e3) / (first * m))))
     times = []
     for _ in range(groups):
