@@ -794,3 +794,17 @@ fn wide_layers_match_reference() {
     assert_close("stage0", &out.stages[0].1, &stages[0], 2e-5);
     assert_close("stage1", &out.stages[1].1, &stages[1], 2e-5);
 }
+
+/// Found by the fuzzer: a lone huge block index sized the expected-tensor list (50 GB), and a
+/// stage index of usize::MAX overflowed; both are now `Error::Weights`.
+#[test]
+fn lying_block_and_stage_indices_are_errors() {
+    let file = golden();
+    let v = file.get("stages.0.blocks.0.pw1.bn.running_mean").unwrap().clone();
+    let mut t = file.tensors.clone();
+    t.insert("stages.1.blocks.99999999999.pw1.bn.running_mean".into(), v.clone());
+    assert!(matches!(Checkpoint::from_tensors(t), Err(Error::Weights(_))));
+    let mut t = file.tensors.clone();
+    t.insert(format!("stages.{}.blocks.0.pw1.bn.running_mean", usize::MAX), v);
+    assert!(matches!(Checkpoint::from_tensors(t), Err(Error::Weights(_))));
+}
