@@ -800,11 +800,26 @@ fn wide_layers_match_reference() {
 #[test]
 fn lying_block_and_stage_indices_are_errors() {
     let file = golden();
-    let v = file.get("stages.0.blocks.0.pw1.bn.running_mean").unwrap().clone();
+    let v = file
+        .get("stages.0.blocks.0.pw1.bn.running_mean")
+        .unwrap()
+        .clone();
     let mut t = file.tensors.clone();
-    t.insert("stages.1.blocks.99999999999.pw1.bn.running_mean".into(), v.clone());
-    assert!(matches!(Checkpoint::from_tensors(t), Err(Error::Weights(_))));
+    t.insert(
+        "stages.1.blocks.99999999999.pw1.bn.running_mean".into(),
+        v.clone(),
+    );
+    assert!(matches!(
+        Checkpoint::from_tensors(t),
+        Err(Error::Weights(_))
+    ));
     let mut t = file.tensors.clone();
-    t.insert(format!("stages.{}.blocks.0.pw1.bn.running_mean", usize::MAX), v);
-    assert!(matches!(Checkpoint::from_tensors(t), Err(Error::Weights(_))));
+    t.insert(
+        format!("stages.{}.blocks.0.pw1.bn.running_mean", usize::MAX),
+        v,
+    );
+    assert!(matches!(
+        Checkpoint::from_tensors(t),
+        Err(Error::Weights(_))
+    ));
 }
