@@ -7,7 +7,7 @@
 //!   image when the model is small;
 //! - `conv_problem`: a textual problem (`key=value` pairs, see `fuzz/corpus/conv_problem`) ->
 //!   `DwConv2d` validation, output-size inference (checked against an independent u128
-//!   computation), the launch planner, and for small problems every CPU implementation and the
+//!   computation), the validated `Problem` of each pass and the planner on it, and for small problems every CPU implementation and the
 //!   simulator against the reference (the suite's comparator).
 //!
 //! Each target starts from its checked-in corpus (`fuzz/corpus/<target>/`, every file is run
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::model::{Checkpoint, Replknet};
 use lkconv::safetensors_io::{self, TensorFile};
-use lkconv::{DType, DwConv2d, Error, Padding, Rng, Tensor};
+use lkconv::{DType, DwConv2d, Error, Padding, Problem, Rng, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // The allocation bound: a global allocator that records any single allocation above LIMIT.
@@ -447,21 +447,24 @@ fn run_conv_problem(bytes: &[u8]) -> Result<(), String> {
         .as_ref()
         .map_or(vec![n, c, 1, 1], |s| s.output_dims().to_vec());
     let dy_shape = p.shape("dy", &out_default);
-    let fwd = conv.check_forward(&x_shape, &w_shape, bias_shape.as_deref());
-    let dgrad = conv.check_data_grad(&dy_shape, &w_shape, hw);
-    let wgrad = conv.check_weight_grad(&x_shape, &dy_shape);
-    for (op, r) in [
-        (Op::Forward, &fwd),
-        (Op::DataGrad, &dgrad),
-        (Op::WeightGrad, &wgrad),
-    ] {
+    // the validated problems (one per pass) built from the shapes of the text
+    let problem = |op: Op, imp: Impl, dtype: DType| match op {
+        Op::Forward => {
+            Problem::forward(imp, dtype, &conv, &x_shape, &w_shape, bias_shape.as_deref())
+        }
+        Op::DataGrad => Problem::data_grad(imp, dtype, &conv, &dy_shape, &w_shape, hw),
+        Op::WeightGrad => Problem::weight_grad(imp, dtype, &conv, &x_shape, &dy_shape),
+    };
+    let checks = Op::ALL.map(|op| problem(op, Impl::Fast, DType::F32).map(|p| *p.shape()));
+    for (op, r) in Op::ALL.into_iter().zip(&checks) {
         let Ok(s) = r else { continue };
         if s.oh * s.ow == 0 || s.n * s.c * s.h * s.w == 0 {
             return Err(format!("{op:?} validated a zero-sized problem {s:?}"));
         }
         for imp in [Impl::Fast, Impl::Naive, Impl::Im2col] {
             for dtype in DType::ALL {
-                match lkconv::kernels::plan(op, imp, dtype, &conv, s) {
+                let planned = problem(op, imp, dtype).and_then(|p| lkconv::plan::plan(&p));
+                match planned {
                     Ok(_) | Err(Error::Overflow(_) | Error::Unsupported(_)) => {}
                     Err(e) => return Err(format!("plan {op:?} {imp:?}: unexpected error {e}")),
                 }
@@ -505,7 +508,7 @@ fn run_conv_problem(bytes: &[u8]) -> Result<(), String> {
             bias_shape,
             &dy_shape,
             hw,
-            [&fwd, &dgrad, &wgrad],
+            [&checks[0], &checks[1], &checks[2]],
         ),
         Some("bf16") => compute::<half::bf16>(
             &conv,
@@ -514,7 +517,7 @@ fn run_conv_problem(bytes: &[u8]) -> Result<(), String> {
             bias_shape,
             &dy_shape,
             hw,
-            [&fwd, &dgrad, &wgrad],
+            [&checks[0], &checks[1], &checks[2]],
         ),
         _ => compute::<f32>(
             &conv,
@@ -523,7 +526,7 @@ fn run_conv_problem(bytes: &[u8]) -> Result<(), String> {
             bias_shape,
             &dy_shape,
             hw,
-            [&fwd, &dgrad, &wgrad],
+            [&checks[0], &checks[1], &checks[2]],
         ),
     }
 }
