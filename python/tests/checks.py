@@ -115,18 +115,19 @@ def _torch_padding(x: torch.Tensor, case: Case):
     return x, p
 
 
-def _reference(case: Case, x, w, b, dy):
-    """Forward output and the three gradients in float64 by F.conv2d (+ autograd)."""
-    x = x.detach().to("cpu", torch.float64).requires_grad_()
-    w = w.detach().to("cpu", torch.float64).requires_grad_()
-    b = None if b is None else b.detach().to("cpu", torch.float64).requires_grad_()
+def _reference(case: Case, x, w, b, dy, device="cpu"):
+    """Forward output and the three gradients in float64 by F.conv2d (+ autograd) on `device`,
+    returned on the CPU."""
+    x = x.detach().to(device, torch.float64).requires_grad_()
+    w = w.detach().to(device, torch.float64).requires_grad_()
+    b = None if b is None else b.detach().to(device, torch.float64).requires_grad_()
     xp, pad = _torch_padding(x, case)
     y = F.conv2d(xp, w, b, case.stride, pad, case.dilation, groups=case.c)
     if dy is None:
-        return y.detach(), None
+        return y.detach().cpu(), None
     ins = [x, w] + ([b] if b is not None else [])
-    grads = torch.autograd.grad(y, ins, dy.detach().to("cpu", torch.float64))
-    return y.detach(), grads
+    grads = torch.autograd.grad(y, ins, dy.detach().to(device, torch.float64))
+    return y.detach().cpu(), [t.cpu() for t in grads]
 
 
 def check_case(case: Case, dtype: torch.dtype, device: str, layout: str = "contiguous", seed: int = 0):
@@ -146,9 +147,9 @@ def check_case(case: Case, dtype: torch.dtype, device: str, layout: str = "conti
 
     y = lt.dwconv2d(x, w, b, case.stride, case.padding, case.dilation)
     dy0 = rand(*y.shape)
-    y_ref, grads = _reference(case, x0, w0, b0, dy0)
+    y_ref, grads = _reference(case, x0, w0, b0, dy0, device)
     eps = EPS[dtype]
-    y_bound, _ = _reference(case, x0.abs(), w0.abs(), None if b0 is None else b0.abs(), None)
+    y_bound, _ = _reference(case, x0.abs(), w0.abs(), None if b0 is None else b0.abs(), None, device)
     _assert_close(f"{case} {dtype} {layout} forward", y, y_ref, y_bound, eps)
     assert y.dtype == dtype and y.device.type == torch.device(device).type
 
@@ -162,7 +163,7 @@ def check_case(case: Case, dtype: torch.dtype, device: str, layout: str = "conti
     ins = [x, w] + ([b] if b is not None else [])
     got = torch.autograd.grad(y, ins, dy)
     # Bounds: the same linear maps applied to absolute values.
-    _, gb = _reference(case, x0.abs(), w0.abs(), None if b0 is None else b0.abs(), dy0.abs())
+    _, gb = _reference(case, x0.abs(), w0.abs(), None if b0 is None else b0.abs(), dy0.abs(), device)
     names = ["data grad", "weight grad", "bias grad"]
     for name, got_t, ref_t, bound_t in zip(names, got, grads, gb):
         # Gradients are rounded to the dtype once more in the backward (bias: a dtype sum).
