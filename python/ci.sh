@@ -15,6 +15,9 @@ if ! cmp -s "$here/requirements-ci.txt" "$stamp" 2>/dev/null; then
   echo "   installed in $((SECONDS - start)) s"
   cp "$here/requirements-ci.txt" "$stamp"
 fi
+echo "== python: cargo fmt --check, cargo clippy -D warnings (python/ is its own workspace)"
+cargo fmt --check --manifest-path "$here/Cargo.toml"
+cargo clippy --quiet --manifest-path "$here/Cargo.toml" --all-targets -- -D warnings
 echo "== python: maturin build --release (abi3 wheel)"
 rm -rf "$here/target/wheels"
 "$venv/bin/maturin" build --release --quiet -m "$here/Cargo.toml" -o "$here/target/wheels"

@@ -23,6 +23,9 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# python/ holds the package's sources without the native module: import the installed wheel
+# (or the unpacked one on PYTHONPATH), and the shared checks from tests/.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
 
@@ -162,6 +165,9 @@ def main() -> int:
     except ImportError as e:
         print(f"gpu_check: cannot import torch/lkconv: {e}")
         return 1
+    # f32 references in full f32: no TF32 in cuDNN or cuBLAS (the f64 oracle is unaffected).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     if not torch.cuda.is_available() or not lt.cuda_usable():
         print(f"gpu_check: CUDA unusable: {lkconv._lkconv.cuda_unusable_reason() or 'torch sees no GPU'}")
         return 1

@@ -55,12 +55,19 @@ fn check_dims(what: &str, got: &[usize], expected: [usize; 4]) -> PyResult<()> {
     Ok(())
 }
 
+fn not_contiguous(what: &str) -> PyErr {
+    PyValueError::new_err(format!("{what} must be C-contiguous"))
+}
+
 fn slice<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     what: &str,
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
 ) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{what} must be C-contiguous")))
+    a.as_slice().map_err(|_| not_contiguous(what))
+}
+
+fn slice_mut<'a>(what: &str, a: &'a mut PyReadwriteArray4<'_, f32>) -> PyResult<&'a mut [f32]> {
+    a.as_slice_mut().map_err(|_| not_contiguous(what))
 }
 
 /// Output shape [N, C, OH, OW] of a forward call; validates x, the weight and the bias.
@@ -149,9 +156,7 @@ fn forward_f32(
     check_dims("y", y.shape(), s.output_dims())?;
     let (xs, ws) = (slice("x", &x)?, slice("w", &w)?);
     let bs = bias.as_ref().map(|b| slice("bias", b)).transpose()?;
-    let ys = y
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("y must be C-contiguous"))?;
+    let ys = slice_mut("y", &mut y)?;
     py.detach(|| lkconv::cpu::forward_f32_into(&conv, &s, xs, ws, bs, ys))
         .map_err(py_err)
 }
@@ -174,9 +179,7 @@ fn data_grad_f32(
         .map_err(py_err)?;
     check_dims("dx", dx.shape(), s.input_dims())?;
     let (dys, ws) = (slice("dy", &dy)?, slice("w", &w)?);
-    let dxs = dx
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("dx must be C-contiguous"))?;
+    let dxs = slice_mut("dx", &mut dx)?;
     py.detach(|| lkconv::cpu::data_grad_f32_into(&conv, &s, dys, ws, dxs))
         .map_err(py_err)
 }
@@ -198,9 +201,7 @@ fn weight_grad_f32(
         .map_err(py_err)?;
     check_dims("dw", dw.shape(), conv.weight_dims(s.c))?;
     let (xs, dys) = (slice("x", &x)?, slice("dy", &dy)?);
-    let dws = dw
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("dw must be C-contiguous"))?;
+    let dws = slice_mut("dw", &mut dw)?;
     py.detach(|| lkconv::cpu::weight_grad_f32_into(&conv, &s, xs, dys, dws))
         .map_err(py_err)
 }

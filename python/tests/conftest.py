@@ -22,6 +22,12 @@ def _cuda_reason():
 
 
 CUDA_REASON = _cuda_reason()
+if not CUDA_REASON:
+    import torch
+
+    # f32 comparisons against cuDNN/cuBLAS in full f32 (no TF32).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 REQUIRE_CUDA = os.environ.get("LKCONV_REQUIRE_CUDA") == "1"
 
 
