@@ -25,23 +25,24 @@ fn py_err(e: Error) -> PyErr {
     }
 }
 
-/// The convolution from Python's (kernel, stride, padding (top, bottom, left, right), dilation).
+/// The convolution from Python's (kernel, stride, padding [top, bottom, left, right], dilation)
+/// (each a list or a tuple).
 fn conv_of(
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<DwConv2d> {
-    let (top, bottom, left, right) = padding;
-    let conv = DwConv2d::new(kernel.0, kernel.1)
+    let [top, bottom, left, right] = padding;
+    let conv = DwConv2d::new(kernel[0], kernel[1])
         .with_padding_sides(Padding {
             top,
             bottom,
             left,
             right,
         })
-        .with_stride(stride.0, stride.1)
-        .with_dilation(dilation.0, dilation.1);
+        .with_stride(stride[0], stride[1])
+        .with_dilation(dilation[0], dilation[1]);
     conv.validate().map_err(py_err)?;
     Ok(conv)
 }
@@ -77,9 +78,9 @@ fn forward_shape(
     x_shape: Vec<usize>,
     w_shape: Vec<usize>,
     bias_shape: Option<Vec<usize>>,
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<[usize; 4]> {
     let kernel = kernel_of(&w_shape)?;
     let conv = conv_of(kernel, stride, padding, dilation)?;
@@ -90,9 +91,9 @@ fn forward_shape(
 }
 
 /// (KH, KW) of a weight [C, 1, KH, KW] (its other extents are checked by the core).
-fn kernel_of(w_shape: &[usize]) -> PyResult<(usize, usize)> {
+fn kernel_of(w_shape: &[usize]) -> PyResult<[usize; 2]> {
     match *w_shape {
-        [_, _, kh, kw] => Ok((kh, kw)),
+        [_, _, kh, kw] => Ok([kh, kw]),
         _ => Err(py_err(Error::Shape {
             what: "weight w".into(),
             expected: "4 dimensions [C, 1, KH, KW]".into(),
@@ -106,14 +107,14 @@ fn kernel_of(w_shape: &[usize]) -> PyResult<(usize, usize)> {
 fn data_grad_shape(
     dy_shape: Vec<usize>,
     w_shape: Vec<usize>,
-    input_hw: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    input_hw: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<[usize; 4]> {
     let conv = conv_of(kernel_of(&w_shape)?, stride, padding, dilation)?;
     let s = conv
-        .check_data_grad(&dy_shape, &w_shape, input_hw)
+        .check_data_grad(&dy_shape, &w_shape, (input_hw[0], input_hw[1]))
         .map_err(py_err)?;
     Ok(s.input_dims())
 }
@@ -123,10 +124,10 @@ fn data_grad_shape(
 fn weight_grad_shape(
     x_shape: Vec<usize>,
     dy_shape: Vec<usize>,
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<[usize; 4]> {
     let conv = conv_of(kernel, stride, padding, dilation)?;
     let s = conv
@@ -145,9 +146,9 @@ fn forward_f32(
     w: PyReadonlyArray4<'_, f32>,
     bias: Option<PyReadonlyArray1<'_, f32>>,
     mut y: PyReadwriteArray4<'_, f32>,
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<()> {
     let conv = conv_of(kernel_of(w.shape())?, stride, padding, dilation)?;
     let s = conv
@@ -168,9 +169,9 @@ fn data_grad_f32(
     dy: PyReadonlyArray4<'_, f32>,
     w: PyReadonlyArray4<'_, f32>,
     mut dx: PyReadwriteArray4<'_, f32>,
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<()> {
     let conv = conv_of(kernel_of(w.shape())?, stride, padding, dilation)?;
     let input_hw = (dx.shape()[2], dx.shape()[3]);
@@ -191,9 +192,9 @@ fn weight_grad_f32(
     x: PyReadonlyArray4<'_, f32>,
     dy: PyReadonlyArray4<'_, f32>,
     mut dw: PyReadwriteArray4<'_, f32>,
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<()> {
     let conv = conv_of(kernel_of(dw.shape())?, stride, padding, dilation)?;
     let s = conv
@@ -224,10 +225,10 @@ fn dtype_of(name: &str) -> PyResult<DType> {
 /// The problem of an op: `input_shape` is x's [N, C, H, W] for every op.
 fn problem(
     input_shape: [usize; 4],
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<(DwConv2d, ConvShape)> {
     let conv = conv_of(kernel, stride, padding, dilation)?;
     let [n, c, h, w] = input_shape;
@@ -259,10 +260,10 @@ fn cuda_workspace_bytes(
     op: &str,
     dtype: &str,
     input_shape: [usize; 4],
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
 ) -> PyResult<usize> {
     let (conv, s) = problem(input_shape, kernel, stride, padding, dilation)?;
     cuda::workspace_bytes(op_of(op)?, Impl::Fast, dtype_of(dtype)?, &conv, &s).map_err(py_err)
@@ -281,18 +282,20 @@ fn cuda_launch(
     device: usize,
     stream: usize,
     input_shape: [usize; 4],
-    kernel: (usize, usize),
-    stride: (usize, usize),
-    padding: (usize, usize, usize, usize),
-    dilation: (usize, usize),
-    ptrs: (u64, u64, u64, u64),
-    workspace: (u64, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
+    ptrs: [u64; 4],
+    workspace: [u64; 2],
 ) -> PyResult<()> {
     let op = op_of(op)?;
     let dtype = dtype_of(dtype)?;
     let (conv, s) = problem(input_shape, kernel, stride, padding, dilation)?;
-    let (in0, in1, bias, out) = ptrs;
-    let (ws, ws_len) = workspace;
+    let [in0, in1, bias, out] = ptrs;
+    let [ws, ws_len] = workspace;
+    let ws_len = usize::try_from(ws_len)
+        .map_err(|_| PyValueError::new_err("workspace length does not fit in usize"))?;
     if in0 == 0 || in1 == 0 || out == 0 || (op != Op::Forward && bias != 0) {
         return Err(PyValueError::new_err("null or unexpected device pointer"));
     }

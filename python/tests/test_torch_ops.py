@@ -95,3 +95,25 @@ def test_bad_input_is_a_typed_error(call, error, device):
     w = torch.randn(3, 1, 3, 3, device=device)
     with pytest.raises(error):
         call(x, w)
+
+
+def test_native_cuda_entry_points_check_their_arguments():
+    """The native CUDA entry points that lkconv.torch calls: the workspace query is pure
+    planning (runs anywhere), bad problems and null pointers are ValueErrors before any device
+    is touched, and without CUDA a launch is a RuntimeError naming why, never a crash."""
+    from lkconv import _lkconv as native
+
+    conv = ([1, 1], [15, 15, 15, 15], [1, 1])
+    assert native.cuda_workspace_bytes("weight_grad", "bf16", (2, 3, 40, 40), (31, 31), *conv) >= 0
+    assert native.cuda_workspace_bytes("forward", "f16", [2, 3, 40, 40], [7, 7], [2, 2], [3] * 4, [1, 1]) >= 0
+    for bad in [("fwd", "f32"), ("forward", "f64")]:
+        with pytest.raises(ValueError):
+            native.cuda_workspace_bytes(*bad, (1, 2, 8, 8), (3, 3), *conv)
+    with pytest.raises(ValueError):  # the kernel leaves no output
+        native.cuda_workspace_bytes("forward", "f32", (1, 2, 8, 8), (31, 31), [1, 1], [0] * 4, [1, 1])
+    launch = ("forward", "f32", 0, 0, (1, 2, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    with pytest.raises(ValueError):  # null input pointer
+        native.cuda_launch(*launch, (0, 512, 0, 1024), (0, 0))
+    if not native.cuda_usable():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            native.cuda_launch(*launch, (256, 512, 0, 1024), (0, 0))
