@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 use crate::exec::{Buf, Executor};
 use crate::plan::{Gemm, Launch, Step};
 
+pub mod warp;
+
 #[cfg(lkconv_sim)]
 mod ffi {
     use crate::plan::DwArgs;
