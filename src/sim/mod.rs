@@ -14,25 +14,16 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, Plan};
 use crate::tensor::Tensor;
 
+mod sanitize;
+pub use sanitize::{
+    current_schedule, run_launches, with_schedule, GuardedBuf, LaunchData, LaunchResult, Schedule,
+};
+
 #[cfg(lkconv_sim)]
 mod ffi {
-    use crate::kernels::DwArgs;
     use std::ffi::c_char;
 
     extern "C" {
-        pub fn lksim_launch(
-            name: *const c_char,
-            gx: u32,
-            gy: u32,
-            gz: u32,
-            bx: u32,
-            by: u32,
-            bz: u32,
-            shared_bytes: u32,
-            args: *const DwArgs,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> i32;
         pub fn lksim_selftest(err: *mut c_char, err_len: usize) -> i32;
         pub fn lksim_f32_to_f16_bits(v: f32) -> u16;
         pub fn lksim_f16_bits_to_f32(b: u16) -> f32;
@@ -133,42 +124,6 @@ pub fn conversions() -> Result<Conversions> {
     unavailable()
 }
 
-/// Runs one launch of a bound plan in the simulator.
-#[cfg(lkconv_sim)]
-fn launch(l: &kernels::Launch) -> Result<()> {
-    let name = std::ffi::CString::new(l.kernel)
-        .map_err(|_| Error::Simulator(format!("bad kernel name {}", l.kernel)))?;
-    let mut err = vec![0u8; 512];
-    // SAFETY: `name` is a NUL-terminated string and `l.args` a #[repr(C)] DwArgs that outlive the
-    // call; `err` is writable for err.len() bytes. The buffer addresses inside the args were bound
-    // by `run` to host allocations sized by the plan (outputs, inputs, workspace) that stay alive
-    // and unaliased by Rust references while the call runs.
-    let rc = unsafe {
-        ffi::lksim_launch(
-            name.as_ptr(),
-            l.grid.0,
-            l.grid.1,
-            l.grid.2,
-            l.block.0,
-            l.block.1,
-            l.block.2,
-            l.shared_bytes,
-            &l.args,
-            err.as_mut_ptr().cast(),
-            err.len(),
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(Error::Simulator(format!(
-        "{}: {}",
-        l.kernel,
-        String::from_utf8_lossy(&err[..end])
-    )))
-}
-
 /// Runs one launch whose buffer addresses are already bound to host memory (the model's
 /// simulator back-end, `crate::model::gpu`).
 ///
@@ -178,55 +133,20 @@ fn launch(l: &kernels::Launch) -> Result<()> {
 /// aliasing an input unless the kernel allows it, all alive and not accessed through Rust
 /// references while the call runs.
 pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
-    #[cfg(lkconv_sim)]
-    {
-        launch(l)
-    }
-    #[cfg(not(lkconv_sim))]
-    {
-        let _ = l;
-        unavailable()
-    }
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { sanitize::launch(l) }
 }
 
-/// Binds host buffers, poisons the output and workspace with NaN, runs every launch and the GEMM.
+/// Runs a plan on guarded copies of the inputs (memcheck), the output and workspace poisoned with
+/// NaN, under the calling thread's schedule (see [`with_schedule`]).
 fn run<T: Element>(
-    mut plan: Plan,
+    plan: Plan,
     in0: &[T],
     in1: &[T],
     bias: Option<&[T]>,
     out_len: usize,
 ) -> Result<Vec<T>> {
-    #[cfg(lkconv_sim)]
-    {
-        let mut out = vec![T::from_f32(f32::NAN); out_len];
-        let mut ws = vec![f32::NAN; plan.workspace_len()];
-        let addr = |p: *const u8| p as usize as u64;
-        let ws_addr = if ws.is_empty() {
-            0
-        } else {
-            addr(ws.as_mut_ptr() as *const u8)
-        };
-        plan.bind(
-            addr(in0.as_ptr().cast()),
-            addr(in1.as_ptr().cast()),
-            bias.map_or(0, |b| addr(b.as_ptr().cast())),
-            addr(out.as_mut_ptr() as *const u8),
-            ws_addr,
-        );
-        for (i, l) in plan.launches.iter().enumerate() {
-            launch(l)?;
-            if let Some(g) = plan.gemm.filter(|g| g.after_launch == i) {
-                g.run_host(&mut ws)?;
-            }
-        }
-        Ok(out)
-    }
-    #[cfg(not(lkconv_sim))]
-    {
-        let _ = (&mut plan, in0, in1, bias, out_len);
-        unavailable()
-    }
+    sanitize::run_plan(plan, in0, in1, bias, out_len)
 }
 
 fn planned(op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, dtype: crate::DType) -> Result<Plan> {
