@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod occupancy;
 pub mod rng;
 pub mod safetensors_io;
 pub mod sim;
