@@ -274,6 +274,12 @@ __attribute__((noinline)) inline void syncthreads_impl() {
     swapcontext(&f.ctx, &b->sched);
 }
 
+}  // namespace lksim
+
+#include "sim_warp.h"  // warp rendezvous: __syncwarp, shuffles, votes, mma
+
+namespace lksim {
+
 // Runs one block; returns an empty string or an error message.
 inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     t_block = &b;
@@ -286,6 +292,7 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     const uint64_t block_salt =
         ((uint64_t)bidx.z << 42) ^ ((uint64_t)bidx.y << 21) ^ (uint64_t)bidx.x;
     uint64_t interval = 0;
+    warp_block_begin(b.nthreads);
     for (size_t i = 0; i < b.nthreads; ++i) {
         Fiber& f = b.fibers[i];
         f.done = false;
@@ -297,9 +304,11 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
         makecontext(&f.ctx, fiber_entry, 0);
     }
     for (;;) {
-        size_t waiting = 0, done = 0;
+        size_t waiting = 0, done = 0, at_warp = 0;
         void* site = nullptr;
         bool mixed_sites = false;
+        // while a warp point is pending, only its lanes run; the others stay at their barrier
+        const bool warp_round = warp_any_waiting();
         schedule_order(b.launch->opts, splitmix64(block_salt) + interval++, b.order, b.nthreads);
         for (size_t i : b.order) {
             Fiber& f = b.fibers[i];
@@ -307,13 +316,17 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
                 ++done;
                 continue;
             }
-            f.at_barrier = false;
-            b.current = i;
-            t_thread_idx = uint3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
-                                 (unsigned)(i / ((size_t)bdim.x * bdim.y))};
-            swapcontext(&b.sched, &f.ctx);
+            if (!warp_round || warp_waiting(i)) {
+                f.at_barrier = false;
+                b.current = i;
+                t_thread_idx = uint3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
+                                     (unsigned)(i / ((size_t)bdim.x * bdim.y))};
+                swapcontext(&b.sched, &f.ctx);
+            }
             if (f.done) {
                 ++done;
+            } else if (warp_waiting(i)) {
+                ++at_warp;
             } else {
                 ++waiting;
                 if (site == nullptr) site = f.site;
@@ -323,6 +336,11 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
         if (!b.fault.empty()) return b.fault;
         std::string oob = take_oob();
         if (!oob.empty()) return oob;
+        if (at_warp > 0) {
+            std::string e = warp_end_of_pass();
+            if (!e.empty()) return e;
+            continue;
+        }
         if (waiting == 0) {
             for (size_t i = 0; i < kSharedGuardBytes; ++i)
                 if (b.smem[b.smem_bytes + i] != 0xff)

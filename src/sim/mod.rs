@@ -18,6 +18,7 @@ mod sanitize;
 pub use sanitize::{
     current_schedule, run_launches, with_schedule, GuardedBuf, LaunchData, LaunchResult, Schedule,
 };
+pub mod warp;
 
 #[cfg(lkconv_sim)]
 mod ffi {
