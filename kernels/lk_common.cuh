@@ -72,7 +72,32 @@ __device__ __forceinline__ float4 lds4(const float* p) {
 #endif
 }
 
+#ifdef LK_SIM
+// A checked 16-byte shared-memory load (initcheck, kernels/sim/sim_initcheck.h).
+__device__ __forceinline__ float4 lds4(::lksim::SmemPtr<const float> p) {
+    if (reinterpret_cast<uintptr_t>(p.raw()) & 15u) ::lksim::fault("misaligned 16-byte shared load");
+    ::lksim::smem_check(p.raw(), 16);
+    const float* q = p.raw();
+    return float4{q[0], q[1], q[2], q[3]};
+}
+// A pointer into dynamic shared memory declared with LK_CHECKED_SMEM: checked in the simulator
+// (a read of never-written shared memory is an error), a plain `T*` under nvcc.
+template <typename T>
+using smem_ptr = ::lksim::SmemPtr<T>;
+#else
+template <typename T>
+using smem_ptr = T*;
+#endif
+
 }  // namespace lk
+
+// Dynamic shared memory as a checked lk::smem_ptr<float> (plain `float*` under nvcc).
+#ifdef LK_SIM
+#define LK_CHECKED_SMEM(name) \
+    ::lk::smem_ptr<float> name(reinterpret_cast<float*>(::lksim::dyn_smem()))
+#else
+#define LK_CHECKED_SMEM(name) LK_DYNAMIC_SMEM(name)
+#endif
 
 // Dynamic shared memory as a float array (16-byte aligned).
 #ifdef LK_SIM

@@ -380,3 +380,34 @@ fn guarded_buffers_hold_their_data() {
     assert_eq!(b.addr() % 16, 0);
     assert_eq!(b.to_vec::<f32>(), data);
 }
+
+#[test]
+fn initcheck_stops_reads_of_never_written_shared_memory() {
+    let run = |kernel: &'static str, all_write: bool| {
+        let args = DwArgs {
+            aux0: all_write as i32,
+            ..DwArgs::default()
+        };
+        let l = test_launch(kernel, 2, 64, 256, args);
+        let data = LaunchData {
+            out_bytes: 4 * 2 * 64,
+            ..LaunchData::default()
+        };
+        sim::run_launches(&[l], None, &data)
+    };
+    let r = run("lksim_test_uninit", true).unwrap();
+    let got = r.out.to_vec::<f32>();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == ((i % 64) ^ 1) as f32));
+    for kernel in ["lksim_test_uninit", "lksim_test_uninit_vec"] {
+        match run(kernel, false) {
+            Err(Error::Simulator(m)) => {
+                assert!(m.starts_with(kernel), "{m}");
+                assert!(m.contains("never-written shared memory"), "{m}");
+            }
+            other => panic!("{kernel}: uninitialised read not reported: {other:?}"),
+        }
+    }
+}

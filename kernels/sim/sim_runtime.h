@@ -32,6 +32,7 @@
 
 #include "../lk_args.cuh"
 #include "sim_memcheck.h"
+#include "sim_initcheck.h"
 
 #define __global__
 #define __device__
@@ -289,6 +290,7 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     std::memset(b.smem, 0xff, b.smem_bytes + kSharedGuardBytes);  // NaN poison
     b.fault.clear();
     take_oob();  // a report left by an earlier failed launch on this thread
+    initcheck_block_begin(b.smem, b.smem_bytes);
     const uint64_t block_salt =
         ((uint64_t)bidx.z << 42) ^ ((uint64_t)bidx.y << 21) ^ (uint64_t)bidx.x;
     uint64_t interval = 0;
