@@ -49,6 +49,7 @@ pub struct Gpu {
 
 const KB: u32 = 1024;
 
+/// sm_90; the other architectures differ from it only where they say so.
 const fn hopper(name: &'static str, sm_count: u32) -> Gpu {
     Gpu {
         name,
@@ -77,18 +78,9 @@ pub const GPUS: [Gpu; 4] = [
         name: "a100",
         arch: "sm_80",
         sm_count: 108,
-        max_threads_per_sm: 2048,
-        max_warps_per_sm: 64,
-        max_blocks_per_sm: 32,
-        registers_per_sm: 65536,
-        register_alloc_unit: 256,
-        max_registers_per_thread: 255,
-        max_registers_per_block: 65536,
-        sub_partitions: 4,
         shared_per_sm: 164 * KB,
         shared_per_block: 163 * KB,
-        shared_reserved_per_block: KB,
-        shared_alloc_unit: 128,
+        ..hopper("", 0)
     },
     Gpu {
         name: "l4",
@@ -97,15 +89,9 @@ pub const GPUS: [Gpu; 4] = [
         max_threads_per_sm: 1536,
         max_warps_per_sm: 48,
         max_blocks_per_sm: 24,
-        registers_per_sm: 65536,
-        register_alloc_unit: 256,
-        max_registers_per_thread: 255,
-        max_registers_per_block: 65536,
-        sub_partitions: 4,
         shared_per_sm: 100 * KB,
         shared_per_block: 99 * KB,
-        shared_reserved_per_block: KB,
-        shared_alloc_unit: 128,
+        ..hopper("", 0)
     },
 ];
 

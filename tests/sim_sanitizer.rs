@@ -6,6 +6,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use common::{case, Case};
+
 use half::{bf16, f16};
 use lkconv::kernels::{self, DwArgs, Launch, ModelAct};
 use lkconv::sim::{self, LaunchData, Schedule};
@@ -57,18 +59,6 @@ fn family(name: &str) -> String {
         .filter(|p| !(p.starts_with('k') && p[1..].parse::<u32>().is_ok()))
         .collect::<Vec<_>>()
         .join("_")
-}
-
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-}
-
-fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
-    Case { n, c, h, w, conv }
 }
 
 /// The usual shape families: odd and even kernels, a kernel larger than the image, batch 1 and

@@ -11,6 +11,10 @@
 // every block so that a read of unstaged shared memory shows up as NaN in the result).
 // Kernels here use dynamic shared memory only (LK_DYNAMIC_SMEM in lk_common.cuh); `__shared__`
 // maps to `static thread_local` for completeness.
+// Sanitizer: the order the fibers of each barrier interval (and the blocks of a grid) run in is
+// a per-launch schedule (forward, reverse, seeded random: a race shows as a different result);
+// global buffers from src/sim/sanitize.rs have guard pages (sim_memcheck.h); shared memory
+// declared with LK_CHECKED_SMEM has a shadow map of written bytes (sim_initcheck.h).
 #pragma once
 #ifndef LK_SIM
 #define LK_SIM 1

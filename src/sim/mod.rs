@@ -15,6 +15,7 @@ use crate::kernels::{self, Plan};
 use crate::tensor::Tensor;
 
 mod sanitize;
+use sanitize::run_plan as run;
 pub use sanitize::{
     current_schedule, run_launches, with_schedule, GuardedBuf, LaunchData, LaunchResult, Schedule,
 };
@@ -136,18 +137,6 @@ pub fn conversions() -> Result<Conversions> {
 pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
     // SAFETY: the caller's guarantee, passed on.
     unsafe { sanitize::launch(l) }
-}
-
-/// Runs a plan on guarded copies of the inputs (memcheck), the output and workspace poisoned with
-/// NaN, under the calling thread's schedule (see [`with_schedule`]).
-fn run<T: Element>(
-    plan: Plan,
-    in0: &[T],
-    in1: &[T],
-    bias: Option<&[T]>,
-    out_len: usize,
-) -> Result<Vec<T>> {
-    sanitize::run_plan(plan, in0, in1, bias, out_len)
 }
 
 fn planned(op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, dtype: crate::DType) -> Result<Plan> {

@@ -364,7 +364,9 @@ fn bytes_of<T: Element>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Runs a plan on guarded copies of the inputs and returns its `out_len` outputs.
+/// Runs a plan on guarded copies of the inputs (memcheck), the output and workspace poisoned with
+/// NaN, under the calling thread's schedule (see [`with_schedule`]); returns its `out_len`
+/// outputs.
 pub(crate) fn run_plan<T: Element>(
     plan: Plan,
     in0: &[T],
