@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
-use crate::kernels::Launch;
+use crate::plan::Launch;
 
 /// The per-SM limits of one GPU model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,17 +327,18 @@ pub fn model(gpu: &Gpu, launch: &Launch, res: KernelResources) -> Result<Occupan
 /// The model for `launch` on `gpu` with this build's ptxas report; None when the build has no
 /// report for the kernel (built without nvcc).
 pub fn launch_occupancy(gpu: &Gpu, launch: &Launch) -> Option<Result<Occupancy>> {
-    resources(launch.kernel, gpu.arch).map(|r| model(gpu, launch, r))
+    resources(&launch.kernel.name(), gpu.arch).map(|r| model(gpu, launch, r))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::DwArgs;
+    use crate::plan::{DwArgs, Family, KernelId};
+    use crate::DType;
 
     fn launch(grid: u32, block: (u32, u32, u32), shared: u32) -> Launch {
         Launch {
-            kernel: "k",
+            kernel: KernelId::new(Family::Affine, DType::F32),
             grid: (grid, 1, 1),
             block,
             shared_bytes: shared,

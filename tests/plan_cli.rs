@@ -4,8 +4,9 @@
 
 use std::process::Command;
 
-use lkconv::kernels;
 use lkconv::occupancy::{self, Gpu};
+use lkconv::plan;
+use lkconv::problem::Problem;
 use lkconv::{DType, DwConv2d, Impl, Op};
 use serde_json::Value;
 
@@ -82,10 +83,11 @@ fn json_matches_the_planner_and_the_model() {
             ints(&j["output"]),
             s.output_dims().map(|v| v as i64).to_vec()
         );
-        let plan = kernels::plan(op, imp, DType::Bf16, &conv, &s).unwrap();
+        let plan = plan::plan(&Problem::new(op, imp, DType::Bf16, &conv, &s).unwrap()).unwrap();
         assert_eq!(j["workspace_bytes"], plan.workspace_bytes);
         assert_eq!(j["gemm"].is_null(), plan.gemm.is_none());
-        if let Some(g) = plan.gemm {
+        if let Some((after, g)) = plan.gemm {
+            assert_eq!(j["gemm"]["after_launch"], after);
             assert_eq!(j["gemm"]["m"], g.m);
             assert_eq!(j["gemm"]["a_trans"], g.a_trans);
             assert_eq!(j["gemm"]["stride_c"], g.stride_c);
@@ -94,7 +96,7 @@ fn json_matches_the_planner_and_the_model() {
         assert_eq!(launches.len(), plan.launches.len());
         let g = Gpu::named(gpu).unwrap();
         for (jl, l) in launches.iter().zip(&plan.launches) {
-            assert_eq!(jl["kernel"], l.kernel);
+            assert_eq!(jl["kernel"], l.kernel.name());
             assert_eq!(
                 ints(&jl["grid"]),
                 [l.grid.0, l.grid.1, l.grid.2].map(i64::from)

@@ -9,8 +9,12 @@ use std::collections::BTreeSet;
 use common::{case, Case};
 
 use half::{bf16, f16};
-use lkconv::kernels::{self, DwArgs, Launch, ModelAct};
-use lkconv::sim::{self, LaunchData, Schedule};
+use lkconv::plan::model::{self as model_plan, DenseConvShape};
+use lkconv::plan::{self, DwArgs, Launch, ModelAct};
+use lkconv::problem::Problem;
+use lkconv::sim::sanitize::{run_launches, LaunchData, NamedLaunch};
+use lkconv::sim::{self, Schedule};
+use lkconv::{device, Device};
 use lkconv::{DType, DwConv2d, Element, Error, Impl, Op, Padding, Rng, Tensor};
 
 /// The schedules every kernel must agree under (forward is the reference).
@@ -126,8 +130,8 @@ fn check_op<T: Element>(
     let w = Tensor::<T>::random(&conv.weight_dims(s.c), rng).unwrap();
     let dy = Tensor::<T>::random(&s.output_dims(), rng).unwrap();
     let b = Tensor::<T>::random(&[s.c], rng).unwrap();
-    let plan = kernels::plan(op, imp, T::DTYPE, conv, &s).unwrap();
-    ran.extend(plan.launches.iter().map(|l| family(l.kernel)));
+    let plan = plan::plan(&Problem::new(op, imp, T::DTYPE, conv, &s).unwrap()).unwrap();
+    ran.extend(plan.launches.iter().map(|l| family(&l.kernel.name())));
     let what = format!(
         "{op:?} {imp:?} {} {:?} on {:?}",
         T::DTYPE,
@@ -136,9 +140,9 @@ fn check_op<T: Element>(
     );
     let res = schedule_invariant(&what, sch, || {
         let out = match op {
-            Op::Forward => sim::forward(imp, conv, &x, &w, Some(&b))?,
-            Op::DataGrad => sim::data_grad(imp, conv, &dy, &w, (s.h, s.w))?,
-            Op::WeightGrad => sim::weight_grad(imp, conv, &x, &dy)?,
+            Op::Forward => device::forward(Device::Sim, imp, conv, &x, &w, Some(&b))?,
+            Op::DataGrad => device::data_grad(Device::Sim, imp, conv, &dy, &w, (s.h, s.w))?,
+            Op::WeightGrad => device::weight_grad(Device::Sim, imp, conv, &x, &dy)?,
         };
         assert!(
             out.data().iter().all(|v| v.to_f32().is_finite()),
@@ -173,7 +177,7 @@ fn every_conv_kernel_is_schedule_invariant() {
     let model: BTreeSet<String> = ["lk_bias_act", "lk_affine", "lk_avgpool", "lk_dense_conv"]
         .map(String::from)
         .into();
-    let all: BTreeSet<String> = kernels::kernel_names().into_iter().map(family).collect();
+    let all: BTreeSet<String> = plan::kernel_names().iter().map(|n| family(n)).collect();
     let missing: Vec<_> = all
         .difference(&ran)
         .filter(|f| !model.contains(*f))
@@ -189,7 +193,11 @@ fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
 }
 
 fn run_bits(l: &Launch, data: &LaunchData) -> lkconv::Result<Vec<u32>> {
-    let r = sim::run_launches(std::slice::from_ref(l), None, data)?;
+    run_named(&NamedLaunch::from(l), data)
+}
+
+fn run_named(l: &NamedLaunch, data: &LaunchData) -> lkconv::Result<Vec<u32>> {
+    let r = run_launches(std::slice::from_ref(l), data)?;
     Ok(r.out
         .bytes()
         .chunks_exact(4)
@@ -208,7 +216,7 @@ fn model_kernels_are_schedule_invariant() {
     let per_channel = random_bytes(&mut rng, c);
     let per_channel2 = random_bytes(&mut rng, c);
     for act in [ModelAct::None, ModelAct::Relu, ModelAct::Gelu] {
-        let l = kernels::model_bias_act_launch(DType::F32, [n, c, h, w], act).unwrap();
+        let l = model_plan::bias_act_launch(DType::F32, [n, c, h, w], act).unwrap();
         let data = LaunchData {
             in0: &x,
             in1: &res,
@@ -218,7 +226,7 @@ fn model_kernels_are_schedule_invariant() {
         };
         schedule_invariant(&format!("bias_act {act:?}"), &sch, || run_bits(&l, &data)).unwrap();
     }
-    let l = kernels::model_affine_launch(DType::F32, [n, c, h, w]).unwrap();
+    let l = model_plan::affine_launch(DType::F32, [n, c, h, w]).unwrap();
     let data = LaunchData {
         in0: &x,
         in1: &per_channel,
@@ -228,7 +236,7 @@ fn model_kernels_are_schedule_invariant() {
     };
     schedule_invariant("affine", &sch, || run_bits(&l, &data)).unwrap();
     for transposed in [false, true] {
-        let l = kernels::model_avgpool_launch(DType::F32, [n, c, h, w], transposed).unwrap();
+        let l = model_plan::avgpool_launch(DType::F32, [n, c, h, w], transposed).unwrap();
         let data = LaunchData {
             in0: &x,
             in1: &per_channel,
@@ -241,16 +249,13 @@ fn model_kernels_are_schedule_invariant() {
     let (cout, k, stride, pad) = (4, 3, 2, 1);
     let wt = random_bytes(&mut rng, cout * c * k * k);
     let bias = random_bytes(&mut rng, cout);
-    let l = kernels::model_dense_conv_launch(
-        DType::F32,
-        [n, c, h, w],
+    let dense = DenseConvShape {
         cout,
         k,
         stride,
         pad,
-        ModelAct::Relu,
-    )
-    .unwrap();
+    };
+    let l = model_plan::dense_conv_launch(DType::F32, [n, c, h, w], dense, ModelAct::Relu).unwrap();
     let (oh, ow) = (
         (h + 2 * pad - k) / stride + 1,
         (w + 2 * pad - k) / stride + 1,
@@ -265,9 +270,9 @@ fn model_kernels_are_schedule_invariant() {
     schedule_invariant("dense_conv", &sch, || run_bits(&l, &data)).unwrap();
 }
 
-fn test_launch(kernel: &'static str, grid: u32, block: u32, shared: u32, args: DwArgs) -> Launch {
-    Launch {
-        kernel,
+fn test_launch(kernel: &str, grid: u32, block: u32, shared: u32, args: DwArgs) -> NamedLaunch {
+    NamedLaunch {
+        kernel: kernel.to_string(),
         grid: (grid, 1, 1),
         block: (block, 1, 1),
         shared_bytes: shared,
@@ -283,11 +288,11 @@ fn a_racy_kernel_fails_the_schedule_check() {
         out_bytes: 4 * 3 * 64,
         ..LaunchData::default()
     };
-    let err = schedule_invariant("racy", &schedules(&mut rng), || run_bits(&l, &data))
+    let err = schedule_invariant("racy", &schedules(&mut rng), || run_named(&l, &data))
         .expect_err("the race must be seen");
     assert!(err.contains("differs"), "{err}");
     // and it passes a check that only repeats the forward schedule
-    schedule_invariant("racy", &[Schedule::Forward; 2], || run_bits(&l, &data)).unwrap();
+    schedule_invariant("racy", &[Schedule::Forward; 2], || run_named(&l, &data)).unwrap();
 }
 
 #[test]
@@ -314,7 +319,7 @@ fn oob(len: usize, threads: usize, offset: i64, read: bool) -> lkconv::Result<()
         out_bytes: 4 * len,
         ..LaunchData::default()
     };
-    sim::run_launches(&[l], None, &data).map(|_| ())
+    run_launches(&[l], &data).map(|_| ())
 }
 
 fn expect_oob(r: lkconv::Result<()>, want: &[&str]) {
@@ -383,7 +388,7 @@ fn initcheck_stops_reads_of_never_written_shared_memory() {
             out_bytes: 4 * 2 * 64,
             ..LaunchData::default()
         };
-        sim::run_launches(&[l], None, &data)
+        run_launches(&[l], &data)
     };
     let r = run("lksim_test_uninit", true).unwrap();
     let got = r.out.to_vec::<f32>();

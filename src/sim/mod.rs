@@ -1,24 +1,21 @@
 //! The kernel simulator device: the unchanged `kernels/*.cu` compiled for the host with g++
-//! against the SIMT runtime in `kernels/sim/` (fibers per block, blocks on worker threads), driven
-//! through the same launch plans as the CUDA device ([`crate::kernels::plan`]).
+//! against the SIMT runtime in `kernels/sim/` (fibers per block, blocks on worker threads), and
+//! [`SimExec`], the simulator back-end of the plan executor (`crate::exec::Executor`): host
+//! buffers, launches through the simulator, GEMMs on the host.
 //!
-//! Every output buffer and the workspace are poisoned with NaN before the launches, so an element
-//! a kernel fails to write shows up in the result; the simulator also poisons shared memory before
-//! every block. It checks launch limits (block size, grid size, 227 KB of shared memory) and
-//! reports barrier divergence as an error.
+//! Every buffer is poisoned with NaN when allocated, so an element a kernel fails to write (or
+//! a read of something never written) shows up in the result; the simulator also poisons
+//! shared memory before every block. It checks launch limits (block size, grid size, 227 KB of
+//! shared memory) and reports barrier divergence as an error. It is also a sanitizer
+//! ([`sanitize`]): thread schedules, guard pages around every buffer, initcheck of shared memory.
 
-use crate::conv::{ConvShape, DwConv2d};
-use crate::device::{Impl, Op};
-use crate::dtype::Element;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::{self, Plan};
-use crate::tensor::Tensor;
+use crate::exec::{Buf, Executor};
+use crate::plan::{Gemm, Launch, Step};
 
-mod sanitize;
-use sanitize::run_plan as run;
-pub use sanitize::{
-    current_schedule, run_launches, with_schedule, GuardedBuf, LaunchData, LaunchResult, Schedule,
-};
+pub mod sanitize;
+pub use sanitize::{with_schedule, GuardedBuf, Schedule};
 pub mod warp;
 
 #[cfg(lkconv_sim)]
@@ -31,6 +28,12 @@ mod ffi {
         pub fn lksim_f16_bits_to_f32(b: u16) -> f32;
         pub fn lksim_f32_to_bf16_bits(v: f32) -> u16;
         pub fn lksim_kernel_count() -> usize;
+        pub fn lksim_tile_ld(tw: i32, kcw: i32) -> i32;
+        pub fn lksim_tiled_smem_floats(th: i32, tw: i32, kch: i32, kcw: i32) -> i32;
+        pub fn lksim_wgrad_smem_floats(th: i32, tw: i32, kh: i32, kw: i32, threads: i32) -> i32;
+        pub fn lksim_rx() -> i32;
+        pub fn lksim_wgrad_strided_threads() -> i32;
+        pub fn lksim_wgrad_strided_taps() -> i32;
         pub fn lksim_kernel_name(i: usize) -> *const c_char;
     }
 }
@@ -40,7 +43,6 @@ pub fn available() -> bool {
     cfg!(lkconv_sim)
 }
 
-#[cfg(not(lkconv_sim))]
 fn unavailable<T>() -> Result<T> {
     Err(Error::Simulator("built without the simulator".into()))
 }
@@ -126,70 +128,235 @@ pub fn conversions() -> Result<Conversions> {
     unavailable()
 }
 
-/// Runs one launch whose buffer addresses are already bound to host memory (the model's
-/// simulator back-end, `crate::model::gpu`).
+/// The kernels' own tile geometry (`kernels/lk_common.cuh`, compiled for the host), exposed
+/// to test it against the planner's (`crate::plan::geometry`).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelGeometry {
+    /// `lk::tile_ld(tw, kcw)`.
+    pub tile_ld: fn(i32, i32) -> i32,
+    /// `lk::tiled_smem_floats(th, tw, kch, kcw)`.
+    pub tiled_smem_floats: fn(i32, i32, i32, i32) -> i32,
+    /// `lk::wgrad_smem_floats(th, tw, kh, kw, threads)`.
+    pub wgrad_smem_floats: fn(i32, i32, i32, i32, i32) -> i32,
+    /// `lk::RX`, `lk::WG_THREADS`, `lk::WG_TC`.
+    pub rx: i32,
+    pub wgrad_strided_threads: i32,
+    pub wgrad_strided_taps: i32,
+}
+
+/// The kernels' geometry (see [`KernelGeometry`]).
+pub fn kernel_geometry() -> Result<KernelGeometry> {
+    #[cfg(lkconv_sim)]
+    {
+        fn tile_ld(tw: i32, kcw: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_tile_ld(tw, kcw) }
+        }
+        fn tiled(th: i32, tw: i32, kch: i32, kcw: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_tiled_smem_floats(th, tw, kch, kcw) }
+        }
+        fn wgrad(th: i32, tw: i32, kh: i32, kw: i32, threads: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_wgrad_smem_floats(th, tw, kh, kw, threads) }
+        }
+        // SAFETY: the three return compile-time constants.
+        let (rx, threads, taps) = unsafe {
+            (
+                ffi::lksim_rx(),
+                ffi::lksim_wgrad_strided_threads(),
+                ffi::lksim_wgrad_strided_taps(),
+            )
+        };
+        Ok(KernelGeometry {
+            tile_ld,
+            tiled_smem_floats: tiled,
+            wgrad_smem_floats: wgrad,
+            rx,
+            wgrad_strided_threads: threads,
+            wgrad_strided_taps: taps,
+        })
+    }
+    #[cfg(not(lkconv_sim))]
+    unavailable()
+}
+
+/// Runs one launch in the simulator: the one launch site of the simulator back-end.
 ///
 /// # Safety
-/// Every address in `l.args` must be 0 or point to host memory that holds every element the
-/// kernel touches for the launch's problem (as planned by `crate::kernels`), the output not
-/// aliasing an input unless the kernel allows it, all alive and not accessed through Rust
+/// As for [`Executor::run`]: every address in `l.args` is 0 or host memory holding every
+/// element the kernel touches for the launch's problem, alive and not accessed through Rust
 /// references while the call runs.
-pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
-    // SAFETY: the caller's guarantee, passed on.
-    unsafe { sanitize::launch(l) }
+unsafe fn launch(l: &Launch) -> Result<()> {
+    // SAFETY: this function's contract, passed on.
+    unsafe { sanitize::launch(&l.kernel.name(), l.grid, l.block, l.shared_bytes, &l.args) }
 }
 
-fn planned(op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, dtype: crate::DType) -> Result<Plan> {
-    if !available() {
-        return Err(Error::Simulator("built without the simulator".into()));
+/// NaN as f32, and as each of its two 16-bit halves read as bf16 or f16.
+const POISON: u32 = 0x7fc0_7fc0;
+
+/// The simulator back-end: host buffers (u32 words, 16-byte aligned, with guard pages: memcheck),
+/// launches through the simulator, GEMMs on the host.
+#[derive(Debug, Default)]
+pub struct SimExec {
+    bufs: Vec<GuardedBuf>,
+}
+
+/// `len` bytes at byte offset `off` of little-endian words (only the words touched are read).
+fn get_bytes(words: &[u32], off: usize, len: usize) -> Vec<u8> {
+    let (w0, w1) = (off / 4, (off + len).div_ceil(4));
+    let bytes: Vec<u8> = words[w0..w1].iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes[off - 4 * w0..off - 4 * w0 + len].to_vec()
+}
+
+/// Writes `data` at byte offset `off` of little-endian words (read-modify-write of the words
+/// touched).
+fn put_bytes(words: &mut [u32], off: usize, data: &[u8]) {
+    let (w0, w1) = (off / 4, (off + data.len()).div_ceil(4));
+    let mut bytes: Vec<u8> = words[w0..w1].iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes[off - 4 * w0..off - 4 * w0 + data.len()].copy_from_slice(data);
+    for (w, c) in words[w0..w1].iter_mut().zip(bytes.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
-    kernels::plan(op, imp, dtype, conv, s)
 }
 
-/// Forward in the simulator: y = conv(x, w) + bias.
-pub fn forward<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    w: &Tensor<T>,
-    bias: Option<&Tensor<T>>,
-) -> Result<Tensor<T>> {
-    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
-    let plan = planned(Op::Forward, imp, conv, &s, T::DTYPE)?;
-    let y = run(
-        plan,
-        x.data(),
-        w.data(),
-        bias.map(|b| b.data()),
-        s.output_len(),
-    )?;
-    Tensor::from_vec(&s.output_dims(), y)
+impl SimExec {
+    /// A simulator executor (fails when the crate was built without the simulator).
+    pub fn new() -> Result<Self> {
+        if !available() {
+            return unavailable();
+        }
+        Ok(SimExec::default())
+    }
+
+    /// (buffer index, byte offset) of the byte range `[start, end)`, which must lie in one
+    /// buffer.
+    fn find(&self, start: u64, end: u64) -> Result<(usize, usize)> {
+        self.bufs
+            .iter()
+            .position(|b| {
+                let base = b.addr();
+                start >= base && end <= base + b.len() as u64 && start < end.max(start + 1)
+            })
+            .map(|i| (i, (start - self.bufs[i].addr()) as usize))
+            .ok_or_else(|| {
+                Error::Simulator(format!("bytes {start:#x}..{end:#x} are in no one buffer"))
+            })
+    }
+
+    /// The f32 values of the byte range `[start, end)` of `dtype` elements.
+    fn read(&self, (start, end): (u64, u64), dtype: DType) -> Result<(usize, usize, Vec<f32>)> {
+        let (i, off) = self.find(start, end)?;
+        let v = dtype.decode(&get_bytes(
+            self.bufs[i].words(),
+            off,
+            (end - start) as usize,
+        ));
+        Ok((i, off, v))
+    }
+
+    /// The one GEMM step on the host: operands widened to f32, op(A) and B gathered into
+    /// contiguous matrices, one sgemm per batch entry, C rounded back to its dtype (as cuBLAS
+    /// does with f32 compute).
+    fn gemm(&mut self, g: &Gemm) -> Result<()> {
+        let [ea, eb, ec] = g.extents()?;
+        let overlaps = |(s0, e0): (u64, u64), (s1, e1): (u64, u64)| s0 < e1 && s1 < e0;
+        if overlaps(ec, ea) || overlaps(ec, eb) {
+            return Err(Error::Simulator("GEMM output overlaps an input".into()));
+        }
+        let (_, _, a) = self.read(ea, g.dtype)?;
+        let (_, _, b) = self.read(eb, g.dtype)?;
+        let (ci, coff, mut c) = self.read(ec, g.dtype)?;
+        let (m, n, k) = (g.m, g.n, g.k);
+        let mut pa = vec![0f32; m * k];
+        let mut pb = vec![0f32; k * n];
+        let mut pc = vec![0f32; m * n];
+        for i in 0..g.batch {
+            let (a0, b0, c0) = (i * g.stride_a, i * g.stride_b, i * g.stride_c);
+            for r in 0..m {
+                for p in 0..k {
+                    pa[r * k + p] = if g.a_trans {
+                        a[a0 + p * g.lda + r]
+                    } else {
+                        a[a0 + r * g.lda + p]
+                    };
+                }
+            }
+            for p in 0..k {
+                for j in 0..n {
+                    pb[p * n + j] = if g.b_trans {
+                        b[b0 + j * g.ldb + p]
+                    } else {
+                        b[b0 + p * g.ldb + j]
+                    };
+                }
+            }
+            crate::cpu::gemm::sgemm(m, k, n, &pa, false, &pb, 0.0, &mut pc);
+            for r in 0..m {
+                c[c0 + r * g.ldc..c0 + r * g.ldc + n].copy_from_slice(&pc[r * n..(r + 1) * n]);
+            }
+        }
+        put_bytes(self.bufs[ci].words_mut(), coff, &g.dtype.encode(&c));
+        Ok(())
+    }
+
+    fn run_steps(&mut self, steps: &[Step]) -> Result<()> {
+        for s in steps {
+            match s {
+                // SAFETY: forwarded from `Executor::run`'s contract.
+                Step::Kernel(l) => unsafe { launch(l) }?,
+                Step::Gemm(g) => self.gemm(g)?,
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Data gradient in the simulator: dx for an input of `input_hw`.
-pub fn data_grad<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    dy: &Tensor<T>,
-    w: &Tensor<T>,
-    input_hw: (usize, usize),
-) -> Result<Tensor<T>> {
-    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
-    let plan = planned(Op::DataGrad, imp, conv, &s, T::DTYPE)?;
-    let dx = run(plan, dy.data(), w.data(), None, s.input_len())?;
-    Tensor::from_vec(&s.input_dims(), dx)
-}
-
-/// Weight gradient in the simulator: dw with shape [C, 1, KH, KW].
-pub fn weight_grad<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
-) -> Result<Tensor<T>> {
-    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
-    let plan = planned(Op::WeightGrad, imp, conv, &s, T::DTYPE)?;
-    let dims = conv.weight_dims(s.c);
-    let dw = run(plan, x.data(), dy.data(), None, dims.iter().product())?;
-    Tensor::from_vec(&dims, dw)
+impl Executor for SimExec {
+    fn name(&self) -> String {
+        "sim".into()
+    }
+    fn alloc(&mut self, bytes: usize) -> Result<Buf> {
+        // A guarded mapping never moves: addresses stay valid until `truncate` frees it.
+        let name = format!("buffer {}", self.bufs.len());
+        let mut b = GuardedBuf::new(4 * bytes.div_ceil(4).max(1), &name, 0)?;
+        b.words_mut().fill(POISON);
+        let addr = b.addr();
+        self.bufs.push(b);
+        Ok(Buf { addr, bytes })
+    }
+    fn truncate(&mut self, keep: usize) {
+        self.bufs.truncate(keep);
+    }
+    fn count(&self) -> usize {
+        self.bufs.len()
+    }
+    fn upload(&mut self, dst: Buf, data: &[u8]) -> Result<()> {
+        let (i, off) = self.find(dst.addr, dst.addr + data.len() as u64)?;
+        put_bytes(self.bufs[i].words_mut(), off, data);
+        Ok(())
+    }
+    fn download(&mut self, src: Buf, bytes: usize) -> Result<Vec<u8>> {
+        let (i, off) = self.find(src.addr, src.addr + bytes as u64)?;
+        Ok(get_bytes(self.bufs[i].words(), off, bytes))
+    }
+    fn prepare(&mut self, _steps: &[Step]) -> Result<()> {
+        // the simulator checks each launch's limits itself when it runs
+        Ok(())
+    }
+    unsafe fn run(&mut self, steps: &[Step]) -> Result<()> {
+        self.run_steps(steps)
+    }
+    unsafe fn time(&mut self, steps: &[Step], reps: usize, batch: usize) -> Result<Vec<f64>> {
+        self.run_steps(steps)?;
+        (0..reps.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..batch.max(1) {
+                    self.run_steps(steps)?;
+                }
+                Ok(t.elapsed().as_secs_f64() * 1e3 / batch.max(1) as f64)
+            })
+            .collect()
+    }
 }

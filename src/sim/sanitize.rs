@@ -9,9 +9,8 @@
 //! the calling thread (tests running in parallel threads each force their own), else
 //! `LKCONV_SIM_SCHEDULE=forward|reverse|random:SEED` (read once per process), else forward.
 //!
-//! **memcheck.** Every buffer of a simulator launch (inputs copied in, outputs and workspace
-//! poisoned with NaN bytes) is a [`GuardedBuf`]: its own mapping with an inaccessible page on
-//! each side, the data ending at most 15 bytes before the back guard page (a 16-byte aligned
+//! **memcheck.** Every buffer a simulator kernel sees (those of `SimExec`, and of
+//! [`run_launches`]) is a [`GuardedBuf`]: its own mapping with an inaccessible page on each side, the data ending at most 15 bytes before the back guard page (a 16-byte aligned
 //! start) and a canary in the slack. A kernel that reads or writes past either end stops with
 //! `Error::Simulator("<kernel> block (x,y,z): out-of-bounds global write 0 bytes past the end of
 //! `out` (N bytes)")`; a write into the slack is reported after the launch.
@@ -22,7 +21,7 @@ use std::sync::OnceLock;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::kernels::{Launch, Plan};
+use crate::plan::{DwArgs, Launch};
 
 /// The order in which the simulator runs the threads of each barrier interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,7 +126,7 @@ impl From<Schedule> for LaunchOptions {
 #[cfg(lkconv_sim)]
 mod ffi {
     use super::LaunchOptions;
-    use crate::kernels::DwArgs;
+    use crate::plan::DwArgs;
     use std::ffi::c_char;
 
     extern "C" {
@@ -226,13 +225,23 @@ impl GuardedBuf {
         v
     }
 
-    /// The contents as f32 values, mutable (the workspace for a host GEMM step).
-    fn as_f32_mut(&mut self) -> &mut [f32] {
-        // SAFETY: ptr is 16-byte aligned and holds len initialised bytes, exclusively borrowed
-        // through &mut self; every bit pattern is a valid f32.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<f32>(), self.len / 4) }
+    /// The contents as 32-bit words (len / 4 of them).
+    pub fn words(&self) -> &[u32] {
+        // SAFETY: ptr is 16-byte aligned and holds len initialised bytes for the life of self;
+        // every bit pattern is a valid u32.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u32>(), self.len / 4) }
+    }
+
+    /// The contents as 32-bit words, mutable.
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as for `words`, exclusively borrowed through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u32>(), self.len / 4) }
     }
 }
+
+// SAFETY: a GuardedBuf owns its mapping exclusively (no aliasing handle exists); moving it to
+// another thread moves that ownership, as for a Vec.
+unsafe impl Send for GuardedBuf {}
 
 impl Drop for GuardedBuf {
     fn drop(&mut self) {
@@ -244,33 +253,40 @@ impl Drop for GuardedBuf {
     }
 }
 
-/// Runs one launch whose buffer addresses are already bound, under the calling thread's
-/// schedule.
+/// Runs the kernel `name` (any kernel of the simulator library, its `lksim_test_*` kernels
+/// included) under the calling thread's schedule.
 ///
 /// # Safety
-/// As `crate::sim::launch_bound`: every address in `l.args` is 0 or host memory holding every
-/// element the kernel touches, alive and not accessed through Rust references during the call.
-pub(crate) unsafe fn launch(l: &Launch) -> Result<()> {
+/// As for `crate::exec::Executor::run`: every address in `args` is 0 or host memory holding
+/// every element the kernel touches, alive and not accessed through Rust references during the
+/// call.
+pub(crate) unsafe fn launch(
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    args: &DwArgs,
+) -> Result<()> {
     #[cfg(lkconv_sim)]
     {
         let opts = LaunchOptions::from(current_schedule()?);
-        let name = std::ffi::CString::new(l.kernel)
-            .map_err(|_| Error::Simulator(format!("bad kernel name {}", l.kernel)))?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| Error::Simulator(format!("bad kernel name {name}")))?;
         let mut err = vec![0u8; 512];
-        // SAFETY: `name` is NUL-terminated, `l.args` a #[repr(C)] DwArgs and `opts` a #[repr(C)]
+        // SAFETY: `cname` is NUL-terminated, `args` a #[repr(C)] DwArgs and `opts` a #[repr(C)]
         // LaunchOptions that outlive the call; `err` is writable for err.len() bytes; the buffer
         // addresses are the caller's guarantee.
         let rc = unsafe {
             ffi::lksim_launch_opts(
-                name.as_ptr(),
-                l.grid.0,
-                l.grid.1,
-                l.grid.2,
-                l.block.0,
-                l.block.1,
-                l.block.2,
-                l.shared_bytes,
-                &l.args,
+                cname.as_ptr(),
+                grid.0,
+                grid.1,
+                grid.2,
+                block.0,
+                block.1,
+                block.2,
+                shared_bytes,
+                args,
                 &opts,
                 err.as_mut_ptr().cast(),
                 err.len(),
@@ -281,15 +297,38 @@ pub(crate) unsafe fn launch(l: &Launch) -> Result<()> {
         }
         let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
         Err(Error::Simulator(format!(
-            "{}: {}",
-            l.kernel,
+            "{name}: {}",
             String::from_utf8_lossy(&err[..end])
         )))
     }
     #[cfg(not(lkconv_sim))]
     {
-        let _ = l;
+        let _ = (name, grid, block, shared_bytes, args);
         unavailable()
+    }
+}
+
+/// A launch by entry-point name: a planned [`Launch`], or one of the simulator's deliberately
+/// wrong test kernels (`lksim_test_racy`, `lksim_test_oob`, `lksim_test_uninit`,
+/// `lksim_test_uninit_vec`, in kernels/sim/sim_testkernels.inc), which have no `KernelId`.
+#[derive(Clone, Debug)]
+pub struct NamedLaunch {
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    pub args: DwArgs,
+}
+
+impl From<&Launch> for NamedLaunch {
+    fn from(l: &Launch) -> Self {
+        NamedLaunch {
+            kernel: l.kernel.name(),
+            grid: l.grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+            args: l.args,
+        }
     }
 }
 
@@ -311,15 +350,9 @@ pub struct LaunchResult {
     pub workspace: Option<GuardedBuf>,
 }
 
-/// Runs `launches` (their buffer addresses rebound to guarded copies of `data`: in0, in1, bias,
-/// out, workspace; an empty input binds 0) and, after `launches[g.after_launch]`, the plan's
-/// GEMM step on the host. Every kernel in the simulator library may be named, including its
-/// deliberately wrong test kernels (`lksim_test_*`).
-pub fn run_launches(
-    launches: &[Launch],
-    gemm: Option<crate::kernels::GemmStep>,
-    data: &LaunchData,
-) -> Result<LaunchResult> {
+/// Runs `launches` in order, their buffer addresses rebound to guarded copies of `data` (in0,
+/// in1, bias, out, workspace; an empty input binds 0), under the calling thread's schedule.
+pub fn run_launches(launches: &[NamedLaunch], data: &LaunchData) -> Result<LaunchResult> {
     let guarded = |d: &[u8], name: &str| -> Result<Option<GuardedBuf>> {
         if d.is_empty() {
             Ok(None)
@@ -331,57 +364,27 @@ pub fn run_launches(
     let in1 = guarded(data.in1, "in1")?;
     let bias = guarded(data.bias, "bias")?;
     let out = GuardedBuf::new(data.out_bytes, "out", 0xff)?;
-    let mut ws = if data.workspace_bytes > 0 {
+    let ws = if data.workspace_bytes > 0 {
         Some(GuardedBuf::new(data.workspace_bytes, "workspace", 0xff)?)
     } else {
         None
     };
     let addr = |b: &Option<GuardedBuf>| b.as_ref().map_or(0, GuardedBuf::addr);
-    let mut plan = Plan {
-        launches: launches.to_vec(),
-        workspace_bytes: data.workspace_bytes,
-        gemm,
-    };
-    plan.bind(addr(&in0), addr(&in1), addr(&bias), out.addr(), addr(&ws));
-    for (i, l) in plan.launches.iter().enumerate() {
-        // SAFETY: the addresses were just bound to guarded buffers that live until the end of
-        // this function and are not borrowed while the launch runs; their sizes are the caller's
-        // statement of what the kernels touch, and memcheck reports overruns.
-        unsafe { launch(l) }?;
-        if let Some(g) = plan.gemm.filter(|g| g.after_launch == i) {
-            let ws = ws
-                .as_mut()
-                .ok_or_else(|| Error::Simulator("a GEMM step needs a workspace".into()))?;
-            g.run_host(ws.as_f32_mut())?;
-        }
+    for l in launches {
+        let args = DwArgs {
+            in0: addr(&in0),
+            in1: addr(&in1),
+            bias: addr(&bias),
+            out: out.addr(),
+            workspace: addr(&ws),
+            ..l.args
+        };
+        // SAFETY: the addresses are guarded buffers that live until the end of this function
+        // and are not borrowed while the launch runs; their sizes are the caller's statement of
+        // what the kernels touch, and memcheck reports overruns.
+        unsafe { launch(&l.kernel, l.grid, l.block, l.shared_bytes, &args) }?;
     }
     Ok(LaunchResult { out, workspace: ws })
-}
-
-fn bytes_of<T: Element>(v: &[T]) -> &[u8] {
-    // SAFETY: T is f32, f16 or bf16 (plain data without padding); the byte view covers exactly
-    // the slice's memory and borrows it.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-/// Runs a plan on guarded copies of the inputs (memcheck), the output and workspace poisoned with
-/// NaN, under the calling thread's schedule (see [`with_schedule`]); returns its `out_len`
-/// outputs.
-pub(crate) fn run_plan<T: Element>(
-    plan: Plan,
-    in0: &[T],
-    in1: &[T],
-    bias: Option<&[T]>,
-    out_len: usize,
-) -> Result<Vec<T>> {
-    let data = LaunchData {
-        in0: bytes_of(in0),
-        in1: bytes_of(in1),
-        bias: bias.map_or(&[], bytes_of),
-        out_bytes: out_len * size_of::<T>(),
-        workspace_bytes: plan.workspace_bytes,
-    };
-    Ok(run_launches(&plan.launches, plan.gemm, &data)?.out.to_vec())
 }
 
 #[cfg(test)]

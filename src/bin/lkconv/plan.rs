@@ -3,10 +3,10 @@
 //! line), in the schema of the standalone CUDA harness (kernels/bench/); the text form is a
 //! Markdown table (BENCHMARKS.md's occupancy table is this command's output).
 
-use lkconv::device::{Impl, Op};
-use lkconv::kernels::{self, Launch, Plan};
 use lkconv::occupancy::{self, Gpu, Occupancy};
-use lkconv::{ConvShape, DType, DwConv2d, Error, Result};
+use lkconv::plan::{self, Launch, Plan};
+use lkconv::problem::Problem;
+use lkconv::{ConvShape, DType, DwConv2d, Error, Impl, Op, Result};
 use serde_json::{json, Value};
 
 use crate::args::{conv_from_flags, pair, shape4};
@@ -22,7 +22,7 @@ const DEFAULT_SHAPES: [([usize; 4], usize); 5] = [
 ];
 
 /// One planned problem.
-struct Problem {
+struct Planned {
     op: Op,
     conv: DwConv2d,
     shape: ConvShape,
@@ -55,14 +55,15 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         let conv = conv_from_flags(k, args.padding.as_deref(), &args.stride, &args.dilation)?;
         let shape = conv.resolve(n, c, h, w)?;
         for &op in &ops {
-            let plan = kernels::plan(op, imp, dtype, &conv, &shape)?;
-            let executed = kernels::executed_fmas(op, imp, &conv, &shape)?;
-            problems.push(Problem {
+            let p = Problem::new(op, imp, dtype, &conv, &shape)?;
+            let plan = plan::plan(&p)?;
+            let executed = plan::executed_fmas(&p)?;
+            problems.push(Planned {
                 op,
                 conv,
                 shape,
                 plan,
-                useful_share: conv.useful_flops(&shape) / 2.0 / executed,
+                useful_share: p.useful_flops() / 2.0 / executed,
             });
         }
     }
@@ -128,7 +129,7 @@ fn occupancy_json(gpu: &Gpu, l: &Launch, useful_share: f64) -> Value {
     })
 }
 
-fn problem_json(p: &Problem, dtype: DType, imp: Impl, gpu: &Gpu) -> Value {
+fn problem_json(p: &Planned, dtype: DType, imp: Impl, gpu: &Gpu) -> Value {
     let s = &p.shape;
     let pad = p.conv.padding;
     let launches: Vec<Value> = p
@@ -138,7 +139,7 @@ fn problem_json(p: &Problem, dtype: DType, imp: Impl, gpu: &Gpu) -> Value {
         .map(|l| {
             let a = &l.args;
             json!({
-                "kernel": l.kernel,
+                "kernel": l.kernel.name(),
                 "grid": [l.grid.0, l.grid.1, l.grid.2],
                 "block": [l.block.0, l.block.1, l.block.2],
                 "shared_bytes": l.shared_bytes,
@@ -152,12 +153,15 @@ fn problem_json(p: &Problem, dtype: DType, imp: Impl, gpu: &Gpu) -> Value {
             })
         })
         .collect();
-    let gemm = p.plan.gemm.map_or(Value::Null, |g| {
+    // offsets in elements of the GEMM's dtype into the workspace (the plan holds byte offsets)
+    let gemm = p.plan.gemm.map_or(Value::Null, |(after, g)| {
+        let es = g.dtype.size_bytes() as u64;
         json!({
-            "after_launch": g.after_launch, "batch": g.batch, "m": g.m, "n": g.n, "k": g.k,
-            "a_offset": g.a_offset, "lda": g.lda, "stride_a": g.stride_a, "a_trans": g.a_trans,
-            "b_offset": g.b_offset, "ldb": g.ldb, "stride_b": g.stride_b, "b_trans": g.b_trans,
-            "c_offset": g.c_offset, "ldc": g.ldc, "stride_c": g.stride_c,
+            "after_launch": after, "batch": g.batch, "m": g.m, "n": g.n, "k": g.k,
+            "a_offset": g.a / es, "lda": g.lda, "stride_a": g.stride_a, "a_trans": g.a_trans,
+            "b_offset": g.b / es, "ldb": g.ldb, "stride_b": g.stride_b, "b_trans": g.b_trans,
+            "c_offset": g.c / es, "ldc": g.ldc, "stride_c": g.stride_c,
+            "dtype": g.dtype.name(),
         })
     });
     json!({
@@ -176,7 +180,7 @@ fn problem_json(p: &Problem, dtype: DType, imp: Impl, gpu: &Gpu) -> Value {
     })
 }
 
-fn print_table(problems: &[Problem], gpu: &Gpu) {
+fn print_table(problems: &[Planned], gpu: &Gpu) {
     println!(
         "Occupancy model on {} ({}, {} SMs, {} warps and {} KB of shared memory per SM):\n",
         gpu.name,
