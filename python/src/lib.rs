@@ -7,18 +7,22 @@
 //! checks; Python only converts layouts and dtypes.
 
 use lkconv::cuda::{self, CudaDevice};
-use lkconv::{ConvShape, DType, DwConv2d, Error, Impl, Op, Padding};
+use lkconv::{ConvShape, DType, DwConv2d, Error, Impl, Op, Padding, Problem};
 use numpy::{PyReadonlyArray1, PyReadonlyArray4, PyReadwriteArray4, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyNotImplementedError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Maps the core's typed errors onto the Python exceptions a caller expects: bad input is a
-/// `ValueError`, an unsupported combination `NotImplementedError`, CUDA trouble `RuntimeError`.
+/// `ValueError`, an unsupported combination `NotImplementedError`, device memory exhausted
+/// `MemoryError`, other CUDA trouble `RuntimeError`.
 fn py_err(e: Error) -> PyErr {
     let msg = e.to_string();
+    if e.is_out_of_memory() {
+        return PyMemoryError::new_err(msg);
+    }
     match e {
         Error::Unsupported(_) => PyNotImplementedError::new_err(msg),
-        Error::CudaUnavailable(_) | Error::Cuda(_) | Error::Simulator(_) | Error::Io { .. } => {
+        Error::CudaUnavailable(_) | Error::Cuda { .. } | Error::Simulator(_) | Error::Io { .. } => {
             PyRuntimeError::new_err(msg)
         }
         _ => PyValueError::new_err(msg),
@@ -291,7 +295,7 @@ fn cuda_launch(
 ) -> PyResult<()> {
     let op = op_of(op)?;
     let dtype = dtype_of(dtype)?;
-    let (conv, s) = problem(input_shape, kernel, stride, padding, dilation)?;
+    let conv = conv_of(kernel, stride, padding, dilation)?;
     let [in0, in1, bias, out] = ptrs;
     let [ws, ws_len] = workspace;
     let ws_len = usize::try_from(ws_len)
@@ -299,6 +303,15 @@ fn cuda_launch(
     if in0 == 0 || in1 == 0 || out == 0 || (op != Op::Forward && bias != 0) {
         return Err(PyValueError::new_err("null or unexpected device pointer"));
     }
+    let problem = Problem::for_input(op, Impl::Fast, dtype, &conv, input_shape).map_err(py_err)?;
+    let operands = cuda::RawOperands {
+        in0,
+        in1,
+        bias,
+        out,
+        workspace: ws,
+        workspace_bytes: ws_len,
+    };
     py.detach(|| {
         let dev = CudaDevice::shared(device)?;
         // SAFETY: `stream` is `torch.cuda.current_stream(device).cuda_stream`, a live stream of
@@ -309,55 +322,13 @@ fn cuda_launch(
             dev.context()
                 .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
         };
+        let mut ex = cuda::CudaExec::on_stream(dev, stream)?;
         // SAFETY: the pointers are `data_ptr()`s of contiguous tensors on `device` that
         // `lkconv.torch` allocated or checked to hold exactly the elements of this problem in
         // `dtype` (the output and the workspace freshly allocated, so nothing overlaps them);
         // PyTorch's caching allocator keeps every one of them valid for work queued on this
         // stream, the stream they were allocated or last used on.
-        unsafe {
-            match op {
-                Op::Forward => cuda::forward_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    &conv,
-                    &s,
-                    in0,
-                    in1,
-                    bias,
-                    out,
-                    ws,
-                    ws_len,
-                ),
-                Op::DataGrad => cuda::data_grad_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    &conv,
-                    &s,
-                    in0,
-                    in1,
-                    out,
-                    ws,
-                    ws_len,
-                ),
-                Op::WeightGrad => cuda::weight_grad_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    &conv,
-                    &s,
-                    in0,
-                    in1,
-                    out,
-                    ws,
-                    ws_len,
-                ),
-            }
-        }
+        unsafe { cuda::run_raw(&mut ex, &problem, operands) }
     })
     .map_err(py_err)
 }
