@@ -14,12 +14,15 @@
 //! Weight gradient: per channel, blocks of `WG_ROWS x WG_COLS` taps accumulated over the plane
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
 //! bit-identical run after run. Other strides and dilations take a simple direct loop.
+//! Non-finite values: the blocks read zero padding, so a NaN/Inf operand can add a spurious
+//! NaN; every non-finite result is recomputed exactly (`naive::repair_nonfinite`).
 
 // The register-block loops index several fixed-size arrays in step; ranges read best there.
 #![allow(clippy::needless_range_loop)]
 
 use rayon::prelude::*;
 
+use super::naive::{repair_nonfinite, weight_grad_exact, Correlation};
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -416,6 +419,18 @@ fn correlate_unit(
                         }
                     }
                 });
+            let corr = Correlation {
+                kh,
+                kw,
+                stride: (1, 1),
+                dilation: (1, 1),
+                top,
+                left,
+                h: s.h,
+                w: s.w,
+            };
+            let w_c = &w[c * kh * kw..(c + 1) * kh * kw];
+            repair_nonfinite(y_plane, |i| corr.point(x_plane, w_c, i / ow, i % ow) + b);
         });
 }
 
@@ -663,6 +678,7 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
         for (o, t) in out.iter_mut().zip(total) {
             *o = t as f32;
         }
+        repair_nonfinite(out, |tap| weight_grad_exact(conv, s, x, dy, c, tap));
     });
 }
 
