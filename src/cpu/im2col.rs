@@ -1,7 +1,7 @@
 //! Baseline: im2col + GEMM, per (n, c) plane. The patch matrix P [OH*OW x KH*KW] holds the input
 //! value each output reads for each tap (zero outside the image); then
 //! forward y = P w, weight gradient dw = P^T dy, data gradient dP = dy w^T folded back (col2im).
-//! GEMMs by `matrixmultiply` (single-threaded per plane; planes run in parallel).
+//! GEMMs by `cpu::gemm` (single-threaded per plane; planes run in parallel).
 
 use rayon::prelude::*;
 
