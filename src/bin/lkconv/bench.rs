@@ -239,7 +239,8 @@ fn time_case<T: Element>(
     reps: usize,
 ) -> Result<Timing> {
     if let Device::Cuda(ordinal) = device {
-        let ms = lkconv::cuda::time_op(ordinal, op, imp, T::DTYPE, conv, s, 3, reps.max(10))?;
+        let p = lkconv::Problem::new(op, imp, T::DTYPE, conv, s)?;
+        let ms = lkconv::cuda::time_op(ordinal, &p, 3, reps.max(10))?;
         return Ok(Timing {
             median_ms: ms,
             min_ms: ms,
