@@ -19,7 +19,7 @@
 //   the filter columns are clamped per thread too: to quads of 4 taps (templated, guarded quads
 //   of the unrolled loop) or to single taps (generic).
 //   dgrad: in0 = dy (the "source" plane is OH x OW), out = dx (H x W), padding KH-1-top, KW-1-left.
-#include "lk_common.cuh"
+#include "lk_exact.cuh"
 
 namespace lk {
 
@@ -210,7 +210,12 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
 #pragma unroll
             for (int j = 0; j < RX; ++j) {
                 const int ox = ox0 + x0 + j;
-                if (ox < OW) dst[(long long)(oy + r) * OW + ox] = from_f32<T>(acc[r][j] + b);
+                if (ox >= OW) continue;
+                float v = acc[r][j] + b;
+                // padding zeros times a NaN/Inf weight are spurious NaNs: recompute exactly
+                if (!finite_f32(v))
+                    v = exact_correlate(src, SH, SW, wt, KH, KW, 1, 1, 1, 1, pt, pl, DGRAD, oy + r, ox) + b;
+                dst[(long long)(oy + r) * OW + ox] = from_f32<T>(v);
             }
         }
     }

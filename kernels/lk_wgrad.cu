@@ -14,9 +14,10 @@
 //     The G group sums are added in group order in shared memory and the block writes its partial
 //     K x K sums to workspace[(c * B + b) * KH*KW + tap].
 //     aux0 = TH, aux1 = TW, aux2 = G.
-//   kernel 2, lk_wgrad_reduce_<t>: one thread per (c, tap): dw = sum over b = 0..B-1 in order.
+//   kernel 2, lk_wgrad_reduce_<t>: one thread per (c, tap): dw = sum over b = 0..B-1 in order;
+//     a non-finite sum is recomputed exactly (a NaN/Inf times a staged zero is a spurious NaN).
 //     grid = ceil(C*KH*KW / 256), block = 256; aux0 = B.
-#include "lk_common.cuh"
+#include "lk_exact.cuh"
 
 namespace lk {
 
@@ -169,6 +170,8 @@ __device__ __forceinline__ void wgrad_reduce(const DwArgs& a) {
     const float* ws = reinterpret_cast<const float*>(a.workspace) + c * B * KK + t;
     float s = 0.f;
     for (int b = 0; b < B; ++b) s += ws[(long long)b * KK];
+    // the partial kernels multiply padding zeros too: repair their spurious NaNs (lk_exact.cuh)
+    if (!finite_f32(s)) s = exact_wgrad_tap<T>(a, (int)c, t / a.kw, t % a.kw);
     reinterpret_cast<T*>(a.out)[i] = from_f32<T>(s);
 }
 
