@@ -75,6 +75,8 @@ pub enum Impl {
     Im2col,
     /// The f64 reference (CPU only).
     Reference,
+    /// Tensor cores (f16/bf16, sm_80+; `crate::tensor_core`), SIMT where it has no kernel.
+    TensorCore,
 }
 
 impl Impl {
@@ -84,6 +86,7 @@ impl Impl {
             Impl::Naive => "naive",
             Impl::Im2col => "im2col",
             Impl::Reference => "reference",
+            Impl::TensorCore => "tc",
         }
     }
 }
@@ -96,8 +99,9 @@ impl FromStr for Impl {
             "naive" => Ok(Impl::Naive),
             "im2col" => Ok(Impl::Im2col),
             "reference" | "ref" => Ok(Impl::Reference),
+            "tc" | "tensor-core" => Ok(Impl::TensorCore),
             other => Err(Error::InvalidArgument(format!(
-                "unknown implementation '{other}' (expected fast, naive, im2col or reference)"
+                "unknown implementation '{other}' (expected fast, naive, im2col, tc or reference)"
             ))),
         }
     }
@@ -159,6 +163,7 @@ pub fn forward<T: Element>(
             Impl::Naive => crate::cpu::naive::forward(conv, x, w, bias),
             Impl::Im2col => crate::cpu::im2col::forward(conv, x, w, bias),
             Impl::Reference => crate::cpu::reference::forward(conv, x, w, bias),
+            Impl::TensorCore => Err(crate::tensor_core::cpu_unsupported()),
         },
         Device::Sim => crate::sim::forward(imp, conv, x, w, bias),
         Device::Cuda(ordinal) => crate::cuda::host::forward(ordinal, imp, conv, x, w, bias),
@@ -180,6 +185,7 @@ pub fn data_grad<T: Element>(
             Impl::Naive => crate::cpu::naive::data_grad(conv, dy, w, input_hw),
             Impl::Im2col => crate::cpu::im2col::data_grad(conv, dy, w, input_hw),
             Impl::Reference => crate::cpu::reference::data_grad(conv, dy, w, input_hw),
+            Impl::TensorCore => Err(crate::tensor_core::cpu_unsupported()),
         },
         Device::Sim => crate::sim::data_grad(imp, conv, dy, w, input_hw),
         Device::Cuda(ordinal) => crate::cuda::host::data_grad(ordinal, imp, conv, dy, w, input_hw),
@@ -200,6 +206,7 @@ pub fn weight_grad<T: Element>(
             Impl::Naive => crate::cpu::naive::weight_grad(conv, x, dy),
             Impl::Im2col => crate::cpu::im2col::weight_grad(conv, x, dy),
             Impl::Reference => crate::cpu::reference::weight_grad(conv, x, dy),
+            Impl::TensorCore => Err(crate::tensor_core::cpu_unsupported()),
         },
         Device::Sim => crate::sim::weight_grad(imp, conv, x, dy),
         Device::Cuda(ordinal) => crate::cuda::host::weight_grad(ordinal, imp, conv, x, dy),

@@ -236,6 +236,11 @@ fn all_names() -> &'static Vec<&'static str> {
                 v.push(base.replace("{}", t));
             }
         }
+        v.extend(
+            crate::tensor_core::kernel_names()
+                .iter()
+                .map(|s| s.to_string()),
+        );
         v.sort();
         v.into_iter()
             .map(|s| &*Box::leak(s.into_boxed_str()))
@@ -467,6 +472,10 @@ pub fn plan(op: Op, imp: Impl, dtype: DType, conv: &DwConv2d, shape: &ConvShape)
         )),
         Impl::Naive => naive_plan(op, t, &s, conv, args),
         Impl::Im2col => im2col_plan(op, t, &s, conv, args),
+        Impl::TensorCore => match crate::tensor_core::plan(op, dtype, conv, &s, args)? {
+            Some(p) => Ok(p),
+            None => plan(op, Impl::Fast, dtype, conv, &s),
+        },
         Impl::Fast => {
             let fast = match op {
                 Op::Forward | Op::DataGrad if conv.is_unit() => tiled_plan(op, t, &s, conv, args)?,
@@ -1015,7 +1024,7 @@ mod tests {
     #[test]
     fn catalogue_has_every_planned_kernel() {
         let names = kernel_names();
-        assert_eq!(names.len(), 93);
+        assert_eq!(names.len(), 93 + 36);
         let conv = DwConv2d::new(31, 31);
         let s = conv.resolve(1, 4, 20, 20).unwrap();
         for op in Op::ALL {

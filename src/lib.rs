@@ -23,6 +23,7 @@ pub mod rng;
 pub mod safetensors_io;
 pub mod sim;
 pub mod tensor;
+pub mod tensor_core;
 
 pub use conv::{ConvShape, DwConv2d, Padding};
 pub use device::{Device, Impl, Op};

@@ -119,6 +119,7 @@ pub(crate) fn prepare_launches(
                     l.kernel, l.grid, l.block, info.name
                 )));
             }
+            crate::tensor_core::check_device(l.kernel, info.compute_capability, &info.name)?;
             dev.kernel(l.kernel, l.shared_bytes)
         })
         .collect()
