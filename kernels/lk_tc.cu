@@ -9,7 +9,8 @@
 //   Y[oy, ox] += sum_j X[oy + ky - pt, j] * T_ky[j, ox],  T_ky[j, ox] = w[ky, j - ox + pl]
 // (zero outside the band). One mma.m16n8k16 per (16 output rows, 8 output columns, 16 input
 // columns): A = the input rows (row-major, straight from the staged tile), B = 16 x 8 of the
-// Toeplitz band, accumulated in f32 over S = ceil((KW + 7) / 16) k-steps and every filter row.
+// Toeplitz band, accumulated in f32 over S = ceil((KW + 7) / 16) k-steps and every filter row;
+// the last k-step is an mma.m16n8k8 when the band ends in its first 8 columns (K = 31, 29, 27, 13).
 // B depends only on ky and the k-step (not on the output tile), so each warp builds its S B
 // fragments per filter row from the staged filter row in registers once and reuses them for all
 // its n-tiles; A's 8-column blocks are shared by neighbouring (n-tile, k-step) pairs (window of
@@ -20,8 +21,9 @@
 // warp w computes output rows oy0 + 16 w .. + 15 and aux0 = nt n-tiles of 8 columns (TW = 8 nt).
 // Shared memory (16-bit storage, no conversion): the input tile [16 warps + KH - 1][LD] (TWI =
 // 8 (nt - 1) + 16 S columns used, zero outside the image; LD = tc_ld(TWI) so that the 8 rows x 4
-// words of a fragment load hit 32 different banks), then the filter [KH][16 S + 8] with 8 zero
-// taps before kx = 0 and zeros after KW - 1 (the band's edges read them).
+// words of a fragment load hit 32 different banks), then the filter [KH][2][16 S + 10]: two
+// copies of each row, copy e with 8 + e zero taps before kx = 0 and zeros after KW - 1 (the
+// band's edges read them), so that every B register is one aligned 32-bit load.
 // Templated K (square K x K, S constant, fully unrolled); K == 0: any KH x KW with KW <= 57.
 #include "lk_common.cuh"
 
@@ -52,6 +54,27 @@ __device__ __forceinline__ void lk_mma_m16n8k16_bf16(float (&d)[4], const uint32
           "f"(c[2]), "f"(c[3]));
 #endif
 }
+// mma.sync.aligned.m16n8k8.row.col.f32.{f16,bf16}.{f16,bf16}.f32: a = 2 registers, b = 1.
+__device__ __forceinline__ void lk_mma_m16n8k8_f16(float (&d)[4], const uint32_t (&a)[2],
+                                                   const uint32_t (&b)[1], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%7,%8,%9,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+__device__ __forceinline__ void lk_mma_m16n8k8_bf16(float (&d)[4], const uint32_t (&a)[2],
+                                                    const uint32_t (&b)[1], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%7,%8,%9,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
 #endif
 
 #if defined(LK_SIM) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
@@ -80,6 +103,18 @@ __device__ __forceinline__ void mma<__nv_bfloat16>(float (&acc)[4], const uint32
     lk_mma_m16n8k16_bf16(acc, a, b, acc);
 }
 
+template <typename T>
+__device__ __forceinline__ void mma8(float (&acc)[4], const uint32_t (&a)[2], const uint32_t (&b)[1]);
+template <>
+__device__ __forceinline__ void mma8<__half>(float (&acc)[4], const uint32_t (&a)[2], const uint32_t (&b)[1]) {
+    lk_mma_m16n8k8_f16(acc, a, b, acc);
+}
+template <>
+__device__ __forceinline__ void mma8<__nv_bfloat16>(float (&acc)[4], const uint32_t (&a)[2],
+                                                    const uint32_t (&b)[1]) {
+    lk_mma_m16n8k8_bf16(acc, a, b, acc);
+}
+
 __device__ __forceinline__ uint32_t pack2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -92,6 +127,9 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
     const int KW = K ? K : a.kw;
     constexpr int SK = K ? (K + 7 + 15) / 16 : S_MAX;  // k-steps (upper bound when generic)
     const int S = K ? SK : (KW + 7 + 15) / 16;
+    // the band of 8 outputs spans KW + 7 columns: when they end in the first half of the last
+    // k-step, that step is an m16n8k8 (K = 31: 16 + 16 + 8 columns instead of 48)
+    const bool tail8 = K ? (K + 7 <= 16 * SK - 8) : (KW + 7 <= 16 * S - 8);
     const int SH = DGRAD ? a.oh : a.h;  // source plane
     const int SW = DGRAD ? a.ow : a.w;
     const int OH = DGRAD ? a.h : a.oh;  // produced plane
@@ -116,7 +154,7 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
     const int twi = 8 * (nt - 1) + 16 * S;
     const int ld = tc_ld(twi);
     const int rows = TH + KH - 1;
-    const int fw = 16 * S + 8;
+    const int fw = 16 * S + 10;  // one filter copy: 8 + e zeros, KW taps, zeros
     LK_DYNAMIC_SMEM(smem_f);
     uint16_t* s_in = reinterpret_cast<uint16_t*>(smem_f);
     uint16_t* s_w = s_in + ((rows * ld + 7) & ~7);
@@ -126,8 +164,8 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
         const int gy = sy0 + r, gx = sx0 + cc;
         s_in[r * ld + cc] = (gy >= 0 && gy < SH && gx >= 0 && gx < SW) ? src[(long long)gy * SW + gx] : (uint16_t)0;
     }
-    for (int i = tid; i < KH * fw; i += nthreads) {
-        const int r = i / fw, kx = i - r * fw - 8;
+    for (int i = tid; i < KH * 2 * fw; i += nthreads) {
+        const int r = i / (2 * fw), e = (i / fw) & 1, kx = i - (2 * r + e) * fw - 8 - e;
         uint16_t v = 0;
         if (kx >= 0 && kx < KW) v = DGRAD ? wt[(KH - 1 - r) * KW + (KW - 1 - kx)] : wt[r * KW + kx];
         s_w[i] = v;
@@ -153,27 +191,31 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
 #pragma unroll 1
     for (int ky = ky_lo; ky < ky_hi; ++ky) {
         // B of k-step s: B[k][n] = w[ky][16 s + k - n]; lane holds k = 2t, 2t+1 (b0, b1) and
-        // 2t+8, 2t+9 (b2, b3) of column n = g
-        const uint16_t* wr = s_w + ky * fw + 8;
+        // 2t+8, 2t+9 (b2, b3) of column n = g: two 32-bit loads from the copy of the filter row
+        // shifted by e = g & 1 (tap kx at 8 + e + kx), where 16 s + 2t - g + 8 + e is even.
+        // Only k-steps that some n-tile uses (source columns inside the image).
+        const int e = g & 1;
+        const uint16_t* wr = s_w + (2 * ky + e) * fw + 8 + e;
         uint32_t b[SK][2];
 #pragma unroll
         for (int s = 0; s < SK; ++s) {
-            if (s < S) {
+            if (s < S && sx0 + 16 * s + 8 * nt_used + 8 > 0 && sx0 + 16 * s < SW) {
                 const int k0 = 16 * s + 2 * t - g;
-                b[s][0] = pack2(wr[k0], wr[k0 + 1]);
-                b[s][1] = pack2(wr[k0 + 8], wr[k0 + 9]);
+                b[s][0] = lds32(wr + k0);
+                if (!(tail8 && s == S - 1)) b[s][1] = lds32(wr + k0 + 8);
             }
         }
         // A blocks: tile rows 16 warp + ky + g (a0a1 / a4a5) and + 8 (a2a3 / a6a7), columns
-        // 8 blk + 2t, 2t+1
+        // 8 blk + 2t, 2t+1; blocks wholly outside the image are zeros, not loaded
         const uint16_t* r0 = s_in + (16 * warp + ky + g) * ld + 2 * t;
         const uint16_t* r1 = r0 + 8 * ld;
         uint32_t alo[NB], ahi[NB];
 #pragma unroll
         for (int blk = 0; blk < NB; ++blk) {
-            if (blk < nt_used - 1 + 2 * S) {
-                alo[blk] = lds32(r0 + 8 * blk);
-                ahi[blk] = lds32(r1 + 8 * blk);
+            if (blk < nt_used - 1 + 2 * S - (tail8 ? 1 : 0)) {
+                const bool inside = sx0 + 8 * blk + 8 > 0 && sx0 + 8 * blk < SW;
+                alo[blk] = inside ? lds32(r0 + 8 * blk) : 0u;
+                ahi[blk] = inside ? lds32(r1 + 8 * blk) : 0u;
             }
         }
 #pragma unroll
@@ -181,12 +223,19 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
             if (q < nt_used) {
 #pragma unroll
                 for (int s = 0; s < SK; ++s) {
-                    // skip k-steps whose 16 source columns all lie outside the image (zeros)
+                    // skip k-steps whose source columns all lie outside the image (zeros)
                     const int gx = sx0 + 8 * q + 16 * s;
-                    if (s < S && gx + 16 > 0 && gx < SW) {
-                        const uint32_t fa[4] = {alo[q + 2 * s], ahi[q + 2 * s], alo[q + 2 * s + 1],
-                                                ahi[q + 2 * s + 1]};
-                        mma<T>(acc[q], fa, b[s]);
+                    const bool k8 = tail8 && s == S - 1;
+                    if (s < S && gx + (k8 ? 8 : 16) > 0 && gx < SW) {
+                        if (k8) {
+                            const uint32_t fa[2] = {alo[q + 2 * s], ahi[q + 2 * s]};
+                            const uint32_t fb[1] = {b[s][0]};
+                            mma8<T>(acc[q], fa, fb);
+                        } else {
+                            const uint32_t fa[4] = {alo[q + 2 * s], ahi[q + 2 * s], alo[q + 2 * s + 1],
+                                                    ahi[q + 2 * s + 1]};
+                            mma<T>(acc[q], fa, b[s]);
+                        }
                     }
                 }
             }

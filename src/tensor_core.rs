@@ -17,7 +17,8 @@
 //! 8 columns (nt <= 8, TW = 8 nt); grid (N*C, tiles_y, tiles_x); OW split evenly into
 //! ceil(OW / 64) tiles, OH into tiles of 16 * warps rows (more, shorter tiles when N*C is small,
 //! so that the grid has >= 264 blocks); shared memory (16-bit): input tile
-//! [16 warps + KH - 1][tc_ld(8 (nt - 1) + 16 S)] and filter [KH][16 S + 8], S = ceil((KW + 7) / 16).
+//! [16 warps + KH - 1][tc_ld(8 (nt - 1) + 16 S)] and filter [KH][2][16 S + 10] (two shifted
+//! copies), S = ceil((KW + 7) / 16).
 
 use std::sync::OnceLock;
 
@@ -115,12 +116,18 @@ fn ksteps(kw: usize) -> usize {
     ceil_div(kw + 7, 16)
 }
 
+/// True when the band ends in the first 8 columns of its last k-step, which the kernel then
+/// runs as an `mma.m16n8k8` (must match `tail8` in lk_tc.cu).
+fn tail8(kw: usize) -> bool {
+    kw + 7 <= 16 * ksteps(kw) - 8
+}
+
 /// Shared bytes of `lk_tc_*` for `warps` warps, `nt` n-tiles and a KH x KW filter.
 pub fn shared_bytes(warps: usize, nt: usize, kh: usize, kw: usize) -> usize {
     let s = ksteps(kw);
     let rows = 16 * warps + kh - 1;
     let input = (rows * tc_ld(8 * (nt - 1) + 16 * s)).div_ceil(8) * 8;
-    2 * (input + kh * (16 * s + 8))
+    2 * (input + kh * 2 * (16 * s + 10))
 }
 
 /// The tensor-core plan for `op`, or None where the path falls back to `Impl::Fast` (see the
@@ -196,8 +203,8 @@ pub struct WorkReport {
     /// Warps per block and n-tiles (8 output columns) per warp.
     pub warps: usize,
     pub nt: usize,
-    /// `mma.m16n8k16` the kernel executes (filter rows and k-steps that cannot touch the image
-    /// skipped, as the kernel does).
+    /// `mma.m16n8k16` the kernel executes, an `m16n8k8` counting one half (filter rows and
+    /// k-steps that cannot touch the image skipped, as the kernel does).
     pub mma: f64,
     /// Multiply-adds that involve an input inside the image (`useful_flops / 2`).
     pub useful_macs: f64,
@@ -205,8 +212,9 @@ pub struct WorkReport {
     pub useful_share: f64,
     /// mma * 2048 * 2 flops at [`TC_PEAK_TFLOPS`].
     pub tc_bound_s: f64,
-    /// Warp-wide shared-memory loads of the fragments (A blocks: 2 x 32-bit per 8 columns;
-    /// B: 4 x 16-bit per k-step; per warp and filter row), at one per SM per clock.
+    /// Warp-wide shared-memory loads of the fragments (A: 2 x 32-bit per 8-column block, B:
+    /// 2 x 32-bit per k-step, those inside the image; per warp and filter row), at one per SM
+    /// per clock.
     pub smem_bound_s: f64,
     /// Compulsory traffic (input, output, filter once) at [`HBM_TBPS`].
     pub memory_bound_s: f64,
@@ -241,6 +249,7 @@ pub fn work_report(
     let warps = (l.block.0 / 32) as i64;
     let nt = l.args.aux0 as i64;
     let steps = ksteps(kw) as i64;
+    let tail = tail8(kw);
     let (th, tw) = (16 * warps, 8 * nt);
     let mut per_plane = 0i64;
     let mut loads_plane = 0i64;
@@ -249,14 +258,31 @@ pub fn work_report(
             let (oy0, ox0) = (by * th, bz * tw);
             let nt_used = (tw.min(ow - ox0) + 7) / 8;
             // k-steps per filter row that touch the image, summed over the n-tiles, and the
-            // fragment loads per filter row
-            let loads_row = 2 * (nt_used - 1 + 2 * steps) + 4 * steps;
+            // fragment loads per filter row (A blocks and B k-steps inside the image)
+            let a_blocks = (0..nt_used - 1 + 2 * steps - i64::from(tail))
+                .filter(|b| ox0 - pl + 8 * b + 8 > 0 && ox0 - pl + 8 * b < sw)
+                .count() as i64;
+            let b_steps = (0..steps)
+                .filter(|st| {
+                    let gx = ox0 - pl + 16 * st;
+                    gx + 8 * nt_used + 8 > 0 && gx < sw
+                })
+                .count() as i64;
+            let b_tail = i64::from(
+                tail && {
+                    let gx = ox0 - pl + 16 * (steps - 1);
+                    gx + 8 * nt_used + 8 > 0 && gx < sw
+                },
+            );
+            let loads_row = 2 * a_blocks + 2 * b_steps - b_tail;
+            // in halves of an m16n8k16
             let mut steps_row = 0i64;
             for q in 0..nt_used {
                 for st in 0..steps {
+                    let k8 = tail && st == steps - 1;
                     let gx = ox0 - pl + 8 * q + 16 * st;
-                    if gx + 16 > 0 && gx < sw {
-                        steps_row += 1;
+                    if gx + if k8 { 8 } else { 16 } > 0 && gx < sw {
+                        steps_row += if k8 { 1 } else { 2 };
                     }
                 }
             }
@@ -273,7 +299,7 @@ pub fn work_report(
             }
         }
     }
-    let mma = per_plane as f64 * (s.n * s.c) as f64;
+    let mma = per_plane as f64 * (s.n * s.c) as f64 / 2.0;
     let useful_macs = conv.useful_flops(s) / 2.0;
     let bytes =
         dtype.size_bytes() as f64 * (s.n * s.c * (s.h * s.w + s.oh * s.ow) + s.c * kh * kw) as f64;

@@ -32,33 +32,36 @@ fn warp_primitives_and_divergence_errors() {
     sim::warp::selftest().expect("warp self-test");
 }
 
+/// Both fragment shapes the kernels use (m16n8k16 and m16n8k8), both dtypes, one and many warps.
 #[test]
-fn mma_m16n8k16_matches_a_plain_product() {
+fn mma_m16n8_matches_a_plain_product() {
     let mut rng = common::rng();
     for dtype in [DType::F16, DType::Bf16] {
-        for count in [1usize, 3, 32] {
-            let a = random_bits(dtype, count * 256, &mut rng);
-            let b = random_bits(dtype, count * 128, &mut rng);
-            let c: Vec<f32> = (0..count * 128).map(|_| rng.uniform_pm1() * 4.0).collect();
-            let d = sim::warp::mma_m16n8k16(dtype, &a, &b, &c).expect("mma runs");
-            for w in 0..count {
-                for i in 0..16 {
-                    for j in 0..8 {
-                        let mut want = c[w * 128 + i * 8 + j] as f64;
-                        let mut mag = want.abs();
-                        for k in 0..16 {
-                            let p = bits_to_f64(dtype, a[w * 256 + i * 16 + k])
-                                * bits_to_f64(dtype, b[w * 128 + k * 8 + j]);
-                            want += p;
-                            mag += p.abs();
+        for kd in [16usize, 8] {
+            for count in [1usize, 3, 32] {
+                let a = random_bits(dtype, count * 16 * kd, &mut rng);
+                let b = random_bits(dtype, count * kd * 8, &mut rng);
+                let c: Vec<f32> = (0..count * 128).map(|_| rng.uniform_pm1() * 4.0).collect();
+                let d = sim::warp::mma_m16n8(dtype, kd, &a, &b, &c).expect("mma runs");
+                for w in 0..count {
+                    for i in 0..16 {
+                        for j in 0..8 {
+                            let mut want = c[w * 128 + i * 8 + j] as f64;
+                            let mut mag = want.abs();
+                            for k in 0..kd {
+                                let p = bits_to_f64(dtype, a[w * 16 * kd + i * kd + k])
+                                    * bits_to_f64(dtype, b[w * kd * 8 + k * 8 + j]);
+                                want += p;
+                                mag += p.abs();
+                            }
+                            let got = d[w * 128 + i * 8 + j] as f64;
+                            // kd + 1 f32 additions of exact products
+                            let tol = (kd + 1) as f64 * f32::EPSILON as f64 * mag;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{dtype} m16n8k{kd} product {w} of {count}: D[{i}][{j}] = {got}, expected {want}"
+                            );
                         }
-                        let got = d[w * 128 + i * 8 + j] as f64;
-                        // 17 f32 additions of exact products
-                        let tol = 17.0 * f32::EPSILON as f64 * mag;
-                        assert!(
-                            (got - want).abs() <= tol,
-                            "{dtype} product {w} of {count}: D[{i}][{j}] = {got}, expected {want}"
-                        );
                     }
                 }
             }
@@ -68,21 +71,18 @@ fn mma_m16n8k16_matches_a_plain_product() {
 
 #[test]
 fn mma_rejects_bad_sizes() {
-    assert!(sim::warp::mma_m16n8k16(DType::F32, &[0; 256], &[0; 128], &[0.0; 128]).is_err());
-    assert!(sim::warp::mma_m16n8k16(DType::F16, &[0; 255], &[0; 128], &[0.0; 128]).is_err());
-    assert!(sim::warp::mma_m16n8k16(DType::F16, &[], &[], &[]).is_err());
+    let m = sim::warp::mma_m16n8;
+    assert!(m(DType::F32, 16, &[0; 256], &[0; 128], &[0.0; 128]).is_err());
+    assert!(m(DType::F16, 16, &[0; 255], &[0; 128], &[0.0; 128]).is_err());
+    assert!(m(DType::F16, 8, &[0; 256], &[0; 128], &[0.0; 128]).is_err());
+    assert!(m(DType::F16, 4, &[0; 64], &[0; 32], &[0.0; 128]).is_err());
+    assert!(m(DType::F16, 16, &[], &[], &[]).is_err());
 }
 
 // ---- the tensor-core kernels against the f64 reference -----------------------------------------
 
-use lkconv::cpu::reference;
+use common::Expected;
 use lkconv::{kernels, tensor_core, Device, DwConv2d, Element, Error, Impl, Op, Padding, Tensor};
-
-/// Tolerance relative to the result's scale: f16/bf16 inputs are the same rounded values for
-/// both sides; the kernel accumulates `terms` exact products in f32 and rounds the result to T.
-fn tolerance(dtype: DType, terms: usize) -> f64 {
-    2.0 * dtype.epsilon() + (8.0 * f32::EPSILON as f64 * (terms as f64).sqrt()).max(1e-5)
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -114,8 +114,9 @@ fn planned(op: Op, dtype: DType, k: &Case) -> &'static str {
         .kernel
 }
 
-/// Runs fwd or dgrad with `Impl::TensorCore` on `device` and the reference on the same inputs
-/// (outputs NaN-poisoned by the device before the kernels run; NaN fails the comparison).
+/// Runs fwd or dgrad with `Impl::TensorCore` on `device` and the reference on the same rounded
+/// inputs, with the per-element bound of f32 accumulation stored as T (outputs NaN-poisoned by
+/// the device before the kernels run; NaN fails the comparison).
 fn check<T: Element>(device: Device, rng: &mut Rng, op: Op, k: &Case) {
     let conv = &k.conv;
     let s = conv.resolve(k.n, k.c, k.h, k.w).expect("valid case");
@@ -127,21 +128,20 @@ fn check<T: Element>(device: Device, rng: &mut Rng, op: Op, k: &Case) {
             let bias = k.bias.then_some(&b);
             (
                 lkconv::device::forward(device, Impl::TensorCore, conv, &x, &w, bias),
-                reference::forward(conv, &x, &w, bias).unwrap(),
+                Expected::forward(conv, &x, &w, bias),
             )
         }
         _ => {
             let dy = Tensor::<T>::random(&s.output_dims(), rng).unwrap();
             (
                 lkconv::device::data_grad(device, Impl::TensorCore, conv, &dy, &w, (s.h, s.w)),
-                reference::data_grad(conv, &dy, &w, (s.h, s.w)).unwrap(),
+                Expected::data_grad(conv, &dy, &w, (s.h, s.w)),
             )
         }
     };
     let what = format!("{op:?} {} {k:?} on {device}", T::DTYPE);
     let got = got.unwrap_or_else(|e| panic!("{what}: {e}"));
-    let tol = tolerance(T::DTYPE, conv.kernel.0 * conv.kernel.1);
-    common::assert_close(&what, &got, &want, tol);
+    common::assert_matches(&what, &got, &want);
 }
 
 fn check_both(device: Device, rng: &mut Rng, k: &Case) {
@@ -318,20 +318,7 @@ fn plan_work_share_and_bounds() {
 
 #[test]
 fn on_a_cuda_device_when_present() {
-    let reason = if !lkconv::cuda::kernels_compiled() {
-        Some("built without CUDA kernels".to_string())
-    } else {
-        match lkconv::cuda::describe() {
-            Ok(d) if !d.is_empty() => None,
-            Ok(_) => Some("no device".to_string()),
-            Err(e) => Some(e.to_string()),
-        }
-    };
-    if let Some(reason) = reason {
-        if std::env::var("LKCONV_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
-        }
-        println!("skipped: no CUDA device ({reason})");
+    if !common::have_gpu() {
         return;
     }
     let mut rng = common::rng();
