@@ -10,7 +10,8 @@
 // (zero outside the band). One mma.m16n8k16 per (16 output rows, 8 output columns, 16 input
 // columns): A = the input rows (row-major, straight from the staged tile), B = 16 x 8 of the
 // Toeplitz band, accumulated in f32 over S = ceil((KW + 7) / 16) k-steps and every filter row;
-// the last k-step is an mma.m16n8k8 when the band ends in its first 8 columns (K = 31, 29, 27, 13).
+// the last k-step is an mma.m16n8k8 when the band ends in its first 8 columns (templated
+// K = 31, 29, 27, 13).
 // B depends only on ky and the k-step (not on the output tile), so each warp builds its S B
 // fragments per filter row from the staged filter row in registers once and reuses them for all
 // its n-tiles; A's 8-column blocks are shared by neighbouring (n-tile, k-step) pairs (window of
@@ -128,14 +129,10 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
     constexpr int SK = K ? (K + 7 + 15) / 16 : S_MAX;  // k-steps (upper bound when generic)
     const int S = K ? SK : (KW + 7 + 15) / 16;
     // the band of 8 outputs spans KW + 7 columns: when they end in the first half of the last
-    // k-step, that step is an m16n8k8 (K = 31: 16 + 16 + 8 columns instead of 48)
-    const bool tail8 = K ? (K + 7 <= 16 * SK - 8) : (KW + 7 <= 16 * S - 8);
-    const int SH = DGRAD ? a.oh : a.h;  // source plane
-    const int SW = DGRAD ? a.ow : a.w;
-    const int OH = DGRAD ? a.h : a.oh;  // produced plane
-    const int OW = DGRAD ? a.w : a.ow;
-    const int pt = DGRAD ? KH - 1 - a.pad_top : a.pad_top;
-    const int pl = DGRAD ? KW - 1 - a.pad_left : a.pad_left;
+    // k-step, that step is an m16n8k8 (K = 31: 16 + 16 + 8 columns instead of 48); templated
+    // sizes only (a runtime choice costs the generic kernel a stack frame)
+    constexpr bool tail8 = K > 0 && K + 7 <= 16 * SK - 8;
+    const auto [SH, SW, OH, OW, pt, pl] = pass_geometry<DGRAD>(a, KH, KW);
 
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const int warp = tid >> 5, lane = tid & 31;
@@ -196,13 +193,15 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
         // Only k-steps that some n-tile uses (source columns inside the image).
         const int e = g & 1;
         const uint16_t* wr = s_w + (2 * ky + e) * fw + 8 + e;
-        uint32_t b[SK][2];
+        uint32_t b0[SK], b1[SK];
 #pragma unroll
         for (int s = 0; s < SK; ++s) {
+            b0[s] = 0u;
+            b1[s] = 0u;
             if (s < S && sx0 + 16 * s + 8 * nt_used + 8 > 0 && sx0 + 16 * s < SW) {
                 const int k0 = 16 * s + 2 * t - g;
-                b[s][0] = lds32(wr + k0);
-                if (!(tail8 && s == S - 1)) b[s][1] = lds32(wr + k0 + 8);
+                b0[s] = lds32(wr + k0);
+                if (!(tail8 && s == S - 1)) b1[s] = lds32(wr + k0 + 8);
             }
         }
         // A blocks: tile rows 16 warp + ky + g (a0a1 / a4a5) and + 8 (a2a3 / a6a7), columns
@@ -229,12 +228,13 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
                     if (s < S && gx + (k8 ? 8 : 16) > 0 && gx < SW) {
                         if (k8) {
                             const uint32_t fa[2] = {alo[q + 2 * s], ahi[q + 2 * s]};
-                            const uint32_t fb[1] = {b[s][0]};
+                            const uint32_t fb[1] = {b0[s]};
                             mma8<T>(acc[q], fa, fb);
                         } else {
                             const uint32_t fa[4] = {alo[q + 2 * s], ahi[q + 2 * s], alo[q + 2 * s + 1],
                                                     ahi[q + 2 * s + 1]};
-                            mma<T>(acc[q], fa, b[s]);
+                            const uint32_t fb[2] = {b0[s], b1[s]};
+                            mma<T>(acc[q], fa, fb);
                         }
                     }
                 }
@@ -265,14 +265,7 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
     LK_KERNEL(lk_tc_dgrad_##TN##_k##K, (lk::tc::conv_tc<T, K, true>(args)))
 
 #define LK_TC_TYPE(TN, T)                                                       \
-    LK_TC_K(TN, T, 3)                                                           \
-    LK_TC_K(TN, T, 5)                                                           \
-    LK_TC_K(TN, T, 7)                                                           \
-    LK_TC_K(TN, T, 13)                                                          \
-    LK_TC_K(TN, T, 25)                                                          \
-    LK_TC_K(TN, T, 27)                                                          \
-    LK_TC_K(TN, T, 29)                                                          \
-    LK_TC_K(TN, T, 31)                                                          \
+    LK_FOR_TEMPLATE_SIZES(LK_TC_K, TN, T)                                       \
     LK_KERNEL(lk_tc_fwd_##TN##_generic, (lk::tc::conv_tc<T, 0, false>(args)))  \
     LK_KERNEL(lk_tc_dgrad_##TN##_generic, (lk::tc::conv_tc<T, 0, true>(args)))
 

@@ -116,10 +116,10 @@ fn ksteps(kw: usize) -> usize {
     ceil_div(kw + 7, 16)
 }
 
-/// True when the band ends in the first 8 columns of its last k-step, which the kernel then
-/// runs as an `mma.m16n8k8` (must match `tail8` in lk_tc.cu).
-fn tail8(kw: usize) -> bool {
-    kw + 7 <= 16 * ksteps(kw) - 8
+/// True when the band ends in the first 8 columns of its last k-step, which the templated
+/// kernels then run as an `mma.m16n8k8` (must match `tail8` in lk_tc.cu).
+fn tail8(kh: usize, kw: usize) -> bool {
+    kh == kw && TEMPLATE_SIZES.contains(&kw) && kw + 7 <= 16 * ksteps(kw) - 8
 }
 
 /// Shared bytes of `lk_tc_*` for `warps` warps, `nt` n-tiles and a KH x KW filter.
@@ -249,7 +249,7 @@ pub fn work_report(
     let warps = (l.block.0 / 32) as i64;
     let nt = l.args.aux0 as i64;
     let steps = ksteps(kw) as i64;
-    let tail = tail8(kw);
+    let tail = tail8(kh, kw);
     let (th, tw) = (16 * warps, 8 * nt);
     let mut per_plane = 0i64;
     let mut loads_plane = 0i64;
