@@ -82,7 +82,8 @@ fn mma_rejects_bad_sizes() {
 // ---- the tensor-core kernels against the f64 reference -----------------------------------------
 
 use common::Expected;
-use lkconv::{kernels, tensor_core, Device, DwConv2d, Element, Error, Impl, Op, Padding, Tensor};
+use lkconv::plan::{self as kernels, tensor_core, Family, KernelId};
+use lkconv::{Device, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Tensor};
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -106,12 +107,10 @@ fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
 }
 
 /// The kernel the tensor-core plan picks for this case.
-fn planned(op: Op, dtype: DType, k: &Case) -> &'static str {
+fn planned(op: Op, dtype: DType, k: &Case) -> String {
     let s = k.conv.resolve(k.n, k.c, k.h, k.w).unwrap();
-    kernels::plan(op, Impl::TensorCore, dtype, &k.conv, &s)
-        .unwrap()
-        .launches[0]
-        .kernel
+    let p = Problem::new(op, Impl::TensorCore, dtype, &k.conv, &s).unwrap();
+    kernels::plan(&p).unwrap().launches[0].kernel.name()
 }
 
 /// Runs fwd or dgrad with `Impl::TensorCore` on `device` and the reference on the same rounded
@@ -256,14 +255,18 @@ fn fallbacks_and_errors() {
     assert!(!planned(Op::Forward, DType::Bf16, &strided).starts_with("lk_tc_"));
     check::<bf16>(Device::Sim, &mut rng, Op::Forward, &strided);
     let s = DwConv2d::new(31, 31).resolve(1, 2, 20, 20).unwrap();
-    let p = kernels::plan(
+    let p = Problem::new(
         Op::WeightGrad,
         Impl::TensorCore,
         DType::F16,
         &DwConv2d::new(31, 31),
         &s,
-    );
-    assert!(!p.unwrap().launches[0].kernel.starts_with("lk_tc_"));
+    )
+    .unwrap();
+    assert!(!kernels::plan(&p).unwrap().launches[0]
+        .kernel
+        .family
+        .is_tensor_core());
     // f32 and the CPU are typed errors
     let conv = DwConv2d::new(31, 31);
     let x = Tensor::<f32>::random(&[1, 2, 20, 20], &mut rng).unwrap();
@@ -275,9 +278,12 @@ fn fallbacks_and_errors() {
     let e = lkconv::device::forward(Device::Cpu, Impl::TensorCore, &conv, &xh, &wh, None);
     assert!(matches!(e, Err(Error::Unsupported(_))), "{e:?}");
     // a device below sm_80 is refused
-    assert!(tensor_core::check_device("lk_tc_fwd_f16_k31", (7, 5), "T4").is_err());
-    assert!(tensor_core::check_device("lk_tc_fwd_f16_k31", (8, 0), "A100").is_ok());
-    assert!(tensor_core::check_device("lk_fwd_f16_k31", (7, 5), "T4").is_ok());
+    let tc = KernelId::tiled(Family::TcFwd, DType::F16, 31, 31);
+    assert_eq!(tc.name(), "lk_tc_fwd_f16_k31");
+    assert!(tensor_core::check_device(tc, (7, 5), "T4").is_err());
+    assert!(tensor_core::check_device(tc, (8, 0), "A100").is_ok());
+    let simt = KernelId::tiled(Family::TiledFwd, DType::F16, 31, 31);
+    assert!(tensor_core::check_device(simt, (7, 5), "T4").is_ok());
 }
 
 #[test]
@@ -289,7 +295,8 @@ fn plan_work_share_and_bounds() {
         let conv = DwConv2d::new(k, k);
         let s = conv.resolve(64, c, hw, hw).unwrap();
         for op in [Op::Forward, Op::DataGrad] {
-            let r = tensor_core::work_report(op, DType::F16, &conv, &s)
+            let p = Problem::new(op, Impl::TensorCore, DType::F16, &conv, &s).unwrap();
+            let r = tensor_core::work_report(&p)
                 .unwrap()
                 .expect("a tensor-core plan");
             let l = &r.launch;

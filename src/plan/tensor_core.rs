@@ -4,7 +4,7 @@
 //! work that is useful with the time it implies at the tensor-core ceiling.
 //!
 //! Kernels (`<t>` = `f16` | `bf16`): `lk_tc_fwd_<t>_k<K>`, `lk_tc_dgrad_<t>_k<K>` for the square
-//! sizes of [`crate::kernels::TEMPLATE_SIZES`], and `lk_tc_fwd_<t>_generic` /
+//! sizes of [`super::TEMPLATE_SIZES`], and `lk_tc_fwd_<t>_generic` /
 //! `lk_tc_dgrad_<t>_generic` for any KH x KW with KW <= [`MAX_GENERIC_KW`].
 //!
 //! What is not planned here falls back to the SIMT kernels of `Impl::Fast` (documented, not an
@@ -20,15 +20,12 @@
 //! [16 warps + KH - 1][tc_ld(8 (nt - 1) + 16 S)] and filter [KH][2][16 S + 10] (two shifted
 //! copies), S = ceil((KW + 7) / 16).
 
-use std::sync::OnceLock;
-
-use crate::conv::{ConvShape, DwConv2d};
-use crate::device::Op;
+use super::geometry::{SHARED_LIMIT_BYTES, SHARED_TARGET_BYTES};
+use super::launch::{base_args, DwArgs, Family, KernelId, Launch, Plan, TEMPLATE_SIZES};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::{
-    DwArgs, Launch, Plan, SHARED_LIMIT_BYTES, SHARED_TARGET_BYTES, TEMPLATE_SIZES,
-};
+use crate::op::Op;
+use crate::problem::Problem;
 
 /// Widest filter the generic tensor-core kernel takes (S = 4 k-steps: KW + 7 <= 64).
 pub const MAX_GENERIC_KW: usize = 57;
@@ -51,39 +48,10 @@ const TARGET_BLOCKS: usize = 264;
 const NT_MAX: usize = 8;
 const WARPS_MAX: usize = 8;
 
-fn names() -> &'static Vec<&'static str> {
-    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
-    NAMES.get_or_init(|| {
-        let mut v = Vec::new();
-        for t in ["f16", "bf16"] {
-            for kind in ["fwd", "dgrad"] {
-                for k in TEMPLATE_SIZES {
-                    v.push(format!("lk_tc_{kind}_{t}_k{k}"));
-                }
-                v.push(format!("lk_tc_{kind}_{t}_generic"));
-            }
-        }
-        v.sort();
-        v.into_iter()
-            .map(|s| &*Box::leak(s.into_boxed_str()))
-            .collect()
-    })
-}
-
-/// Every tensor-core kernel in `kernels/lk_tc.cu`, sorted by name.
-pub fn kernel_names() -> Vec<&'static str> {
-    names().clone()
-}
-
-/// True for a kernel of the tensor-core path.
-pub fn is_tensor_core_kernel(kernel: &str) -> bool {
-    kernel.starts_with("lk_tc_")
-}
-
 /// Refuses a tensor-core kernel on a device below sm_80 (the fatbin's sm_75 build of these
 /// kernels is empty).
-pub fn check_device(kernel: &str, compute_capability: (i32, i32), device: &str) -> Result<()> {
-    if is_tensor_core_kernel(kernel) && compute_capability < MIN_COMPUTE_CAPABILITY {
+pub fn check_device(kernel: KernelId, compute_capability: (i32, i32), device: &str) -> Result<()> {
+    if kernel.family.is_tensor_core() && compute_capability < MIN_COMPUTE_CAPABILITY {
         let (ma, mi) = compute_capability;
         return Err(Error::Unsupported(format!(
             "{kernel} needs tensor cores with mma.sync m16n8k16 (sm_80 or newer); {device} is sm_{ma}{mi}: use --impl fast"
@@ -130,15 +98,10 @@ pub fn shared_bytes(warps: usize, nt: usize, kh: usize, kw: usize) -> usize {
     2 * (input + kh * 2 * (16 * s + 10))
 }
 
-/// The tensor-core plan for `op`, or None where the path falls back to `Impl::Fast` (see the
-/// module documentation). `args` are the shape's kernel arguments (pointers unbound).
-pub(crate) fn plan(
-    op: Op,
-    dtype: DType,
-    conv: &DwConv2d,
-    s: &ConvShape,
-    mut args: DwArgs,
-) -> Result<Option<Plan>> {
+/// The tensor-core plan, or None where the path falls back to the SIMT kernels (see the module
+/// documentation). `args` are the shape's kernel arguments (pointers unbound).
+pub(crate) fn plan(p: &Problem, mut args: DwArgs) -> Result<Option<Plan>> {
+    let (op, dtype, conv, s) = (p.op(), p.dtype(), p.conv(), p.shape());
     if dtype == DType::F32 {
         return Err(Error::Unsupported(
             "the tensor-core path computes f16 or bf16 inputs (f32 accumulation); use --impl fast for f32".into(),
@@ -170,18 +133,12 @@ pub(crate) fn plan(
     if smem > SHARED_LIMIT_BYTES || tiles_y > 65535 || tiles_x > 65535 {
         return Ok(None);
     }
-    let kind = if op == Op::DataGrad { "dgrad" } else { "fwd" };
-    let t = dtype.name();
-    let kernel = if kh == kw && TEMPLATE_SIZES.contains(&kh) {
-        format!("lk_tc_{kind}_{t}_k{kh}")
+    let family = if op == Op::DataGrad {
+        Family::TcDgrad
     } else {
-        format!("lk_tc_{kind}_{t}_generic")
+        Family::TcFwd
     };
-    let kernel = names()
-        .iter()
-        .copied()
-        .find(|n| *n == kernel)
-        .ok_or_else(|| Error::InvalidArgument(format!("no kernel named {kernel}")))?;
+    let kernel = KernelId::tiled(family, dtype, kh, kw);
     args.aux0 = nt as i32;
     Ok(Some(Plan {
         launches: vec![Launch {
@@ -220,21 +177,16 @@ pub struct WorkReport {
     pub memory_bound_s: f64,
 }
 
-/// The work of the tensor-core plan for `op` (None where the path falls back to SIMT).
-pub fn work_report(
-    op: Op,
-    dtype: DType,
-    conv: &DwConv2d,
-    shape: &ConvShape,
-) -> Result<Option<WorkReport>> {
-    let plan = crate::kernels::plan(op, crate::device::Impl::TensorCore, dtype, conv, shape)?;
-    let l = plan.launches[0].clone();
-    if !is_tensor_core_kernel(l.kernel) {
+/// The work of the tensor-core plan of `p` (an `Impl::TensorCore` problem; None where the path
+/// falls back to SIMT).
+pub fn work_report(p: &Problem) -> Result<Option<WorkReport>> {
+    let Some(plan) = plan(p, base_args(p.conv(), p.shape())?)? else {
         return Ok(None);
-    }
-    let s = shape;
+    };
+    let l = plan.launches[0].clone();
+    let (op, dtype, conv, s) = (p.op(), p.dtype(), p.conv(), p.shape());
     let (kh, kw) = conv.kernel;
-    let p = conv.padding;
+    let pad = conv.padding;
     let dgrad = op == Op::DataGrad;
     let (sh, sw, oh, ow) = if dgrad {
         (s.oh as i64, s.ow as i64, s.h as i64, s.w as i64)
@@ -242,9 +194,12 @@ pub fn work_report(
         (s.h as i64, s.w as i64, s.oh as i64, s.ow as i64)
     };
     let (pt, pl) = if dgrad {
-        (kh as i64 - 1 - p.top as i64, kw as i64 - 1 - p.left as i64)
+        (
+            kh as i64 - 1 - pad.top as i64,
+            kw as i64 - 1 - pad.left as i64,
+        )
     } else {
-        (p.top as i64, p.left as i64)
+        (pad.top as i64, pad.left as i64)
     };
     let warps = (l.block.0 / 32) as i64;
     let nt = l.args.aux0 as i64;
@@ -300,7 +255,7 @@ pub fn work_report(
         }
     }
     let mma = per_plane as f64 * (s.n * s.c) as f64 / 2.0;
-    let useful_macs = conv.useful_flops(s) / 2.0;
+    let useful_macs = p.useful_flops() / 2.0;
     let bytes =
         dtype.size_bytes() as f64 * (s.n * s.c * (s.h * s.w + s.oh * s.ow) + s.c * kh * kw) as f64;
     Ok(Some(WorkReport {
