@@ -42,6 +42,17 @@ __device__ __forceinline__ int wgrad_smem_floats(int th, int tw, int kh, int kw,
     return (th + kh - 1) * wgrad_x_ld(kw, tw) + th * wgrad_dy_ld(tw) + threads * RX;
 }
 
+// Planes and padding of the fwd/dgrad kernels: the data gradient is the forward pass over dy
+// (the source, OH x OW) producing dx (H x W), filter rotated 180 degrees, padding K-1-p.
+struct PassGeometry {
+    int SH, SW, OH, OW, pt, pl;  // source plane, produced plane, top/left padding
+};
+template <bool DGRAD>
+__device__ __forceinline__ PassGeometry pass_geometry(const DwArgs& a, int KH, int KW) {
+    if (DGRAD) return PassGeometry{a.oh, a.ow, a.h, a.w, KH - 1 - a.pad_top, KW - 1 - a.pad_left};
+    return PassGeometry{a.h, a.w, a.oh, a.ow, a.pad_top, a.pad_left};
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -124,6 +135,10 @@ using smem_ptr = T*;
     extern __shared__ __align__(16) unsigned char lk_smem_raw[]; \
     float* name = reinterpret_cast<float*>(lk_smem_raw)
 #endif
+
+// M(TN, T, K) for every kernel size with a templated kernel (`TEMPLATE_SIZES` in src/kernels.rs).
+#define LK_FOR_TEMPLATE_SIZES(M, TN, T) \
+    M(TN, T, 3) M(TN, T, 5) M(TN, T, 7) M(TN, T, 13) M(TN, T, 25) M(TN, T, 27) M(TN, T, 29) M(TN, T, 31)
 
 // Defines `extern "C" __global__ void NAME(const DwArgs args) { CALL; }` and registers it.
 #ifdef LK_SIM

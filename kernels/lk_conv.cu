@@ -66,12 +66,7 @@ template <typename T, int K, bool DGRAD>
 __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     const int KH = K ? K : a.kh;
     const int KW = K ? K : a.kw;
-    const int SH = DGRAD ? a.oh : a.h;  // source plane
-    const int SW = DGRAD ? a.ow : a.w;
-    const int OH = DGRAD ? a.h : a.oh;  // produced plane
-    const int OW = DGRAD ? a.w : a.ow;
-    const int pt = DGRAD ? KH - 1 - a.pad_top : a.pad_top;
-    const int pl = DGRAD ? KW - 1 - a.pad_left : a.pad_left;
+    const auto [SH, SW, OH, OW, pt, pl] = pass_geometry<DGRAD>(a, KH, KW);
 
     // register tile RY x RX: the templated kernel computes 2 rows per thread so that one window
     // of inputs (16-byte loads) feeds both rows; the generic kernel 1 row
@@ -228,14 +223,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     LK_KERNEL(lk_dgrad_##TN##_k##K, (lk::conv_tiled<T, K, true>(args)))
 
 #define LK_CONV_TYPE(TN, T)                                                   \
-    LK_CONV_K(TN, T, 3)                                                       \
-    LK_CONV_K(TN, T, 5)                                                       \
-    LK_CONV_K(TN, T, 7)                                                       \
-    LK_CONV_K(TN, T, 13)                                                      \
-    LK_CONV_K(TN, T, 25)                                                      \
-    LK_CONV_K(TN, T, 27)                                                      \
-    LK_CONV_K(TN, T, 29)                                                      \
-    LK_CONV_K(TN, T, 31)                                                      \
+    LK_FOR_TEMPLATE_SIZES(LK_CONV_K, TN, T)                                   \
     LK_KERNEL(lk_fwd_##TN##_generic, (lk::conv_tiled<T, 0, false>(args)))   \
     LK_KERNEL(lk_dgrad_##TN##_generic, (lk::conv_tiled<T, 0, true>(args)))
 

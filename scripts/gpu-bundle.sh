@@ -310,7 +310,9 @@ cli_runs=0
 shapes=("" "64,128,56,56:31" "64,256,28,28:29" "64,512,14,14:27" "64,1024,7,7:13" "64,384,32,32:31" "8,128,256,200:31")
 for dt in f32 f16 bf16; do
   for sh in "${shapes[@]}"; do
-    for imp in fast naive im2col; do
+    imps="fast naive im2col"
+    [ "$dt" = f32 ] || imps+=" tc" # the tensor-core path (f16/bf16 only; sm_80+)
+    for imp in $imps; do
       if [ $(( $(date +%s) - cli_t0 )) -gt "${CLI_S:-60}" ] || [ "$(left)" -lt 150 ]; then
         echo "cli bench: time budget spent, skipping $dt $sh $imp" >>"$runlog"
         continue

@@ -68,7 +68,7 @@ pub struct ConvArgs {
     /// wgrad: the kernel's KH,KW (or K).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Implementation: fast, naive, im2col (default fast).
+    /// Implementation: fast, naive, im2col, tc (tensor cores: f16/bf16, sm_80+; default fast).
     #[arg(long = "impl", default_value = "fast")]
     pub implementation: String,
 }
@@ -87,7 +87,7 @@ pub struct BenchArgs {
     /// K or KH,KW (with --shape; default 31).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Only this implementation (fast, naive, im2col, reference); default all.
+    /// Only this implementation (fast, naive, im2col, tc, reference); default all (tc only when named).
     #[arg(long = "impl")]
     pub implementation: Option<String>,
     /// f32, f16 or bf16.
