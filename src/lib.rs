@@ -11,6 +11,8 @@
 //! # Ok::<(), lkconv::Error>(())
 //! ```
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
