@@ -136,8 +136,9 @@ fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Option<Tensor<f32>>>
     Tensor::from_vec(&shape, data).map(Some)
 }
 
-/// Writes f32 tensors to a safetensors file (written to a temporary name, then renamed, so a
-/// failure leaves nothing half-written).
+/// Writes f32 tensors to a safetensors file: written to a temporary name unique to this call
+/// beside `path`, then renamed, so a failure (disk full, `path` a directory, ...) leaves neither
+/// a half-written file nor the temporary one, and concurrent writers never share a temporary.
 pub fn write(
     path: impl AsRef<Path>,
     tensors: &[(&str, &Tensor<f32>)],
@@ -145,15 +146,34 @@ pub fn write(
 ) -> Result<()> {
     let path = path.as_ref();
     let bytes = to_bytes(tensors, metadata)?;
-    let tmp = path.with_extension("safetensors.partial");
-    std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
-        path: tmp.display().to_string(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    let tmp = partial_path(path);
+    let result = std::fs::write(&tmp, &bytes)
+        .map_err(|source| Error::Io {
+            path: tmp.display().to_string(),
+            source,
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        });
+    if result.is_err() {
+        // Best effort: the temporary may not exist (the write itself failed to create it).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `DIR/.NAME.PID.SEQ.partial` for `DIR/NAME`: hidden, and unique per process and call.
+fn partial_path(path: &Path) -> std::path::PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    path.with_file_name(format!(".{name}.{}.{seq}.partial", std::process::id()))
 }
 
 /// Serialises f32 tensors to safetensors bytes.

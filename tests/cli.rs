@@ -5,9 +5,10 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{assert_close, random, rng};
+use common::{assert_matches, random, rng, Expected};
+use half::bf16;
 use lkconv::safetensors_io::{self, TensorFile};
-use lkconv::{cpu, DwConv2d, Tensor};
+use lkconv::{DwConv2d, Tensor};
 
 fn lkconv(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_lkconv"))
@@ -62,26 +63,23 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
             "fwd",
             "y",
             vec!["--op", "fwd"],
-            cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
-            2e-6,
+            Expected::forward(&conv, &x, &w, Some(&b)),
         ),
         (
             "dgrad",
             "dx",
             vec!["--op", "dgrad", "--input-hw", "13,17"],
-            cpu::reference::data_grad(&conv, &dy, &w, (13, 17)).unwrap(),
-            2e-6,
+            Expected::data_grad(&conv, &dy, &w, (13, 17)),
         ),
         (
             "wgrad",
             "dw",
             vec!["--op", "wgrad", "--kernel", "7,5"],
-            cpu::reference::weight_grad(&conv, &x, &dy).unwrap(),
-            2e-5,
+            Expected::weight_grad(&conv, &x, &dy),
         ),
     ];
     for device in ["cpu", "cpu-ref"] {
-        for (op, name, flags, want, tol) in &cases {
+        for (op, name, flags, want) in &cases {
             let out = dir.path().join(format!("{op}_{device}.safetensors"));
             let args = [
                 &["conv", "--output", path(&out), "--device", device][..],
@@ -90,11 +88,12 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
             ]
             .concat();
             let got = conv_output(&args, &out, name);
-            assert_close(&format!("cli {op} {device}"), &got, want, *tol);
+            assert_matches(&format!("cli {op} {device}"), &got, want);
         }
     }
 
-    // Half-precision compute: files stay f32, results within bf16 precision.
+    // Half-precision compute: files stay f32, the result is the bf16 computation's (inputs
+    // rounded to bf16, f32 accumulation, one bf16 unit), written back as f32.
     let out = dir.path().join("y_bf16.safetensors");
     let args = [
         &[
@@ -110,11 +109,17 @@ fn conv_fwd_dgrad_wgrad_match_reference() {
     ]
     .concat();
     let y = conv_output(&args, &out, "y");
-    assert_close(
-        "cli fwd bf16",
-        &y,
-        &cpu::reference::forward(&conv, &x, &w, Some(&b)).unwrap(),
-        0.05,
+    let want = Expected::forward(
+        &conv,
+        &x.cast::<bf16>(),
+        &w.cast::<bf16>(),
+        Some(&b.cast::<bf16>()),
+    );
+    assert_matches("cli fwd bf16", &y.cast::<bf16>(), &want);
+    assert_eq!(
+        y,
+        y.cast::<bf16>().cast::<f32>(),
+        "bf16 values written as f32"
     );
 }
 
@@ -298,10 +303,20 @@ fn conv_on_the_simulator_agrees_with_the_reference_device() {
     let dy: Tensor<f32> = random(&s.output_dims(), &mut rng);
     let input = dir.path().join("in.safetensors");
     safetensors_io::write(&input, &[("x", &x), ("w", &w), ("dy", &dy)], None).unwrap();
-    for (op, name, extra) in [
-        ("fwd", "y", vec![]),
-        ("dgrad", "dx", vec![]),
-        ("wgrad", "dw", vec!["--kernel", "13"]),
+    for (op, name, extra, want) in [
+        ("fwd", "y", vec![], Expected::forward(&conv, &x, &w, None)),
+        (
+            "dgrad",
+            "dx",
+            vec![],
+            Expected::data_grad(&conv, &dy, &w, (11, 17)),
+        ),
+        (
+            "wgrad",
+            "dw",
+            vec!["--kernel", "13"],
+            Expected::weight_grad(&conv, &x, &dy),
+        ),
     ] {
         let mut results = Vec::new();
         for device in ["sim", "cpu-ref"] {
@@ -323,11 +338,7 @@ fn conv_on_the_simulator_agrees_with_the_reference_device() {
             .concat();
             results.push(conv_output(&args, &out, name));
         }
-        assert_close(
-            &format!("{op} sim vs cpu-ref"),
-            &results[0],
-            &results[1],
-            2e-5,
-        );
+        assert_matches(&format!("{op} sim"), &results[0], &want);
+        assert_matches(&format!("{op} cpu-ref"), &results[1], &want);
     }
 }

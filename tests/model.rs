@@ -1,8 +1,11 @@
 //! RepLKNet: golden outputs (training and merged form), re-parameterisation equivalence per
 //! block type, parameter counts, name schemes and checkpoint errors. Run in release mode.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::{assert_matches, have_gpu, Expected};
 use lkconv::model::reference::{self, Act64};
 use lkconv::model::{reparam, Backend, Checkpoint, Form, Replknet, ReplknetConfig};
 use lkconv::safetensors_io::TensorFile;
@@ -15,19 +18,6 @@ const GOLDEN: &str = concat!(
 
 fn golden() -> TensorFile {
     TensorFile::read(GOLDEN).expect("golden file")
-}
-
-/// max |a - b| and max |b|.
-fn max_err(a: &Tensor<f32>, b: &Tensor<f32>) -> (f32, f32) {
-    assert_eq!(a.shape(), b.shape());
-    let err = a
-        .data()
-        .iter()
-        .zip(b.data())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    let mag = b.data().iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-    (err, mag)
 }
 
 fn check_golden(
@@ -55,19 +45,16 @@ fn check_golden(
     let out = model
         .run(x, Some(&[0, 1, 2, 3]), true, &mut ws)
         .expect("forward");
-    let (err, mag) = max_err(out.logits.as_ref().unwrap(), file.get(logits_name).unwrap());
-    eprintln!("{backend:?} {logits_name}: max abs err {err:e} (max |logit| {mag})");
-    assert!(err < 1e-4, "{logits_name}: max error {err}");
+    let what = format!("{backend:?} {logits_name}");
+    assert_close(
+        &what,
+        out.logits.as_ref().unwrap(),
+        file.get(logits_name).unwrap(),
+        1e-4,
+    );
     for (i, t) in out.stages.iter() {
-        let (err, mag) = max_err(t, file.get(&format!("stage{i}")).unwrap());
-        eprintln!(
-            "stage{i}: max abs err {err:e}, max |v| {mag}, relative {:e}",
-            err / mag.max(1.0)
-        );
-        assert!(
-            err <= 1e-4 * mag.max(1.0),
-            "stage{i}: max error {err} (magnitude {mag})"
-        );
+        let want = file.get(&format!("stage{i}")).unwrap();
+        assert_close(&format!("{backend:?} stage{i}"), t, want, 1e-4);
     }
     // Same answers a second time through the same workspace, and through forward().
     let again = model.run(x, None, true, &mut ws).unwrap().logits.unwrap();
@@ -114,29 +101,6 @@ fn golden_simulator_both_forms() {
         Form::Merged,
         Backend::Sim,
     );
-}
-
-fn require_gpu() -> bool {
-    std::env::var("LKCONV_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// True when a CUDA device with the embedded kernels is usable; otherwise prints why and
-/// returns false (panics with `LKCONV_REQUIRE_GPU=1`).
-fn have_gpu() -> bool {
-    let reason = if !lkconv::cuda::kernels_compiled() {
-        "built without CUDA kernels".to_string()
-    } else {
-        match lkconv::cuda::CudaDevice::shared(0) {
-            Ok(d) if d.kernels_loaded() => return true,
-            Ok(_) => "the embedded kernels failed to load".to_string(),
-            Err(e) => e.to_string(),
-        }
-    };
-    if require_gpu() {
-        panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
-    }
-    println!("skipped: no CUDA device ({reason})");
-    false
 }
 
 /// The GPU-resident forward pass (cuBLAS 1x1 convs, our depthwise and element-wise kernels).
@@ -231,8 +195,12 @@ fn golden_with_public_prefixes() {
     assert_eq!(ck.stage_norms, vec![false, false, false, true]);
     let model = Replknet::from_checkpoint(&ck).unwrap();
     let logits = model.forward(file.get("input").unwrap()).unwrap();
-    let (err, _) = max_err(&logits, file.get("logits").unwrap());
-    assert!(err < 1e-4, "mmpretrain names: {err}");
+    assert_close(
+        "mmpretrain names",
+        &logits,
+        file.get("logits").unwrap(),
+        1e-4,
+    );
     // Num_batches_tracked (an int tensor) is ignored.
     let mut with_nbt = file.tensors.clone();
     with_nbt.insert(
@@ -255,12 +223,9 @@ fn tiny_config(small: Option<usize>, dw_ratio: f64) -> ReplknetConfig {
     }
 }
 
-fn assert_close(what: &str, got: &Tensor<f32>, want: &Tensor<f32>) {
-    let (err, mag) = max_err(got, want);
-    assert!(
-        err <= 2e-5 * mag.max(1.0),
-        "{what}: max error {err} (magnitude {mag})"
-    );
+/// Whole-network results: every element within `tol * max(max |want|, 1)`, NaN-aware.
+fn assert_close(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) {
+    assert_matches(what, got, &Expected::scaled(want, tol));
 }
 
 /// Every block type, folded (deploy) vs. evaluated as the training-form graph.
@@ -290,6 +255,7 @@ fn reparam_equivalence_per_block() {
             "stem",
             &stem.forward(&x).unwrap(),
             &want.to_tensor().unwrap(),
+            2e-5,
         );
         // Blocks of both stages, image smaller than the kernel in stage 1.
         for (s, hw) in [(0usize, 11usize), (1, 5)] {
@@ -302,6 +268,7 @@ fn reparam_equivalence_per_block() {
                 "RepLKBlock",
                 &b.forward(&x).unwrap(),
                 &want.to_tensor().unwrap(),
+                2e-5,
             );
             let f = reparam::fold_ffn_block(&ck, s, 0).unwrap();
             let want = reference::ffn_block(&ck, s, 0, &x64).unwrap();
@@ -309,6 +276,7 @@ fn reparam_equivalence_per_block() {
                 "ConvFFN",
                 &f.forward(&x).unwrap(),
                 &want.to_tensor().unwrap(),
+                2e-5,
             );
         }
         let x = Tensor::<f32>::random(&[1, 4, 7, 6], &mut rng).unwrap();
@@ -318,15 +286,21 @@ fn reparam_equivalence_per_block() {
             "transition",
             &t.forward(&x).unwrap(),
             &want.to_tensor().unwrap(),
+            2e-5,
         );
         // The whole model.
         let model = Replknet::from_checkpoint(&ck).unwrap();
         let x = Tensor::<f32>::random(&[2, 3, 32, 27], &mut rng).unwrap();
         let (logits, stages) = reference::forward(&ck, &x).unwrap();
-        assert_close("logits", &model.forward(&x).unwrap(), &logits.unwrap());
+        assert_close(
+            "logits",
+            &model.forward(&x).unwrap(),
+            &logits.unwrap(),
+            2e-5,
+        );
         let feats = model.forward_features(&x, &[1, 0]).unwrap();
-        assert_close("stage1", &feats[0], &stages[1]);
-        assert_close("stage0", &feats[1], &stages[0]);
+        assert_close("stage1", &feats[0], &stages[1], 2e-5);
+        assert_close("stage0", &feats[1], &stages[0], 2e-5);
     }
 }
 
@@ -399,10 +373,10 @@ fn corrupt_file_is_an_error() {
     let bytes = std::fs::read(GOLDEN).unwrap();
     let p = dir.path().join("truncated.safetensors");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(Replknet::load(&p).is_err());
+    assert!(matches!(Replknet::load(&p), Err(Error::SafeTensors(_))));
     let p = dir.path().join("garbage.safetensors");
     std::fs::write(&p, b"not a safetensors file at all").unwrap();
-    assert!(Replknet::load(&p).is_err());
+    assert!(matches!(Replknet::load(&p), Err(Error::SafeTensors(_))));
     assert!(matches!(
         Replknet::load(dir.path().join("absent.safetensors")),
         Err(Error::Io { .. })
@@ -418,7 +392,10 @@ fn bad_inputs_are_errors() {
     let x = Tensor::<f32>::zeros(&[3, 32, 32]).unwrap();
     assert!(matches!(model.forward(&x), Err(Error::Shape { .. })));
     let x = Tensor::<f32>::zeros(&[1, 3, 32, 32]).unwrap();
-    assert!(model.forward_features(&x, &[4]).is_err());
+    assert!(matches!(
+        model.forward_features(&x, &[4]),
+        Err(Error::InvalidArgument(_))
+    ));
     // Tiny and odd sizes, batch > 1.
     let mut rng = Rng::new(1);
     for (n, h, w) in [(1, 1, 1), (3, 17, 9), (2, 64, 48)] {
@@ -440,9 +417,8 @@ fn batch_images_are_independent() {
         let xi =
             Tensor::from_vec(&[1, 3, 40, 36], x.data()[i * 4320..(i + 1) * 4320].to_vec()).unwrap();
         let yi = model.forward(&xi).unwrap();
-        for (a, b) in yi.data().iter().zip(&y.data()[i * 10..(i + 1) * 10]) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-        }
+        let batched = Tensor::from_vec(&[1, 10], y.data()[i * 10..(i + 1) * 10].to_vec()).unwrap();
+        assert_close(&format!("image {i} alone"), &yi, &batched, 1e-5);
     }
 }
 
@@ -535,8 +511,8 @@ fn cli_replknet_writes_logits_and_stages() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let y = TensorFile::read(&out).unwrap();
-    let (err, _) = max_err(y.get("logits").unwrap(), file.get("logits_merged").unwrap());
-    assert!(err < 1e-4);
+    let want = file.get("logits_merged").unwrap();
+    assert_close("cli merged logits", y.get("logits").unwrap(), want, 1e-4);
     let o = lkconv_cli(&[
         "replknet",
         "--weights",
@@ -551,13 +527,11 @@ fn cli_replknet_writes_logits_and_stages() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let y = TensorFile::read(&out).unwrap();
     for i in [0, 2] {
-        let (err, mag) = max_err(
-            y.get(&format!("stage{i}")).unwrap(),
-            file.get(&format!("stage{i}")).unwrap(),
-        );
-        assert!(err <= 1e-4 * mag.max(1.0));
+        let name = format!("stage{i}");
+        let want = file.get(&name).unwrap();
+        assert_close(&format!("cli {name}"), y.get(&name).unwrap(), want, 1e-4);
     }
-    assert!(y.get("logits").is_err());
+    assert!(matches!(y.get("logits"), Err(Error::Weights(_))));
     // Errors exit with 2: unknown device, bad index, missing weights, no `input` tensor.
     if lkconv::sim::available() {
         let o = lkconv_cli(&[
@@ -573,8 +547,8 @@ fn cli_replknet_writes_logits_and_stages() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let y = TensorFile::read(&out).unwrap();
-        let (err, _) = max_err(y.get("logits").unwrap(), file.get("logits").unwrap());
-        assert!(err < 1e-4);
+        let want = file.get("logits").unwrap();
+        assert_close("cli sim logits", y.get("logits").unwrap(), want, 1e-4);
     }
     for args in [
         vec!["--device", "tpu"],
@@ -677,11 +651,12 @@ fn simulator_matches_cpu_engine_on_random_models() {
             "logits",
             got.logits.as_ref().unwrap(),
             want.logits.as_ref().unwrap(),
+            2e-5,
         );
         assert_eq!(got.stages.len(), 2);
         for ((gi, g), (wi, w)) in got.stages.iter().zip(&want.stages) {
             assert_eq!(gi, wi);
-            assert_close(&format!("stage{gi}"), g, w);
+            assert_close(&format!("stage{gi}"), g, w, 2e-5);
         }
     }
     // Per-stage norms, no head.
@@ -707,8 +682,8 @@ fn simulator_matches_cpu_engine_on_random_models() {
     let x = Tensor::<f32>::random(&[1, 3, 24, 20], &mut rng).unwrap();
     let want = model.forward_features(&x, &[0, 1]).unwrap();
     let got = model.run(&x, Some(&[0, 1]), false, &mut ws).unwrap();
-    assert_close("stage0 (normed)", &got.stages[0].1, &want[0]);
-    assert_close("stage1 (normed)", &got.stages[1].1, &want[1]);
+    assert_close("stage0 (normed)", &got.stages[0].1, &want[0], 2e-5);
+    assert_close("stage1 (normed)", &got.stages[1].1, &want[1], 2e-5);
     assert!(matches!(
         model.run(&x, None, true, &mut ws),
         Err(Error::Unsupported(_))
@@ -754,8 +729,8 @@ fn downstream_backbone_with_stage_norms() {
     assert!(matches!(model.forward(&x), Err(Error::Unsupported(_))));
     let (_, stages) = reference::forward(&ck, &x).unwrap();
     let feats = model.forward_features(&x, &[0, 1]).unwrap();
-    assert_close("stage0 (normed)", &feats[0], &stages[0]);
-    assert_close("stage1 (normed)", &feats[1], &stages[1]);
+    assert_close("stage0 (normed)", &feats[0], &stages[0], 2e-5);
+    assert_close("stage1 (normed)", &feats[1], &stages[1], 2e-5);
 }
 
 #[test]
@@ -814,7 +789,8 @@ fn wide_layers_match_reference() {
         "logits",
         out.logits.as_ref().unwrap(),
         logits.as_ref().unwrap(),
+        2e-5,
     );
-    assert_close("stage0", &out.stages[0].1, &stages[0]);
-    assert_close("stage1", &out.stages[1].1, &stages[1]);
+    assert_close("stage0", &out.stages[0].1, &stages[0], 2e-5);
+    assert_close("stage1", &out.stages[1].1, &stages[1], 2e-5);
 }

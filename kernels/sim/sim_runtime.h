@@ -239,6 +239,12 @@ __attribute__((noinline)) inline void syncthreads_impl() {
     swapcontext(&f.ctx, &b->sched);
 }
 
+}  // namespace lksim
+
+#include "sim_warp.h"  // warp rendezvous: __syncwarp, shuffles, votes, mma
+
+namespace lksim {
+
 // Runs one block; returns an empty string or an error message.
 inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     t_block = &b;
@@ -247,6 +253,7 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     t_dyn_smem = b.smem;
     std::memset(b.smem, 0xff, b.smem_bytes + kSharedGuardBytes);  // NaN poison
     b.fault.clear();
+    warp_block_begin(b.nthreads);
     for (size_t i = 0; i < b.nthreads; ++i) {
         Fiber& f = b.fibers[i];
         f.done = false;
@@ -258,22 +265,28 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
         makecontext(&f.ctx, fiber_entry, 0);
     }
     for (;;) {
-        size_t waiting = 0, done = 0;
+        size_t waiting = 0, done = 0, at_warp = 0;
         void* site = nullptr;
         bool mixed_sites = false;
+        // while a warp point is pending, only its lanes run; the others stay at their barrier
+        const bool warp_round = warp_any_waiting();
         for (size_t i = 0; i < b.nthreads; ++i) {
             Fiber& f = b.fibers[i];
             if (f.done) {
                 ++done;
                 continue;
             }
-            f.at_barrier = false;
-            b.current = i;
-            t_thread_idx = uint3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
-                                 (unsigned)(i / ((size_t)bdim.x * bdim.y))};
-            swapcontext(&b.sched, &f.ctx);
+            if (!warp_round || warp_waiting(i)) {
+                f.at_barrier = false;
+                b.current = i;
+                t_thread_idx = uint3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
+                                     (unsigned)(i / ((size_t)bdim.x * bdim.y))};
+                swapcontext(&b.sched, &f.ctx);
+            }
             if (f.done) {
                 ++done;
+            } else if (warp_waiting(i)) {
+                ++at_warp;
             } else {
                 ++waiting;
                 if (site == nullptr) site = f.site;
@@ -281,6 +294,11 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
             }
         }
         if (!b.fault.empty()) return b.fault;
+        if (at_warp > 0) {
+            std::string e = warp_end_of_pass();
+            if (!e.empty()) return e;
+            continue;
+        }
         if (waiting == 0) {
             for (size_t i = 0; i < kSharedGuardBytes; ++i)
                 if (b.smem[b.smem_bytes + i] != 0xff)

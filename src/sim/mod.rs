@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, Plan};
 use crate::tensor::Tensor;
 
+pub mod warp;
+
 #[cfg(lkconv_sim)]
 mod ffi {
     use crate::kernels::DwArgs;
