@@ -2,34 +2,27 @@
 //! autograd (CPU), strided inputs, f16/bf16, and typed errors. Run with `--features candle`.
 #![cfg(feature = "candle")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::Expected;
 use lkconv::candle::DepthwiseConv2d;
 use lkconv::{DwConv2d, Padding};
 
 type Result<T> = candle_core::Result<T>;
 
-/// Largest |a - b| over |b|'s scale, with NaN counted as infinitely wrong.
-fn max_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    Ok(a.iter()
-        .zip(&b)
-        .map(|(x, y)| {
-            let e = (x - y).abs();
-            if e.is_nan() {
-                f64::INFINITY
-            } else {
-                e
-            }
-        })
-        .fold(0.0, f64::max))
+/// A candle tensor as an lkconv f32 tensor (for the suite's comparator).
+fn to_lk(t: &Tensor) -> lkconv::Tensor<f32> {
+    let v = t
+        .to_dtype(DType::F32)
+        .and_then(|f| f.flatten_all()?.to_vec1::<f32>())
+        .expect("float data");
+    lkconv::Tensor::from_vec(t.dims(), v).expect("shape")
 }
 
-fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> Result<()> {
-    let e = max_err(got, want)?;
-    assert!(e <= tol, "{what}: max error {e:e} > {tol:e}");
-    Ok(())
+/// `got` within `tol * max(max |want|, 1)` of candle's `want`, element by element.
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    common::assert_matches(what, &to_lk(got), &Expected::scaled(&to_lk(want), tol));
 }
 
 /// Fresh random data in [-1, 1) each run (candle's CPU RNG).
@@ -51,14 +44,6 @@ const CASES: &[Case] = &[
     (3, 2, 11, 14, 3, 2, 3, 1),
 ];
 
-fn to_lk(t: &Tensor) -> lkconv::Tensor<f32> {
-    let v = t
-        .flatten_all()
-        .and_then(|f| f.to_vec1::<f32>())
-        .expect("f32 data");
-    lkconv::Tensor::from_vec(t.dims(), v).expect("shape")
-}
-
 #[test]
 fn strided_gradients_match_the_reference() -> Result<()> {
     // Stride 2 on 12 rows with a span of 9 leaves the last input row unused.
@@ -71,11 +56,10 @@ fn strided_gradients_match_the_reference() -> Result<()> {
     let y = DepthwiseConv2d::new(conv).forward(&x, &w, None)?;
     let r = uniform(y.dims())?;
     let g = (&y * &r)?.sum_all()?.backward()?;
-    let dx = lkconv::cpu::reference::data_grad(&conv, &to_lk(&r), &to_lk(&w), (12, 16)).unwrap();
-    let dw = lkconv::cpu::reference::weight_grad(&conv, &to_lk(&x), &to_lk(&r)).unwrap();
+    let dx = Expected::data_grad(&conv, &to_lk(&r), &to_lk(&w), (12, 16));
+    let dw = Expected::weight_grad(&conv, &to_lk(&x), &to_lk(&r));
     for (var, want, what) in [(&x, dx, "dx"), (&w, dw, "dw")] {
-        let want = Tensor::from_vec(want.into_vec(), var.dims(), &Device::Cpu)?;
-        assert_close(g.get(var).expect("gradient"), &want, 1e-4, what)?;
+        common::assert_matches(what, &to_lk(g.get(var).expect("gradient")), &want);
     }
     Ok(())
 }
@@ -96,7 +80,7 @@ fn forward_and_autograd_match_candle_conv2d_groups_c() -> Result<()> {
             .conv2d(&wt, p, s, d, c)?
             .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
         let tol = 1e-5 * (k * k) as f64;
-        assert_close(&ours, &theirs, tol, &format!("forward {what}"))?;
+        assert_close(&ours, &theirs, tol, &format!("forward {what}"));
 
         // The same loss through both ops: a random weighting of the outputs.
         let r = uniform(ours.dims())?;
@@ -110,7 +94,7 @@ fn forward_and_autograd_match_candle_conv2d_groups_c() -> Result<()> {
         ] {
             let got = g_ours.get(var).expect("our gradient");
             let want = g_theirs.get(var).expect("candle's gradient");
-            assert_close(got, want, tol, &format!("{name} {what}"))?;
+            assert_close(got, want, tol, &format!("{name} {what}"));
         }
     }
     Ok(())
@@ -127,9 +111,9 @@ fn no_bias_op2_and_asymmetric_padding_match_the_reference() -> Result<()> {
     let x = uniform(&[2, 3, 9, 8])?;
     let w = uniform(&[3, 1, 6, 5])?;
     let y = DepthwiseConv2d::new(conv).forward(&x, &w, None)?;
-    let want = lkconv::cpu::reference::forward(&conv, &to_lk(&x), &to_lk(&w), None).unwrap();
-    let want = Tensor::from_vec(want.into_vec(), y.dims(), &Device::Cpu)?;
-    assert_close(&y, &want, 1e-5 * 30.0, "asymmetric padding")
+    let want = Expected::forward(&conv, &to_lk(&x), &to_lk(&w), None);
+    common::assert_matches("asymmetric padding", &to_lk(&y), &want);
+    Ok(())
 }
 
 #[test]
@@ -144,7 +128,8 @@ fn strided_and_offset_inputs_are_read_through_their_layout() -> Result<()> {
     assert!(!x.is_contiguous() && !w.is_contiguous());
     let y = op.forward(&x, &w, Some(&b))?;
     let y_contig = op.forward(&x.contiguous()?, &w.contiguous()?, Some(&b.contiguous()?))?;
-    assert_eq!(max_err(&y, &y_contig)?, 0.0, "strided vs contiguous");
+    let exact = Expected::exact(&to_lk(&y_contig));
+    common::assert_matches("strided vs contiguous", &to_lk(&y), &exact);
     // Gradients of strided inputs too.
     let xv = Var::from_tensor(&x)?;
     let g = op.forward(&xv, &w, None)?.sum_all()?.backward()?;
@@ -154,7 +139,8 @@ fn strided_and_offset_inputs_are_read_through_their_layout() -> Result<()> {
         let g2 = xv2.conv2d(&w, 2, 1, 1, 3)?.sum_all()?.backward()?;
         g2.get(&xv2).expect("candle dx").clone()
     };
-    assert_close(gx, &want_dx, 1e-4, "dx of a strided input")
+    assert_close(gx, &want_dx, 1e-4, "dx of a strided input");
+    Ok(())
 }
 
 #[test]
@@ -168,7 +154,7 @@ fn half_types_match_candle_in_f32_on_the_same_values() -> Result<()> {
             .to_dtype(DType::F32)?
             .conv2d(&w.to_dtype(DType::F32)?, 3, 1, 1, 4)?;
         // One rounding of the output (|y| <= 49) plus f32 accumulation.
-        assert_close(&y, &want, 49.0 * (eps + 1e-6), &format!("{dtype:?}"))?;
+        assert_close(&y, &want, 49.0 * (eps + 1e-6), &format!("{dtype:?}"));
     }
     Ok(())
 }
