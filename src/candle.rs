@@ -353,7 +353,6 @@ mod cuda {
     use crate::conv::DwConv2d;
     use crate::cuda::CudaElement;
     use crate::device::Impl;
-    use crate::dtype::Element;
 
     fn contiguous(l: &Layout, what: &str) -> candle_core::Result<usize> {
         match l.contiguous_offsets() {
@@ -364,7 +363,7 @@ mod cuda {
         }
     }
 
-    fn run<T: Element + CudaElement + candle_core::cuda_backend::CudaDType>(
+    fn run<T: CudaElement + candle_core::cuda_backend::CudaDType>(
         conv: &DwConv2d,
         pass: Pass,
         a: (&CudaStorage, &Layout),
@@ -373,91 +372,67 @@ mod cuda {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let cdev = a.0.device().clone();
         let stream = cdev.cuda_stream();
-        let dev = crate::cuda::CudaDevice::shared(cdev.ordinal()).map_err(wrap)?;
+        let dev = crate::cuda::CudaDevice::shared(stream.context().ordinal()).map_err(wrap)?;
         let elem = std::mem::size_of::<T>() as u64;
         let ptr = |(s, l): (&CudaStorage, &Layout), what: &str| -> candle_core::Result<u64> {
             let start = contiguous(l, what)? as u64;
             let slice: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
-            let (p, _sync) = slice.device_ptr(&stream);
+            let (p, _record) = slice.device_ptr(&stream);
             Ok(p + start * elem)
         };
         let (p0, p1) = (ptr(a, "first input")?, ptr(b, "second input")?);
         let pb = bias.map(|t| ptr(t, "bias")).transpose()?.unwrap_or(0);
         let (d0, d1) = (a.1.dims(), b.1.dims());
-        let shape = match pass {
-            Pass::Forward => conv.check_forward(d0, d1, bias.map(|t| t.1.dims())),
-            Pass::DataGrad(hw) => conv.check_data_grad(d0, d1, hw),
-            Pass::WeightGrad => conv.check_weight_grad(d0, d1),
+        let (shape, out_dims) = match pass {
+            Pass::Forward => conv
+                .check_forward(d0, d1, bias.map(|t| t.1.dims()))
+                .map(|s| (s, s.output_dims())),
+            Pass::DataGrad(hw) => conv
+                .check_data_grad(d0, d1, hw)
+                .map(|s| (s, s.input_dims())),
+            Pass::WeightGrad => conv
+                .check_weight_grad(d0, d1)
+                .map(|s| (s, conv.weight_dims(s.c))),
         }
         .map_err(wrap)?;
-        let out_dims = match pass {
-            Pass::Forward => shape.output_dims().to_vec(),
-            Pass::DataGrad(_) => shape.input_dims().to_vec(),
-            Pass::WeightGrad => conv.weight_dims(shape.c).to_vec(),
+        let (dtype, imp) = (T::DTYPE, Impl::Fast);
+        let ws_len =
+            crate::cuda::workspace_bytes(pass.op(), imp, dtype, conv, &shape).map_err(wrap)?;
+        let cuda_err = |e| candle_core::Error::Msg(format!("lkconv: allocating: {e}"));
+        // SAFETY: device memory the op overwrites completely before anything reads it.
+        let out = unsafe { stream.alloc::<T>(out_dims.iter().product()) }.map_err(cuda_err)?;
+        // SAFETY: scratch memory the op writes before it reads.
+        let ws = unsafe { stream.alloc::<u8>(ws_len.max(16)) }.map_err(cuda_err)?;
+        let (po, _record_out) = out.device_ptr(&stream);
+        let pw = if ws_len == 0 {
+            0
+        } else {
+            ws.device_ptr(&stream).0
         };
-        let out_len = out_dims.iter().product();
-        let dtype = T::DTYPE;
-        let ws_len = crate::cuda::workspace_bytes(pass.op(), Impl::Fast, dtype, conv, &shape)
-            .map_err(wrap)?;
-        // SAFETY: uninitialised device memory that the op overwrites completely.
-        let out = unsafe { stream.alloc::<T>(out_len) }.map_err(candle_core::Error::wrap)?;
-        let ws = unsafe { stream.alloc::<u8>(ws_len.max(16)) }.map_err(candle_core::Error::wrap)?;
-        let (po, _so) = out.device_ptr(&stream);
-        let (pw, _sw) = ws.device_ptr(&stream);
-        let pw = if ws_len == 0 { 0 } else { pw };
-        // SAFETY: device buffers of candle's context holding the tensors the shape describes,
-        // alive until the queued work completes (candle keeps its storages alive, and frees on
-        // the same stream); the output and workspace are fresh allocations.
+        // SAFETY: device buffers of candle's context holding the tensors `shape` describes,
+        // alive until the queued work completes (candle frees its storages on this stream);
+        // the output and the workspace are fresh allocations that overlap nothing.
         unsafe {
             match pass {
                 Pass::Forward => crate::cuda::forward_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    conv,
-                    &shape,
-                    p0,
-                    p1,
-                    pb,
-                    po,
-                    pw,
-                    ws_len,
+                    &dev, &stream, imp, dtype, conv, &shape, p0, p1, pb, po, pw, ws_len,
                 ),
-                Pass::DataGrad(_) => crate::cuda::data_grad_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    conv,
-                    &shape,
-                    p0,
-                    p1,
-                    po,
-                    pw,
-                    ws_len,
-                ),
-                Pass::WeightGrad => crate::cuda::weight_grad_raw(
-                    &dev,
-                    &stream,
-                    Impl::Fast,
-                    dtype,
-                    conv,
-                    &shape,
-                    p0,
-                    p1,
-                    po,
-                    pw,
-                    ws_len,
-                ),
+                Pass::DataGrad(_) | Pass::WeightGrad => {
+                    let grad = if let Pass::WeightGrad = pass {
+                        crate::cuda::weight_grad_raw
+                    } else {
+                        crate::cuda::data_grad_raw
+                    };
+                    grad(
+                        &dev, &stream, imp, dtype, conv, &shape, p0, p1, po, pw, ws_len,
+                    )
+                }
             }
         }
         .map_err(wrap)?;
-        drop((_so, _sw));
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, cdev),
-            Shape::from(out_dims),
-        ))
+        drop(_record_out);
+        let out = CudaStorage::wrap_cuda_slice(out, cdev);
+        Ok((out, Shape::from(out_dims.to_vec())))
     }
 
     pub(super) fn pass(
