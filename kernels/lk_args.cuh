@@ -1,5 +1,5 @@
 // The one kernel argument block shared by every kernel, the simulator and Rust
-// (src/kernels.rs `DwArgs`, #[repr(C)]: same field order, same layout, 112 bytes).
+// (src/plan/launch.rs `DwArgs`, #[repr(C)]: same field order, same layout, 112 bytes).
 #pragma once
 
 struct DwArgs {
@@ -14,4 +14,4 @@ struct DwArgs {
     int sh, sw, pad_top, pad_left, dh, dw;
     int aux0, aux1, aux2, aux3;    // kernel-specific
 };
-static_assert(sizeof(DwArgs) == 112, "DwArgs layout must match src/kernels.rs");
+static_assert(sizeof(DwArgs) == 112, "DwArgs layout must match src/plan/launch.rs");

@@ -16,14 +16,31 @@ namespace lk {
 constexpr int RX = 8;
 
 __device__ __forceinline__ int round_up4(int v) { return (v + 3) & ~3; }
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Tile geometry. The planner computes the same in src/plan/geometry.rs; the simulator exports
+// these functions (kernels/sim/sim_entry.inc) and tests/sim.rs checks both agree over a sweep.
+//
 // Row stride (floats) of the tiled kernel's input tile: a multiple of 4 (16-byte loads), 4 more
-// than a multiple of 8 so that the rows of a warp start on different banks. Must match
-// `tile_ld` in src/kernels.rs.
+// than a multiple of 8 so that the rows of a warp start on different banks.
 __device__ __forceinline__ int tile_ld(int tw, int kcw) {
     const int ld = tw + round_up4(kcw);
     return (ld % 8 == 0) ? ld + 4 : ld;
 }
-__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// Shared floats of one plane of the tiled fwd/dgrad kernel: the filter chunk (kch rows of
+// round_up4(kcw)), then the input tile (th + kch - 1 rows of tile_ld).
+__device__ __forceinline__ int tiled_smem_floats(int th, int tw, int kch, int kcw) {
+    return kch * round_up4(kcw) + (th + kch - 1) * tile_ld(tw, kcw);
+}
+// Weight-gradient partial kernel: dy tile row stride, x tile row stride (room for the 16-wide
+// window), and its shared floats (x tile, dy tile, one RX-wide reduction slot per thread).
+__device__ __forceinline__ int wgrad_dy_ld(int tw) { return ceil_div(tw, RX) * RX; }
+__device__ __forceinline__ int wgrad_x_ld(int kw, int tw) {
+    return ceil_div(kw, RX) * RX + wgrad_dy_ld(tw) + RX;
+}
+__device__ __forceinline__ int wgrad_smem_floats(int th, int tw, int kh, int kw, int threads) {
+    return (th + kh - 1) * wgrad_x_ld(kw, tw) + th * wgrad_dy_ld(tw) + threads * RX;
+}
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

@@ -1,7 +1,7 @@
 // Block-tiled depthwise convolution, stride 1 / dilation 1: forward, and the data gradient as the
 // same kernel with the filter rotated 180 degrees (done while staging it) and padding K-1-p.
 //
-// Launch (planned in src/kernels.rs, `plan`):
+// Launch (planned in src/plan/tiled.rs):
 //   grid  = (ceil(N*C / P), tiles along y, tiles along x), block = (TX, TH, P)
 //   slice z of a block computes a TH x TW output tile (TW = TX * RX) of plane blockIdx.x*P + z
 //   (P > 1 packs several planes of a small image into one block); each thread one row of RX = 8
@@ -95,7 +95,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     const int KCW = K ? K : a.aux3;  // filter columns per chunk
     const int ldw = round_up4(KCW);
     const int ld = tile_ld(TW, KCW);
-    float* smem = smem_all + threadIdx.z * (KCH * ldw + (TH + KCH - 1) * ld);
+    float* smem = smem_all + threadIdx.z * tiled_smem_floats(TH, TW, KCH, KCW);
     float* s_w = smem;
     float* s_in = smem + KCH * ldw;
 

@@ -1,7 +1,7 @@
 // Small kernels for the RepLKNet forward pass on the device (src/model/gpu.rs): the deploy-form
 // graph's element-wise epilogues, the head's pooling, and the stem's dense convolution. The
 // depthwise layers use lk_conv.cu / lk_naive.cu and the 1x1 convs a GEMM (cuBLAS, or the host
-// in the simulator). Storage f32, f16 or bf16; arithmetic in f32. Planned in src/kernels.rs
+// in the simulator). Storage f32, f16 or bf16; arithmetic in f32. Planned in src/plan/model.rs
 // (`model_*_launch`); every tensor NCHW and contiguous.
 //
 //   lk_bias_act_<t>:   y[i] = act(x[i] + bias[c]) + res[i]     (in0 = x, bias = bias or 0,

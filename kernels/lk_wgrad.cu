@@ -41,8 +41,8 @@ __device__ __forceinline__ void wgrad_partial(const DwArgs& a) {
     const long long items = (long long)a.n * tiles;
     const long long it0 = items * b / B, it1 = items * (b + 1) / B;
 
-    const int TWP = ceil_div(TW, RX) * RX;  // dy tile row stride
-    const int ldx = KWB * RX + TWP + RX;     // x tile row stride (room for the 16-wide window)
+    const int TWP = wgrad_dy_ld(TW);     // dy tile row stride
+    const int ldx = wgrad_x_ld(KW, TW);  // x tile row stride (room for the 16-wide window)
     const int xrows = TH + KH - 1;
     LK_DYNAMIC_SMEM(smem);
     float* s_x = smem;

@@ -17,7 +17,7 @@
 namespace lk {
 
 constexpr int WG_TC = 8;         // taps per thread
-constexpr int WG_THREADS = 256;  // threads per block (must match src/kernels.rs)
+constexpr int WG_THREADS = 256;  // threads per block (must match src/plan/geometry.rs)
 
 template <typename T>
 __device__ __forceinline__ void wgrad_strided(const DwArgs& a) {

@@ -26,8 +26,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use half::{bf16, f16};
 
 use crate::conv::DwConv2d;
-use crate::device::{Device, Impl, Op};
 use crate::dtype::Element;
+use crate::{Device, Impl, Op};
 
 /// A depthwise 2-D convolution as a candle op: x [N, C, H, W], w [C, 1, KH, KW], bias [C].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,8 +351,9 @@ mod cuda {
 
     use super::{wrap, Pass};
     use crate::conv::DwConv2d;
-    use crate::cuda::CudaElement;
-    use crate::device::Impl;
+    use crate::cuda::{run_raw, workspace_bytes, CudaDevice, CudaElement, CudaExec, RawOperands};
+    use crate::problem::Problem;
+    use crate::Impl;
 
     fn contiguous(l: &Layout, what: &str) -> candle_core::Result<usize> {
         match l.contiguous_offsets() {
@@ -370,9 +371,17 @@ mod cuda {
         b: (&CudaStorage, &Layout),
         bias: Option<(&CudaStorage, &Layout)>,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (dtype, imp) = (T::DTYPE, Impl::Fast);
+        let (d0, d1) = (a.1.dims(), b.1.dims());
+        let problem = match pass {
+            Pass::Forward => Problem::forward(imp, dtype, conv, d0, d1, bias.map(|t| t.1.dims())),
+            Pass::DataGrad(hw) => Problem::data_grad(imp, dtype, conv, d0, d1, hw),
+            Pass::WeightGrad => Problem::weight_grad(imp, dtype, conv, d0, d1),
+        }
+        .map_err(wrap)?;
         let cdev = a.0.device().clone();
         let stream = cdev.cuda_stream();
-        let dev = crate::cuda::CudaDevice::shared(stream.context().ordinal()).map_err(wrap)?;
+        let dev = CudaDevice::shared(stream.context().ordinal()).map_err(wrap)?;
         let elem = std::mem::size_of::<T>() as u64;
         let ptr = |(s, l): (&CudaStorage, &Layout), what: &str| -> candle_core::Result<u64> {
             let start = contiguous(l, what)? as u64;
@@ -380,59 +389,32 @@ mod cuda {
             let (p, _record) = slice.device_ptr(&stream);
             Ok(p + start * elem)
         };
-        let (p0, p1) = (ptr(a, "first input")?, ptr(b, "second input")?);
-        let pb = bias.map(|t| ptr(t, "bias")).transpose()?.unwrap_or(0);
-        let (d0, d1) = (a.1.dims(), b.1.dims());
-        let (shape, out_dims) = match pass {
-            Pass::Forward => conv
-                .check_forward(d0, d1, bias.map(|t| t.1.dims()))
-                .map(|s| (s, s.output_dims())),
-            Pass::DataGrad(hw) => conv
-                .check_data_grad(d0, d1, hw)
-                .map(|s| (s, s.input_dims())),
-            Pass::WeightGrad => conv
-                .check_weight_grad(d0, d1)
-                .map(|s| (s, conv.weight_dims(s.c))),
-        }
-        .map_err(wrap)?;
-        let (dtype, imp) = (T::DTYPE, Impl::Fast);
-        let ws_len =
-            crate::cuda::workspace_bytes(pass.op(), imp, dtype, conv, &shape).map_err(wrap)?;
+        let ws_len = workspace_bytes(pass.op(), imp, dtype, conv, problem.shape()).map_err(wrap)?;
         let cuda_err = |e| candle_core::Error::Msg(format!("lkconv: allocating: {e}"));
         // SAFETY: device memory the op overwrites completely before anything reads it.
-        let out = unsafe { stream.alloc::<T>(out_dims.iter().product()) }.map_err(cuda_err)?;
+        let out = unsafe { stream.alloc::<T>(problem.output_len()) }.map_err(cuda_err)?;
         // SAFETY: scratch memory the op writes before it reads.
         let ws = unsafe { stream.alloc::<u8>(ws_len.max(16)) }.map_err(cuda_err)?;
-        let (po, _record_out) = out.device_ptr(&stream);
-        let pw = if ws_len == 0 {
-            0
-        } else {
-            ws.device_ptr(&stream).0
+        let operands = RawOperands {
+            in0: ptr(a, "first input")?,
+            in1: ptr(b, "second input")?,
+            bias: bias.map(|t| ptr(t, "bias")).transpose()?.unwrap_or(0),
+            out: out.device_ptr(&stream).0,
+            workspace: if ws_len == 0 {
+                0
+            } else {
+                ws.device_ptr(&stream).0
+            },
+            workspace_bytes: ws_len,
         };
-        // SAFETY: device buffers of candle's context holding the tensors `shape` describes,
-        // alive until the queued work completes (candle frees its storages on this stream);
-        // the output and the workspace are fresh allocations that overlap nothing.
-        unsafe {
-            match pass {
-                Pass::Forward => crate::cuda::forward_raw(
-                    &dev, &stream, imp, dtype, conv, &shape, p0, p1, pb, po, pw, ws_len,
-                ),
-                Pass::DataGrad(_) | Pass::WeightGrad => {
-                    let grad = if let Pass::WeightGrad = pass {
-                        crate::cuda::weight_grad_raw
-                    } else {
-                        crate::cuda::data_grad_raw
-                    };
-                    grad(
-                        &dev, &stream, imp, dtype, conv, &shape, p0, p1, po, pw, ws_len,
-                    )
-                }
-            }
-        }
-        .map_err(wrap)?;
-        drop(_record_out);
-        let out = CudaStorage::wrap_cuda_slice(out, cdev);
-        Ok((out, Shape::from(out_dims.to_vec())))
+        let mut ex = CudaExec::on_stream(dev, stream.clone()).map_err(wrap)?;
+        // SAFETY: device buffers of candle's context (the executor checked the stream's)
+        // holding the tensors the problem describes, alive until the queued work completes
+        // (candle frees its storages on this stream); the output and the workspace are fresh
+        // allocations that overlap nothing.
+        unsafe { run_raw(&mut ex, &problem, operands) }.map_err(wrap)?;
+        let dims = problem.output_dims().to_vec();
+        Ok((CudaStorage::wrap_cuda_slice(out, cdev), Shape::from(dims)))
     }
 
     pub(super) fn pass(

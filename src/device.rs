@@ -1,5 +1,7 @@
-//! Where a convolution runs, and which implementation: one dispatch point for the CLI, the
-//! benchmarks and the device-generic tests.
+//! The dispatcher on top of the layers: where a convolution runs (a [`Device`]) and the one
+//! device-generic entry point per pass, for the CLI, the benchmarks and the device-generic
+//! tests. The CPU engine (`crate::cpu`) takes host tensors directly; the simulator and CUDA run
+//! the same plans through the plan executor (`crate::exec::run_host`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,7 +9,11 @@ use std::str::FromStr;
 use crate::conv::DwConv2d;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::exec::run_host;
+use crate::problem::Problem;
 use crate::tensor::Tensor;
+
+pub use crate::op::{Impl, Op};
 
 /// An execution device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,83 +70,28 @@ impl fmt::Display for Device {
     }
 }
 
-/// Which implementation of an op to run on a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Impl {
-    /// lkconv's own fast implementation (the block-wise kernels, or the CPU direct path).
-    Fast,
-    /// One thread (or loop iteration) per output, no blocking: the baseline.
-    Naive,
-    /// im2col + GEMM baseline.
-    Im2col,
-    /// The f64 reference (CPU only).
-    Reference,
-}
-
-impl Impl {
-    pub fn name(self) -> &'static str {
-        match self {
-            Impl::Fast => "fast",
-            Impl::Naive => "naive",
-            Impl::Im2col => "im2col",
-            Impl::Reference => "reference",
-        }
-    }
-}
-
-impl FromStr for Impl {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fast" | "ours" | "direct" | "tiled" => Ok(Impl::Fast),
-            "naive" => Ok(Impl::Naive),
-            "im2col" => Ok(Impl::Im2col),
-            "reference" | "ref" => Ok(Impl::Reference),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown implementation '{other}' (expected fast, naive, im2col or reference)"
-            ))),
-        }
-    }
-}
-
-/// The three passes of a depthwise convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    Forward,
-    DataGrad,
-    WeightGrad,
-}
-
-impl Op {
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Forward => "fwd",
-            Op::DataGrad => "dgrad",
-            Op::WeightGrad => "wgrad",
-        }
-    }
-    pub const ALL: [Op; 3] = [Op::Forward, Op::DataGrad, Op::WeightGrad];
-}
-
-impl FromStr for Op {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fwd" | "forward" => Ok(Op::Forward),
-            "dgrad" | "data-grad" => Ok(Op::DataGrad),
-            "wgrad" | "weight-grad" => Ok(Op::WeightGrad),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown op '{other}' (expected fwd, dgrad or wgrad)"
-            ))),
-        }
-    }
-}
-
+/// The implementation the CPU runs: `Device::CpuRef` forces the reference.
 fn cpu_impl(device: Device, imp: Impl) -> Impl {
     if device == Device::CpuRef {
         Impl::Reference
     } else {
         imp
+    }
+}
+
+/// Runs a validated problem on the simulator or a GPU.
+fn run_planned<T: Element>(
+    device: Device,
+    p: &Problem,
+    inputs: [&Tensor<T>; 2],
+    bias: Option<&Tensor<T>>,
+) -> Result<Tensor<T>> {
+    match device {
+        Device::Sim => run_host(crate::sim::SimExec::new, p, inputs, bias),
+        Device::Cuda(ordinal) => run_host(|| crate::cuda::CudaExec::new(ordinal), p, inputs, bias),
+        Device::Cpu | Device::CpuRef => Err(Error::Unsupported(
+            "the CPU engine runs host tensors directly".into(),
+        )),
     }
 }
 
@@ -160,8 +111,17 @@ pub fn forward<T: Element>(
             Impl::Im2col => crate::cpu::im2col::forward(conv, x, w, bias),
             Impl::Reference => crate::cpu::reference::forward(conv, x, w, bias),
         },
-        Device::Sim => crate::sim::forward(imp, conv, x, w, bias),
-        Device::Cuda(ordinal) => crate::cuda::host::forward(ordinal, imp, conv, x, w, bias),
+        Device::Sim | Device::Cuda(_) => {
+            let p = Problem::forward(
+                imp,
+                T::DTYPE,
+                conv,
+                x.shape(),
+                w.shape(),
+                bias.map(|b| b.shape()),
+            )?;
+            run_planned(device, &p, [x, w], bias)
+        }
     }
 }
 
@@ -181,8 +141,10 @@ pub fn data_grad<T: Element>(
             Impl::Im2col => crate::cpu::im2col::data_grad(conv, dy, w, input_hw),
             Impl::Reference => crate::cpu::reference::data_grad(conv, dy, w, input_hw),
         },
-        Device::Sim => crate::sim::data_grad(imp, conv, dy, w, input_hw),
-        Device::Cuda(ordinal) => crate::cuda::host::data_grad(ordinal, imp, conv, dy, w, input_hw),
+        Device::Sim | Device::Cuda(_) => {
+            let p = Problem::data_grad(imp, T::DTYPE, conv, dy.shape(), w.shape(), input_hw)?;
+            run_planned(device, &p, [dy, w], None)
+        }
     }
 }
 
@@ -201,7 +163,9 @@ pub fn weight_grad<T: Element>(
             Impl::Im2col => crate::cpu::im2col::weight_grad(conv, x, dy),
             Impl::Reference => crate::cpu::reference::weight_grad(conv, x, dy),
         },
-        Device::Sim => crate::sim::weight_grad(imp, conv, x, dy),
-        Device::Cuda(ordinal) => crate::cuda::host::weight_grad(ordinal, imp, conv, x, dy),
+        Device::Sim | Device::Cuda(_) => {
+            let p = Problem::weight_grad(imp, T::DTYPE, conv, x.shape(), dy.shape())?;
+            run_planned(device, &p, [x, dy], None)
+        }
     }
 }

@@ -42,6 +42,38 @@ impl DType {
     }
 
     pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
+
+    /// f32 values as little-endian bytes of this type (rounded to nearest even): the one byte
+    /// codec of device buffers.
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * self.size_bytes());
+        for &x in v {
+            match self {
+                DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                DType::F16 => out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
+                DType::Bf16 => out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    /// Little-endian bytes of this type as f32 values (exact).
+    pub fn decode(self, b: &[u8]) -> Vec<f32> {
+        match self {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
 }
 
 impl fmt::Display for DType {
@@ -124,12 +156,35 @@ impl Element for bf16 {
     }
 }
 
-/// Converts a slice of any element type to f32.
-pub fn to_f32_vec<T: Element>(src: &[T]) -> Vec<f32> {
-    src.iter().map(|v| v.to_f32()).collect()
-}
-
 /// Converts f32 values to any element type (round to nearest even).
 pub fn from_f32_vec<T: Element>(src: &[f32]) -> Vec<T> {
     src.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_codec_round_trips_and_rounds_to_nearest_even() {
+        let v = [1.0f32, -2.5, 1.0 + f32::EPSILON, 65504.0, f32::NAN, 3.0e-8];
+        for dt in DType::ALL {
+            let b = dt.encode(&v);
+            assert_eq!(b.len(), v.len() * dt.size_bytes());
+            let back = dt.decode(&b);
+            for (x, y) in v.iter().zip(&back) {
+                let want = match dt {
+                    DType::F32 => *x,
+                    DType::F16 => f16::from_f32(*x).to_f32(),
+                    DType::Bf16 => bf16::from_f32(*x).to_f32(),
+                };
+                assert!(
+                    want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                    "{dt} {x}"
+                );
+            }
+            // decoding then encoding is exact
+            assert_eq!(dt.encode(&back), b);
+        }
+    }
 }

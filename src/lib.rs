@@ -11,6 +11,12 @@
 //! # Ok::<(), lkconv::Error>(())
 //! ```
 
+//!
+//! Layers (see ARCHITECTURE.md): the vocabulary ([`op`], [`conv`], [`dtype`], [`tensor`],
+//! [`error`]) and the validated [`Problem`]; the planner ([`plan`]); the plan executor
+//! ([`exec`]) with its two back-ends, the simulator ([`sim`]) and the CUDA device ([`cuda`]);
+//! the CPU engine ([`cpu`]); the dispatcher on top ([`device`]); RepLKNet ([`model`]).
+
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod conv;
@@ -19,16 +25,24 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
-pub mod kernels;
+pub mod exec;
 pub mod model;
+pub mod op;
+pub mod plan;
+pub mod problem;
 pub mod rng;
 pub mod safetensors_io;
 pub mod sim;
 pub mod tensor;
 
+/// The planner under its former name (`lkconv::kernels::{Plan, DwArgs, Launch, ..}`).
+pub use plan as kernels;
+
 pub use conv::{ConvShape, DwConv2d, Padding};
-pub use device::{Device, Impl, Op};
+pub use device::Device;
 pub use dtype::{DType, Element};
-pub use error::{Error, Result};
+pub use error::{CudaFailure, Error, Result};
+pub use op::{Impl, Op};
+pub use problem::Problem;
 pub use rng::Rng;
 pub use tensor::Tensor;

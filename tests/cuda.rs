@@ -10,8 +10,8 @@ use std::sync::Arc;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use lkconv::cpu::reference;
-use lkconv::cuda::{self, CudaDevice, CudaElement, DeviceTensor, Workspace};
-use lkconv::{DType, Device, DwConv2d, Element, Error, Impl, Op, Padding, Rng, Tensor};
+use lkconv::cuda::{self, CudaDevice, CudaElement, CudaExec, DeviceTensor, RawOperands};
+use lkconv::{DType, Device, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Rng, Tensor};
 
 const IMPLS: [Impl; 3] = [Impl::Fast, Impl::Naive, Impl::Im2col];
 
@@ -185,15 +185,14 @@ fn nan_tensor<T: Element>(shape: &[usize]) -> Tensor<T> {
 
 /// Runs one op through the stream API with the output poisoned (NaN) before the launch.
 fn run_device<T: CudaElement>(
-    dev: &CudaDevice,
-    stream: &Arc<cuda::CudaStream>,
+    ex: &mut CudaExec,
     op: Op,
     imp: Impl,
     cs: &Case,
     d: &Data<T>,
-    ws: &mut Workspace,
 ) -> lkconv::Result<Tensor<T>> {
     let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w)?;
+    let stream = &ex.stream().clone();
     let conv = &cs.conv;
     match op {
         Op::Forward => {
@@ -201,21 +200,21 @@ fn run_device<T: CudaElement>(
             let w = DeviceTensor::from_host(stream, &d.w)?;
             let b = DeviceTensor::from_host(stream, &d.b)?;
             let mut y = DeviceTensor::from_host(stream, &nan_tensor::<T>(&s.output_dims()))?;
-            cuda::forward(dev, stream, imp, conv, &x, &w, Some(&b), &mut y, Some(ws))?;
+            cuda::forward(ex, imp, conv, &x, &w, Some(&b), &mut y)?;
             y.to_host()
         }
         Op::DataGrad => {
             let dy = DeviceTensor::from_host(stream, &d.dy)?;
             let w = DeviceTensor::from_host(stream, &d.w)?;
             let mut dx = DeviceTensor::from_host(stream, &nan_tensor::<T>(&s.input_dims()))?;
-            cuda::data_grad(dev, stream, imp, conv, &dy, &w, &mut dx, Some(ws))?;
+            cuda::data_grad(ex, imp, conv, &dy, &w, &mut dx)?;
             dx.to_host()
         }
         Op::WeightGrad => {
             let x = DeviceTensor::from_host(stream, &d.x)?;
             let dy = DeviceTensor::from_host(stream, &d.dy)?;
             let mut dw = DeviceTensor::from_host(stream, &nan_tensor::<T>(&conv.weight_dims(s.c)))?;
-            cuda::weight_grad(dev, stream, imp, conv, &x, &dy, &mut dw, Some(ws))?;
+            cuda::weight_grad(ex, imp, conv, &x, &dy, &mut dw)?;
             dw.to_host()
         }
     }
@@ -225,14 +224,14 @@ fn run_device<T: CudaElement>(
 fn check_all<T: CudaElement>(cases: &[Case]) {
     let Some(dev) = gpu() else { return };
     let stream = dev.new_stream().unwrap();
-    let mut ws = Workspace::new();
+    let mut ex = CudaExec::on_stream(dev.clone(), stream).unwrap();
     for (i, cs) in cases.iter().enumerate() {
         let d = data::<T>(cs, 100 + i as u64);
         for op in Op::ALL {
             let (want, mag) = reference_of(op, cs, &d);
             for imp in IMPLS {
                 let what = format!("{} {} {} {:?}", T::DTYPE, op.name(), imp.name(), cs);
-                let got = run_device::<T>(&dev, &stream, op, imp, cs, &d, &mut ws)
+                let got = run_device::<T>(&mut ex, op, imp, cs, &d)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_close(&what, &got, &want, &mag);
             }
@@ -336,13 +335,13 @@ fn host_api_half_types() {
 }
 
 fn weight_grad_bits<T: CudaElement>(
-    dev: &CudaDevice,
+    dev: &Arc<CudaDevice>,
     stream: &Arc<cuda::CudaStream>,
     cs: &Case,
     d: &Data<T>,
 ) -> Vec<u32> {
-    let mut ws = Workspace::new();
-    run_device::<T>(dev, stream, Op::WeightGrad, Impl::Fast, cs, d, &mut ws)
+    let mut ex = CudaExec::on_stream(dev.clone(), stream.clone()).unwrap();
+    run_device::<T>(&mut ex, Op::WeightGrad, Impl::Fast, cs, d)
         .unwrap()
         .data()
         .iter()
@@ -388,26 +387,16 @@ fn chained_ops_on_one_stream_need_no_synchronisation() {
     let d = data::<f32>(&cs, 21);
     let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
     let stream = dev.new_stream().unwrap();
+    let mut ex = CudaExec::on_stream(dev.clone(), stream.clone()).unwrap();
     let x = DeviceTensor::from_host(&stream, &d.x).unwrap();
     let w = DeviceTensor::from_host(&stream, &d.w).unwrap();
     let mut y = DeviceTensor::<f32>::zeros(&stream, &s.output_dims()).unwrap();
     let mut dx = DeviceTensor::<f32>::zeros(&stream, &s.input_dims()).unwrap();
     let mut dw = DeviceTensor::<f32>::zeros(&stream, &cs.conv.weight_dims(cs.c)).unwrap();
     // y = conv(x, w); then use y as the output gradient: dx = conv^T(y, w), dw = corr(x, y).
-    cuda::forward(
-        &dev,
-        &stream,
-        Impl::Fast,
-        &cs.conv,
-        &x,
-        &w,
-        None,
-        &mut y,
-        None,
-    )
-    .unwrap();
-    cuda::data_grad(&dev, &stream, Impl::Fast, &cs.conv, &y, &w, &mut dx, None).unwrap();
-    cuda::weight_grad(&dev, &stream, Impl::Fast, &cs.conv, &x, &y, &mut dw, None).unwrap();
+    cuda::forward(&mut ex, Impl::Fast, &cs.conv, &x, &w, None, &mut y).unwrap();
+    cuda::data_grad(&mut ex, Impl::Fast, &cs.conv, &y, &w, &mut dx).unwrap();
+    cuda::weight_grad(&mut ex, Impl::Fast, &cs.conv, &x, &y, &mut dw).unwrap();
     let y_ref = reference::forward(&cs.conv, &d.x, &d.w, None).unwrap();
     let y_host = y.to_host().unwrap();
     let mag = reference::forward(&cs.conv, &abs(&d.x), &abs(&d.w), None).unwrap();
@@ -427,6 +416,7 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
     let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
     let d = data::<f32>(&cs, 31);
     let stream = dev.new_stream().unwrap();
+    let mut ex = CudaExec::on_stream(dev.clone(), stream.clone()).unwrap();
     let x = DeviceTensor::from_host(&stream, &d.x).unwrap();
     let w = DeviceTensor::from_host(&stream, &d.w).unwrap();
     let b = DeviceTensor::from_host(&stream, &d.b).unwrap();
@@ -452,19 +442,17 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             // the workspace holds the largest requirement, and the buffers outlive the work
             // (they are read back below, which synchronises).
             unsafe {
-                cuda::forward_raw(
-                    &dev,
-                    &stream,
-                    imp,
-                    DType::F32,
-                    &cs.conv,
-                    &s,
-                    xp,
-                    wp,
-                    bp,
-                    yp,
-                    wsp,
-                    need,
+                cuda::run_raw(
+                    &mut ex,
+                    &Problem::new(Op::Forward, imp, DType::F32, &cs.conv, &s).unwrap(),
+                    RawOperands {
+                        in0: xp,
+                        in1: wp,
+                        bias: bp,
+                        out: yp,
+                        workspace: wsp,
+                        workspace_bytes: need,
+                    },
                 )
                 .unwrap();
             }
@@ -476,18 +464,17 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             let (wsp, _d) = ws.device_ptr_mut(&stream);
             // SAFETY: as above.
             unsafe {
-                cuda::data_grad_raw(
-                    &dev,
-                    &stream,
-                    imp,
-                    DType::F32,
-                    &cs.conv,
-                    &s,
-                    dyp,
-                    wp,
-                    dxp,
-                    wsp,
-                    need,
+                cuda::run_raw(
+                    &mut ex,
+                    &Problem::new(Op::DataGrad, imp, DType::F32, &cs.conv, &s).unwrap(),
+                    RawOperands {
+                        in0: dyp,
+                        in1: wp,
+                        bias: 0,
+                        out: dxp,
+                        workspace: wsp,
+                        workspace_bytes: need,
+                    },
                 )
                 .unwrap();
             }
@@ -499,18 +486,17 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             let (wsp, _d) = ws.device_ptr_mut(&stream);
             // SAFETY: as above.
             unsafe {
-                cuda::weight_grad_raw(
-                    &dev,
-                    &stream,
-                    imp,
-                    DType::F32,
-                    &cs.conv,
-                    &s,
-                    xp,
-                    dyp,
-                    dwp,
-                    wsp,
-                    need,
+                cuda::run_raw(
+                    &mut ex,
+                    &Problem::new(Op::WeightGrad, imp, DType::F32, &cs.conv, &s).unwrap(),
+                    RawOperands {
+                        in0: xp,
+                        in1: dyp,
+                        bias: 0,
+                        out: dwp,
+                        workspace: wsp,
+                        workspace_bytes: need,
+                    },
                 )
                 .unwrap();
             }
@@ -541,19 +527,17 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             if fwd_need > 0 {
                 // SAFETY: nothing is launched: the call fails its workspace check first.
                 let r = unsafe {
-                    cuda::forward_raw(
-                        &dev,
-                        &stream,
-                        imp,
-                        DType::F32,
-                        &cs.conv,
-                        &s,
-                        xp,
-                        wp,
-                        0,
-                        yp,
-                        wsp,
-                        fwd_need - 1,
+                    cuda::run_raw(
+                        &mut ex,
+                        &Problem::new(Op::Forward, imp, DType::F32, &cs.conv, &s).unwrap(),
+                        RawOperands {
+                            in0: xp,
+                            in1: wp,
+                            bias: 0,
+                            out: yp,
+                            workspace: wsp,
+                            workspace_bytes: fwd_need - 1,
+                        },
                     )
                 };
                 assert!(matches!(r, Err(Error::BufferLength { .. })), "{r:?}");
@@ -566,6 +550,7 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
 fn device_tensor_shape_errors_are_typed() {
     let Some(dev) = gpu() else { return };
     let stream = dev.new_stream().unwrap();
+    let mut ex = CudaExec::on_stream(dev.clone(), stream.clone()).unwrap();
     let conv = DwConv2d::new(7, 7);
     let x = DeviceTensor::<f32>::zeros(&stream, &[1, 4, 16, 16]).unwrap();
     let w = DeviceTensor::<f32>::zeros(&stream, &[4, 1, 7, 7]).unwrap();
@@ -573,91 +558,26 @@ fn device_tensor_shape_errors_are_typed() {
     let b_bad = DeviceTensor::<f32>::zeros(&stream, &[3]).unwrap();
     let mut y = DeviceTensor::<f32>::zeros(&stream, &[1, 4, 16, 16]).unwrap();
     let mut y_bad = DeviceTensor::<f32>::zeros(&stream, &[1, 4, 16, 15]).unwrap();
-    let r = cuda::forward(
-        &dev,
-        &stream,
-        Impl::Fast,
-        &conv,
-        &x,
-        &w_bad,
-        None,
-        &mut y,
-        None,
-    );
+    let r = cuda::forward(&mut ex, Impl::Fast, &conv, &x, &w_bad, None, &mut y);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
-    let r = cuda::forward(
-        &dev,
-        &stream,
-        Impl::Fast,
-        &conv,
-        &x,
-        &w,
-        Some(&b_bad),
-        &mut y,
-        None,
-    );
+    let r = cuda::forward(&mut ex, Impl::Fast, &conv, &x, &w, Some(&b_bad), &mut y);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
-    let r = cuda::forward(
-        &dev,
-        &stream,
-        Impl::Fast,
-        &conv,
-        &x,
-        &w,
-        None,
-        &mut y_bad,
-        None,
-    );
+    let r = cuda::forward(&mut ex, Impl::Fast, &conv, &x, &w, None, &mut y_bad);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
-    let r = cuda::forward(
-        &dev,
-        &stream,
-        Impl::Reference,
-        &conv,
-        &x,
-        &w,
-        None,
-        &mut y,
-        None,
-    );
+    let r = cuda::forward(&mut ex, Impl::Reference, &conv, &x, &w, None, &mut y);
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let mut dx_bad = DeviceTensor::<f32>::zeros(&stream, &[1, 4, 17, 16]).unwrap();
-    let r = cuda::data_grad(&dev, &stream, Impl::Fast, &conv, &y, &w, &mut dx_bad, None);
+    let r = cuda::data_grad(&mut ex, Impl::Fast, &conv, &y, &w, &mut dx_bad);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
     let mut dw_bad = DeviceTensor::<f32>::zeros(&stream, &[4, 1, 7, 6]).unwrap();
-    let r = cuda::weight_grad(&dev, &stream, Impl::Fast, &conv, &x, &y, &mut dw_bad, None);
+    let r = cuda::weight_grad(&mut ex, Impl::Fast, &conv, &x, &y, &mut dw_bad);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
-    let r = cuda::weight_grad(
-        &dev,
-        &stream,
-        Impl::Fast,
-        &conv,
-        &x,
-        &y_bad,
-        &mut dw_bad,
-        None,
-    );
+    let r = cuda::weight_grad(&mut ex, Impl::Fast, &conv, &x, &y_bad, &mut dw_bad);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
-    // A shape the convolution does not give is refused by the raw entry points.
+    // A shape the convolution does not give is refused when the raw call's problem is built.
     let s = conv.resolve(1, 4, 16, 16).unwrap();
     let wrong = lkconv::ConvShape { oh: 15, ..s };
-    // SAFETY: nothing is launched: the shape check fails first (the pointers are never used).
-    let r = unsafe {
-        cuda::forward_raw(
-            &dev,
-            &stream,
-            Impl::Fast,
-            DType::F32,
-            &conv,
-            &wrong,
-            1,
-            1,
-            0,
-            1,
-            0,
-            0,
-        )
-    };
+    let r = Problem::new(Op::Forward, Impl::Fast, DType::F32, &conv, &wrong);
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     // A pointer that is not aligned to its elements is refused before any launch.
     {
@@ -666,25 +586,23 @@ fn device_tensor_shape_errors_are_typed() {
         let (yp, _c) = y.slice_mut().device_ptr_mut(&stream);
         // SAFETY: nothing is launched: the alignment check fails first.
         let r = unsafe {
-            cuda::forward_raw(
-                &dev,
-                &stream,
-                Impl::Fast,
-                DType::F32,
-                &conv,
-                &s,
-                xp + 2,
-                wp,
-                0,
-                yp,
-                0,
-                0,
+            cuda::run_raw(
+                &mut ex,
+                &Problem::new(Op::Forward, Impl::Fast, DType::F32, &conv, &s).unwrap(),
+                RawOperands {
+                    in0: xp + 2,
+                    in1: wp,
+                    bias: 0,
+                    out: yp,
+                    workspace: 0,
+                    workspace_bytes: 0,
+                },
             )
         };
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     }
     // The device is still healthy afterwards.
-    cuda::forward(&dev, &stream, Impl::Fast, &conv, &x, &w, None, &mut y, None).unwrap();
+    cuda::forward(&mut ex, Impl::Fast, &conv, &x, &w, None, &mut y).unwrap();
     y.to_host().unwrap();
 }
 
@@ -733,7 +651,12 @@ fn unavailable_cuda_is_an_error_not_a_panic() {
     let r = lkconv::device::forward(Device::Cuda(4096), Impl::Fast, &conv, &x, &w, None);
     assert!(matches!(r, Err(Error::CudaUnavailable(_))), "{r:?}");
     let s = conv.resolve(1, 2, 6, 6).unwrap();
-    let r = cuda::time_op(4096, Op::Forward, Impl::Fast, DType::F32, &conv, &s, 1, 1);
+    let r = cuda::time_op(
+        4096,
+        &Problem::new(Op::Forward, Impl::Fast, DType::F32, &conv, &s).unwrap(),
+        1,
+        1,
+    );
     assert!(matches!(r, Err(Error::CudaUnavailable(_))), "{r:?}");
     match cuda::describe() {
         Ok(lines) => {
@@ -758,7 +681,12 @@ fn unavailable_cuda_is_an_error_not_a_panic() {
     if gpu().is_none() {
         let r = lkconv::device::forward(Device::Cuda(0), Impl::Fast, &conv, &x, &w, None);
         assert!(matches!(r, Err(Error::CudaUnavailable(_))), "{r:?}");
-        let r = cuda::time_op(0, Op::Forward, Impl::Fast, DType::F32, &conv, &s, 1, 1);
+        let r = cuda::time_op(
+            0,
+            &Problem::new(Op::Forward, Impl::Fast, DType::F32, &conv, &s).unwrap(),
+            1,
+            1,
+        );
         assert!(matches!(r, Err(Error::CudaUnavailable(_))), "{r:?}");
     }
 }
@@ -772,7 +700,13 @@ fn time_op_measures_something() {
     let s = conv.resolve(2, 64, 56, 56).unwrap();
     for op in Op::ALL {
         for imp in IMPLS {
-            let ms = cuda::time_op(0, op, imp, DType::F32, &conv, &s, 2, 5).unwrap();
+            let ms = cuda::time_op(
+                0,
+                &Problem::new(op, imp, DType::F32, &conv, &s).unwrap(),
+                2,
+                5,
+            )
+            .unwrap();
             assert!(ms > 0.0 && ms.is_finite(), "{op:?} {imp:?}: {ms}");
             println!("{} {} {:.3} ms", op.name(), imp.name(), ms);
         }

@@ -794,3 +794,55 @@ fn wide_layers_match_reference() {
     assert_close("stage0", &out.stages[0].1, &stages[0], 2e-5);
     assert_close("stage1", &out.stages[1].1, &stages[1], 2e-5);
 }
+
+/// bf16 and f16 storage end to end in the simulator against the CPU engine (f32): the
+/// wiring of every half-precision kernel and GEMM (rounding errors only).
+#[test]
+fn half_precision_programs_in_the_simulator() {
+    if !lkconv::sim::available() {
+        return;
+    }
+    let cfg = ReplknetConfig {
+        large_kernel_sizes: vec![9, 7],
+        layers: vec![1, 1],
+        channels: vec![8, 16],
+        small_kernel: Some(3),
+        dw_ratio: 1.0,
+        ffn_ratio: 2.0,
+        num_classes: 5,
+        in_channels: 3,
+    };
+    let model = Replknet::random(&cfg, 7).unwrap();
+    let mut rng = Rng::new(3);
+    let x = Tensor::<f32>::random(&[2, 3, 27, 22], &mut rng).unwrap();
+    let want = model
+        .run(&x, Some(&[0]), true, &mut lkconv::model::Workspace::new())
+        .unwrap();
+    for dt in [lkconv::DType::Bf16, lkconv::DType::F16] {
+        let mut g =
+            lkconv::model::GpuModel::new(&model.deploy, lkconv::model::GpuTarget::Sim, dt).unwrap();
+        assert_eq!(g.dtype(), dt);
+        let got = g.run(&model.deploy, &x, &[0], true).unwrap();
+        for (a, b) in [
+            (got.logits.as_ref().unwrap(), want.logits.as_ref().unwrap()),
+            (&got.stages[0].1, &want.stages[0].1),
+        ] {
+            let mag = b.data().iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            // bf16 keeps 8 significant bits, f16 11
+            let tol = if dt == lkconv::DType::Bf16 {
+                0.05
+            } else {
+                0.01
+            };
+            assert!(
+                err <= tol * mag.max(1e-3),
+                "{dt}: error {err}, magnitude {mag}"
+            );
+        }
+    }
+}

@@ -5,8 +5,9 @@ mod common;
 
 use common::{assert_matches, Inputs};
 use half::{bf16, f16};
-use lkconv::kernels;
-use lkconv::{sim, DType, DwConv2d, Element, Error, Impl, Op, Padding, Rng, Tensor};
+use lkconv::device::{self, Device};
+use lkconv::plan::{self, Family};
+use lkconv::{sim, DType, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Rng, Tensor};
 
 fn rng_for(test: &str) -> Rng {
     let seed = std::env::var("LKCONV_SEED")
@@ -49,9 +50,9 @@ fn check<T: Element>(rng: &mut Rng, op: Op, imp: Impl, k: &Case) {
         dy: Tensor::random(&s.output_dims(), rng).unwrap(),
     };
     let got = match op {
-        Op::Forward => sim::forward(imp, conv, &t.x, &t.w, t.bias.as_ref()),
-        Op::DataGrad => sim::data_grad(imp, conv, &t.dy, &t.w, (s.h, s.w)),
-        Op::WeightGrad => sim::weight_grad(imp, conv, &t.x, &t.dy),
+        Op::Forward => device::forward(Device::Sim, imp, conv, &t.x, &t.w, t.bias.as_ref()),
+        Op::DataGrad => device::data_grad(Device::Sim, imp, conv, &t.dy, &t.w, (s.h, s.w)),
+        Op::WeightGrad => device::weight_grad(Device::Sim, imp, conv, &t.x, &t.dy),
     };
     let got = got.unwrap_or_else(|e| panic!("{op:?} {imp:?} {} {k:?}: {e}", T::DTYPE));
     assert_matches(
@@ -68,28 +69,25 @@ fn check_all_dtypes(rng: &mut Rng, op: Op, imp: Impl, k: &Case) {
 }
 
 /// The kernel the fast plan picks, to make sure a case exercises what it means to.
-fn planned_kernel(op: Op, imp: Impl, k: &Case) -> &'static str {
+fn planned_kernel(op: Op, imp: Impl, k: &Case) -> String {
     let s = k.conv.resolve(k.n, k.c, k.h, k.w).unwrap();
-    kernels::plan(op, imp, DType::F32, &k.conv, &s)
+    plan::plan(&Problem::new(op, imp, DType::F32, &k.conv, &s).unwrap())
         .unwrap()
         .launches[0]
         .kernel
+        .name()
 }
 
 #[test]
 fn registry_matches_catalogue() {
     let reg = sim::registered_kernels().expect("simulator built");
-    let cat: Vec<String> = kernels::kernel_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert_eq!(reg, cat);
+    assert_eq!(reg, plan::kernel_names());
 }
 
 #[test]
 fn fast_templated_fwd_dgrad() {
     let mut rng = rng_for("fast_templated_fwd_dgrad");
-    for k in kernels::TEMPLATE_SIZES {
+    for k in plan::TEMPLATE_SIZES {
         for op in [Op::Forward, Op::DataGrad] {
             let case = rand_case(&mut rng, k, k, 40);
             assert!(planned_kernel(op, Impl::Fast, &case).ends_with(&format!("_k{k}")));
@@ -140,7 +138,8 @@ fn fast_small_images_pack_several_planes_per_block() {
         };
         let s = case.conv.resolve(n, c, hw, hw).unwrap();
         for op in [Op::Forward, Op::DataGrad] {
-            let p = kernels::plan(op, Impl::Fast, DType::F32, &case.conv, &s).unwrap();
+            let p = plan::plan(&Problem::new(op, Impl::Fast, DType::F32, &case.conv, &s).unwrap())
+                .unwrap();
             let planes_per_block = p.launches[0].block.2 as usize;
             assert!(
                 planes_per_block > 1 && (n * c) % planes_per_block != 0,
@@ -155,7 +154,7 @@ fn fast_small_images_pack_several_planes_per_block() {
 fn fast_generic_fwd_dgrad() {
     let mut rng = rng_for("fast_generic_fwd_dgrad");
     let mut sizes: Vec<(usize, usize)> = (1..=31)
-        .filter(|k| !kernels::TEMPLATE_SIZES.contains(k))
+        .filter(|k| !plan::TEMPLATE_SIZES.contains(k))
         .map(|k| (k, k))
         .collect();
     sizes.extend([
@@ -220,7 +219,7 @@ fn generic_fwd_chunks_large_filters() {
 #[test]
 fn fast_wgrad() {
     let mut rng = rng_for("fast_wgrad");
-    let mut sizes: Vec<(usize, usize)> = kernels::TEMPLATE_SIZES.iter().map(|&k| (k, k)).collect();
+    let mut sizes: Vec<(usize, usize)> = plan::TEMPLATE_SIZES.iter().map(|&k| (k, k)).collect();
     sizes.extend([
         (1, 1),
         (2, 2),
@@ -271,8 +270,8 @@ fn wgrad_is_bit_identical_across_runs() {
     let x = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
     let dy = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
     for imp in [Impl::Fast, Impl::Naive, Impl::Im2col] {
-        let a = sim::weight_grad(imp, &conv, &x, &dy).unwrap();
-        let b = sim::weight_grad(imp, &conv, &x, &dy).unwrap();
+        let a = device::weight_grad(Device::Sim, imp, &conv, &x, &dy).unwrap();
+        let b = device::weight_grad(Device::Sim, imp, &conv, &x, &dy).unwrap();
         let bits = |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a), bits(&b), "{imp:?}");
     }
@@ -388,13 +387,13 @@ fn fast_strided_wgrad() {
     for c in strided_wgrad_cases() {
         let case = strided_wgrad_case(&c);
         let s = case.conv.resolve(case.n, case.c, case.h, case.w).unwrap();
-        let p = kernels::plan(Op::WeightGrad, Impl::Fast, DType::F32, &case.conv, &s).unwrap();
+        let p = plan::plan(
+            &Problem::new(Op::WeightGrad, Impl::Fast, DType::F32, &case.conv, &s).unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.launches.len(), 2, "{p:?}");
-        assert!(
-            p.launches[0].kernel.starts_with("lk_wgrad_strided"),
-            "{p:?}"
-        );
-        assert!(p.launches[1].kernel.starts_with("lk_wgrad_reduce"), "{p:?}");
+        assert_eq!(p.launches[0].kernel.family, Family::WgradStrided, "{p:?}");
+        assert_eq!(p.launches[1].kernel.family, Family::WgradReduce, "{p:?}");
         multi_block |= p.launches[0].grid.1 > 1;
         check_all_dtypes(&mut rng, Op::WeightGrad, Impl::Fast, &case);
     }
@@ -412,8 +411,8 @@ fn strided_wgrad_is_bit_identical_across_runs() {
         let s = case.conv.resolve(case.n, case.c, case.h, case.w).unwrap();
         let x = Tensor::<f32>::random(&s.input_dims(), &mut rng).unwrap();
         let dy = Tensor::<f32>::random(&s.output_dims(), &mut rng).unwrap();
-        let a = sim::weight_grad(Impl::Fast, &case.conv, &x, &dy).unwrap();
-        let b = sim::weight_grad(Impl::Fast, &case.conv, &x, &dy).unwrap();
+        let a = device::weight_grad(Device::Sim, Impl::Fast, &case.conv, &x, &dy).unwrap();
+        let b = device::weight_grad(Device::Sim, Impl::Fast, &case.conv, &x, &dy).unwrap();
         let bits = |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a), bits(&b), "{case:?}");
     }
@@ -436,31 +435,32 @@ fn bad_shapes_give_typed_errors() {
     let x = Tensor::<f32>::random(&[1, 2, 8, 8], &mut rng).unwrap();
     let w_bad = Tensor::<f32>::random(&[3, 1, 5, 5], &mut rng).unwrap();
     assert!(matches!(
-        sim::forward(Impl::Fast, &conv, &x, &w_bad, None),
+        device::forward(Device::Sim, Impl::Fast, &conv, &x, &w_bad, None),
         Err(Error::Shape { .. })
     ));
     let w = Tensor::<f32>::random(&[2, 1, 5, 5], &mut rng).unwrap();
     let bias_bad = Tensor::<f32>::random(&[3], &mut rng).unwrap();
     assert!(matches!(
-        sim::forward(Impl::Fast, &conv, &x, &w, Some(&bias_bad)),
+        device::forward(Device::Sim, Impl::Fast, &conv, &x, &w, Some(&bias_bad)),
         Err(Error::Shape { .. })
     ));
     assert!(matches!(
-        sim::forward(Impl::Reference, &conv, &x, &w, None),
+        device::forward(Device::Sim, Impl::Reference, &conv, &x, &w, None),
         Err(Error::Unsupported(_))
     ));
     let dy_bad = Tensor::<f32>::random(&[1, 2, 7, 8], &mut rng).unwrap();
     assert!(matches!(
-        sim::data_grad(Impl::Fast, &conv, &dy_bad, &w, (8, 8)),
+        device::data_grad(Device::Sim, Impl::Fast, &conv, &dy_bad, &w, (8, 8)),
         Err(Error::Shape { .. })
     ));
     assert!(matches!(
-        sim::weight_grad(Impl::Fast, &conv, &x, &dy_bad),
+        device::weight_grad(Device::Sim, Impl::Fast, &conv, &x, &dy_bad),
         Err(Error::Shape { .. })
     ));
     let no_pad = DwConv2d::new(9, 9).with_padding(0, 0);
     assert!(matches!(
-        sim::forward(
+        device::forward(
+            Device::Sim,
             Impl::Fast,
             &no_pad,
             &x,
@@ -473,7 +473,7 @@ fn bad_shapes_give_typed_errors() {
     let huge = DwConv2d::new(3, 1).with_padding(1, 0);
     let s = huge.resolve(1, 1, 1_200_000_000, 1).unwrap();
     assert!(matches!(
-        kernels::plan(Op::Forward, Impl::Fast, DType::F32, &huge, &s),
+        plan::plan(&Problem::new(Op::Forward, Impl::Fast, DType::F32, &huge, &s).unwrap()),
         Err(Error::Overflow(_))
     ));
 }
@@ -607,16 +607,23 @@ fn useful_fmas_are_exact() {
         let nominal = (s.n * s.c * s.oh * s.ow * kh * kw) as f64;
         for op in Op::ALL {
             assert_eq!(
-                kernels::executed_fmas(op, Impl::Naive, &conv, &s).unwrap(),
+                plan::executed_fmas(&Problem::new(op, Impl::Naive, DType::F32, &conv, &s).unwrap())
+                    .unwrap(),
                 useful
             );
             assert_eq!(
-                kernels::executed_fmas(op, Impl::Im2col, &conv, &s).unwrap(),
+                plan::executed_fmas(
+                    &Problem::new(op, Impl::Im2col, DType::F32, &conv, &s).unwrap()
+                )
+                .unwrap(),
                 nominal
             );
             if op == Op::WeightGrad && !conv.is_unit() {
                 assert_eq!(
-                    kernels::executed_fmas(op, Impl::Fast, &conv, &s).unwrap(),
+                    plan::executed_fmas(
+                        &Problem::new(op, Impl::Fast, DType::F32, &conv, &s).unwrap()
+                    )
+                    .unwrap(),
                     useful
                 );
             }
@@ -648,7 +655,9 @@ fn useful_share_of_executed_fmas() {
             100.0 * useful / nominal
         );
         for op in Op::ALL {
-            let e = kernels::executed_fmas(op, Impl::Fast, &conv, &s).unwrap();
+            let e =
+                plan::executed_fmas(&Problem::new(op, Impl::Fast, DType::F32, &conv, &s).unwrap())
+                    .unwrap();
             assert!(e >= useful, "{op:?}: executed {e} < useful {useful}");
             line += &format!(", {} useful/executed {:.0}%", op.name(), 100.0 * useful / e);
         }
@@ -674,4 +683,58 @@ fn replknet_sized_layer() {
         check::<f32>(&mut rng, op, Impl::Fast, &case);
         println!("{op:?}: {:?} (simulator + reference)", t.elapsed());
     }
+}
+
+/// The planner's tile geometry (`src/plan/geometry.rs`) and the kernels' own
+/// (`kernels/lk_common.cuh`, exported by the simulator library) agree over a sweep of shapes:
+/// one source of truth checked on every build.
+#[test]
+fn planner_and_kernels_agree_on_tile_geometry() {
+    let g = sim::kernel_geometry().unwrap();
+    assert_eq!(g.rx as usize, plan::RX);
+    assert_eq!(
+        g.wgrad_strided_threads as usize,
+        plan::WGRAD_STRIDED_THREADS
+    );
+    assert_eq!(g.wgrad_strided_taps as usize, plan::WGRAD_STRIDED_TAPS);
+    let mut checked = 0;
+    for tw in (8..=64).step_by(8) {
+        for kc in 1..=64 {
+            assert_eq!(
+                (g.tile_ld)(tw as i32, kc as i32) as usize,
+                plan::tile_ld(tw, kc)
+            );
+            for th in [1, 2, 7, 16, 31, 64, 128, 256] {
+                for kcw in [1, 3, 4, 8, 13, 31, 64] {
+                    let cuda = (g.tiled_smem_floats)(th as i32, tw as i32, kc as i32, kcw as i32);
+                    assert_eq!(4 * cuda as usize, plan::tiled_smem(th, tw, kc, kcw));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    for th in 1..=16 {
+        for tw in [1, 5, 8, 13, 16, 31, 32] {
+            for kh in [1, 2, 3, 7, 13, 27, 31, 51] {
+                for kw in [1, 3, 7, 8, 9, 17, 31, 51] {
+                    let (tpg, groups) = plan::wgrad_threads(th, kh, kw);
+                    let threads = tpg * groups;
+                    let cuda = (g.wgrad_smem_floats)(
+                        th as i32,
+                        tw as i32,
+                        kh as i32,
+                        kw as i32,
+                        threads as i32,
+                    );
+                    assert_eq!(
+                        4 * cuda as usize,
+                        plan::wgrad_smem(th, tw, kh, kw, threads),
+                        "wgrad th {th} tw {tw} k {kh}x{kw}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 10_000, "{checked}");
 }

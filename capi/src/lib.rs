@@ -110,8 +110,8 @@ impl From<Error> for Failure {
             | Error::InvalidArgument(_) => LK_STATUS_INVALID_ARGUMENT,
             Error::Unsupported(_) => LK_STATUS_UNSUPPORTED,
             Error::CudaUnavailable(_) => LK_STATUS_CUDA_UNAVAILABLE,
-            Error::Cuda(m) if m.contains("OUT_OF_MEMORY") => LK_STATUS_OUT_OF_MEMORY,
-            Error::Cuda(_) => LK_STATUS_CUDA_ERROR,
+            e @ Error::Cuda { .. } if e.is_out_of_memory() => LK_STATUS_OUT_OF_MEMORY,
+            Error::Cuda { .. } => LK_STATUS_CUDA_ERROR,
             _ => LK_STATUS_INTERNAL,
         };
         Failure(status, e.to_string())
@@ -464,36 +464,19 @@ unsafe fn run(handle: *const lk_handle, desc: *const lk_conv_desc, op: Op, a: Ar
             // alive while the queued work runs (lk_set_stream's contract).
             let stream = unsafe { device.context().wrap_borrowed_stream(stream.cast()) };
             let addr = |p: *const c_void| p as usize as u64;
-            let (ws, ws_len) = (addr(a.workspace), a.workspace_bytes);
-            let (x, y) = (addr(a.in0), addr(a.in1));
-            let (conv, shape, dtype, out) = (&p.conv, &p.shape, p.dtype, addr(a.out));
-            let imp = Impl::Fast;
+            let problem = lkconv_core::Problem::new(op, Impl::Fast, p.dtype, &p.conv, &p.shape)?;
+            let operands = lkconv_core::cuda::RawOperands {
+                in0: addr(a.in0),
+                in1: addr(a.in1),
+                bias: addr(a.bias),
+                out: addr(a.out),
+                workspace: addr(a.workspace),
+                workspace_bytes: a.workspace_bytes,
+            };
+            let mut ex = lkconv_core::cuda::CudaExec::on_stream(device.clone(), stream)?;
             // SAFETY: device pointers of the tensors `desc` describes (the entry points'
             // contract), valid until the work on the caller's stream completes.
-            unsafe {
-                match op {
-                    Op::Forward => lkconv_core::cuda::forward_raw(
-                        device,
-                        &stream,
-                        imp,
-                        dtype,
-                        conv,
-                        shape,
-                        x,
-                        y,
-                        addr(a.bias),
-                        out,
-                        ws,
-                        ws_len,
-                    ),
-                    Op::DataGrad => lkconv_core::cuda::data_grad_raw(
-                        device, &stream, imp, dtype, conv, shape, x, y, out, ws, ws_len,
-                    ),
-                    Op::WeightGrad => lkconv_core::cuda::weight_grad_raw(
-                        device, &stream, imp, dtype, conv, shape, x, y, out, ws, ws_len,
-                    ),
-                }
-            }?;
+            unsafe { lkconv_core::cuda::run_raw(&mut ex, &problem, operands) }?;
             Ok(())
         }
     }
@@ -700,6 +683,7 @@ pub extern "C" fn lk_test_internal_error() -> lk_status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cudarc::driver::sys::CUresult;
 
     fn last_error() -> String {
         // SAFETY: lk_last_error returns a NUL-terminated string owned by this thread.
@@ -714,6 +698,13 @@ mod tests {
         assert!(last_error().contains("lk_test_internal_error was called"));
     }
 
+    fn driver_error(code: CUresult) -> Error {
+        Error::Cuda {
+            what: "a test launch".into(),
+            source: lkconv_core::CudaFailure::Driver(cudarc::driver::DriverError(code)),
+        }
+    }
+
     #[test]
     fn errors_map_to_their_status() {
         let cases = [
@@ -723,9 +714,12 @@ mod tests {
                 Error::CudaUnavailable("c".into()),
                 LK_STATUS_CUDA_UNAVAILABLE,
             ),
-            (Error::Cuda("launch failed".into()), LK_STATUS_CUDA_ERROR),
             (
-                Error::Cuda("CUDA_ERROR_OUT_OF_MEMORY".into()),
+                driver_error(CUresult::CUDA_ERROR_LAUNCH_FAILED),
+                LK_STATUS_CUDA_ERROR,
+            ),
+            (
+                driver_error(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
                 LK_STATUS_OUT_OF_MEMORY,
             ),
             (Error::Simulator("s".into()), LK_STATUS_INTERNAL),

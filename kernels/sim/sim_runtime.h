@@ -1,5 +1,5 @@
 // A small header-only SIMT runtime: lets the unchanged kernels/*.cu compile as C++20 with g++
-// and run on the CPU (the kernel simulator, DESIGN.md section 4).
+// and run on the CPU (the kernel simulator, `lkconv::sim`).
 //
 // Model: the threads of a block run as fibers (ucontext) on one OS thread; __syncthreads()
 // switches back to the block scheduler, which resumes the next fiber, so a barrier completes

@@ -8,8 +8,9 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use super::{driver_err, driver_missing, FATBIN, NO_KERNELS};
+use super::driver::{compiled_archs, driver_err, driver_missing, FATBIN, NO_KERNELS};
 use crate::error::{Error, Result};
+use crate::plan::{KernelId, Launch};
 
 /// Shared memory (static + dynamic) a block may use without opting in.
 const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
@@ -140,14 +141,22 @@ struct KernelEntry {
     dynamic_limit: Option<u32>,
 }
 
-/// One GPU: its primary context, a stream, the embedded kernels, and facts about it.
+/// Why the embedded kernels are not loaded.
+#[derive(Debug)]
+enum ModuleMissing {
+    /// Built without nvcc.
+    NotCompiled,
+    /// The driver refused the fatbin.
+    Load(cudarc::driver::DriverError),
+}
+
+/// One GPU: its primary context, the embedded kernels, a cuBLAS handle, and facts about it.
 ///
 /// Thread-safe: share it through an `Arc` ([`CudaDevice::shared`] keeps one per ordinal).
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    module: std::result::Result<Arc<CudaModule>, String>,
-    kernels: Mutex<HashMap<&'static str, KernelEntry>>,
+    module: std::result::Result<Arc<CudaModule>, ModuleMissing>,
+    kernels: Mutex<HashMap<KernelId, KernelEntry>>,
     blas: Mutex<Option<CudaBlas>>,
     info: DeviceInfo,
 }
@@ -188,7 +197,7 @@ impl CudaDevice {
     ///
     /// Errors: [`Error::CudaUnavailable`] without libcuda or without that device,
     /// [`Error::Cuda`] for any other driver failure. A fatbin that fails to load does not fail
-    /// `new` (so that [`describe`](super::describe) works); every launch then reports it.
+    /// `new` (so that `describe` works); every launch then reports it.
     pub fn new(ordinal: usize) -> Result<Self> {
         if let Some(e) = driver_missing() {
             return Err(e);
@@ -204,26 +213,17 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(|e| {
             Error::CudaUnavailable(format!("no CUDA device: opening device {ordinal}: {e}"))
         })?;
-        let stream = ctx.new_stream().map_err(driver_err("creating a stream"))?;
         let info = read_info(&ctx, ordinal)?;
         let module = match FATBIN {
-            None => Err(NO_KERNELS.to_string()),
+            None => Err(ModuleMissing::NotCompiled),
             // The bytes are copied into a Vec (16-byte aligned by the system allocator), which
             // is what cuModuleLoadData wants for a fatbin image.
             Some(bytes) => ctx
                 .load_module(Ptx::from_binary(bytes.to_vec()))
-                .map_err(|e| {
-                    format!(
-                        "loading the embedded fatbin ({}) on sm_{}{}: {e}",
-                        super::compiled_archs(),
-                        info.compute_capability.0,
-                        info.compute_capability.1
-                    )
-                }),
+                .map_err(ModuleMissing::Load),
         };
         Ok(CudaDevice {
             ctx,
-            stream,
             module,
             kernels: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
@@ -265,12 +265,6 @@ impl CudaDevice {
         &self.ctx
     }
 
-    /// The device's own non-blocking stream (created with the device; not the legacy default
-    /// stream).
-    pub fn stream(&self) -> Arc<CudaStream> {
-        self.stream.clone()
-    }
-
     /// A new non-blocking stream on this device.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
         self.ctx
@@ -295,46 +289,71 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// The kernel `name`, ready for a launch with `shared_bytes` of dynamic shared memory:
-    /// fetched from the module on first use and cached, and opted in to more than 48 KB of
-    /// dynamic shared memory when asked for. Fails (never launches) when the request exceeds
-    /// what the device allows for this kernel.
-    pub(crate) fn kernel(&self, name: &'static str, shared_bytes: u32) -> Result<CudaFunction> {
-        let module = self.module.as_ref().map_err(|m| {
-            if m == NO_KERNELS {
-                Error::CudaUnavailable(m.clone())
-            } else {
-                Error::Cuda(m.clone())
-            }
-        })?;
+    /// Why the kernels cannot run, or Ok when the fatbin is loaded.
+    pub(crate) fn require_module(&self) -> Result<&Arc<CudaModule>> {
+        self.module.as_ref().map_err(|m| match m {
+            ModuleMissing::NotCompiled => Error::CudaUnavailable(NO_KERNELS.into()),
+            ModuleMissing::Load(e) => Error::driver(
+                format!(
+                    "loading the embedded fatbin ({}) on sm_{}{}",
+                    compiled_archs(),
+                    self.info.compute_capability.0,
+                    self.info.compute_capability.1
+                ),
+                *e,
+            ),
+        })
+    }
+
+    /// The kernel of a launch, ready to run: the launch configuration checked against the
+    /// device's limits, the function fetched from the module on first use and cached, and
+    /// opted in to more than 48 KB of dynamic shared memory when asked for. Fails (never
+    /// launches) when the request exceeds what the device allows for this kernel.
+    pub(crate) fn kernel(&self, l: &Launch) -> Result<CudaFunction> {
+        let info = &self.info;
+        let (gx, gy, gz) = l.grid;
+        let (bx, by, bz) = l.block;
+        let threads = bx as u64 * by as u64 * bz as u64;
+        let grid_ok = gx >= 1
+            && gx <= i32::MAX as u32
+            && (1..=65535).contains(&gy)
+            && (1..=65535).contains(&gz);
+        let block_ok = threads >= 1
+            && threads <= info.max_threads_per_block as u64
+            && bx <= 1024
+            && by <= 1024
+            && bz <= 64;
+        if !grid_ok || !block_ok {
+            return Err(Error::Unsupported(format!(
+                "launch of '{}' with grid {:?} and block {:?} exceeds the limits of {}",
+                l.kernel, l.grid, l.block, info.name
+            )));
+        }
+        let module = self.require_module()?;
+        let (id, shared_bytes) = (l.kernel, l.shared_bytes);
         let mut kernels = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
-        if !kernels.contains_key(name) {
-            let func = module.load_function(name).map_err(|e| {
-                Error::Cuda(format!(
-                    "kernel '{name}' is not in the embedded fatbin: {e}"
-                ))
-            })?;
-            let static_smem = func
-                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                .map_err(driver_err("reading a kernel's static shared memory"))?;
-            kernels.insert(
-                name,
-                KernelEntry {
+        let entry = match kernels.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let func = module.load_function(&id.name()).map_err(|e| {
+                    Error::driver(format!("kernel '{id}' is not in the embedded fatbin"), e)
+                })?;
+                let static_smem = func
+                    .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .map_err(driver_err("reading a kernel's static shared memory"))?;
+                v.insert(KernelEntry {
                     func,
                     static_smem: static_smem.max(0) as u32,
                     dynamic_limit: None,
-                },
-            );
-        }
-        let entry = kernels
-            .get_mut(name)
-            .ok_or_else(|| Error::Cuda(format!("kernel cache lost '{name}'")))?;
+                })
+            }
+        };
         let total = shared_bytes as u64 + entry.static_smem as u64;
-        if total > self.info.max_shared_per_block_optin as u64 {
+        if total > info.max_shared_per_block_optin as u64 {
             return Err(Error::Unsupported(format!(
-                "kernel '{name}' needs {shared_bytes} B dynamic + {} B static shared memory, \
+                "kernel '{id}' needs {shared_bytes} B dynamic + {} B static shared memory, \
                  {} allows {} B per block",
-                entry.static_smem, self.info.name, self.info.max_shared_per_block_optin
+                entry.static_smem, info.name, info.max_shared_per_block_optin
             )));
         }
         // Without opting in, static + dynamic shared memory is limited to 48 KB.
@@ -355,11 +374,19 @@ impl CudaDevice {
         Ok(entry.func.clone())
     }
 
-    /// Runs `f` with this device's cuBLAS handle bound to `stream` (the handle is created on
-    /// first use; the lock is held for the whole call so that no other thread rebinds it).
-    pub(crate) fn with_blas<R>(
+    /// Runs `f` with this device's cuBLAS handle bound to `stream` and to `workspace`, the
+    /// caller's cuBLAS workspace for that stream (as PyTorch does: one handle, a workspace per
+    /// stream, so that GEMMs queued on two streams never share scratch memory). The lock is
+    /// held until `f` has queued its work, so no other thread rebinds the handle meanwhile.
+    ///
+    /// # Safety
+    /// `workspace` must be device memory of this context of `workspace_bytes` bytes that only
+    /// work queued on `stream` uses, alive until that work completes.
+    pub(crate) unsafe fn with_blas<R>(
         &self,
         stream: &Arc<CudaStream>,
+        workspace: u64,
+        workspace_bytes: usize,
         f: impl FnOnce(&CudaBlas) -> Result<R>,
     ) -> Result<R> {
         let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
@@ -367,29 +394,49 @@ impl CudaDevice {
         // caller may reach a GEMM first on a fresh thread.
         self.ctx
             .bind_to_thread()
-            .map_err(|e| Error::Cuda(format!("binding the CUDA context: {e}")))?;
+            .map_err(driver_err("binding the CUDA context"))?;
         if guard.is_none() {
             // SAFETY: only asks whether libcublas can be dlopened; no cuBLAS call is made, and
             // this must precede any, which would panic without the library.
             if !unsafe { cudarc::cublas::sys::is_culib_present() } {
                 return Err(Error::CudaUnavailable(
-                    "cuBLAS (libcublas.so) not found: needed by the im2col baseline".into(),
+                    "cuBLAS (libcublas.so) not found: needed by the GEMM steps".into(),
                 ));
             }
             let blas = CudaBlas::new(stream.clone())
-                .map_err(|e| Error::Cuda(format!("creating a cuBLAS handle: {e}")))?;
+                .map_err(|e| Error::cublas("creating a cuBLAS handle", e))?;
             *guard = Some(blas);
         }
-        let blas = guard
-            .as_mut()
-            .ok_or_else(|| Error::Cuda("cuBLAS handle missing".into()))?;
+        let Some(blas) = guard.as_mut() else {
+            unreachable!("set above")
+        };
         // SAFETY: set_stream is unsafe because work on the new stream may race with work
-        // queued on the old one. The handle holds no memory of its own between calls (every
-        // GEMM reads and writes buffers the caller ordered on `stream`), and the lock is held
-        // until the GEMM is queued, so no other thread's GEMM lands on the wrong stream.
+        // queued on the old one through the handle's workspace; the workspace is rebound to
+        // this stream's own below, before any GEMM, and the lock is held until the GEMM is
+        // queued, so no other thread's GEMM lands on this stream or this workspace.
         unsafe { blas.set_stream(stream.clone()) }
-            .map_err(|e| Error::Cuda(format!("binding cuBLAS to a stream: {e}")))?;
+            .map_err(|e| Error::cublas("binding cuBLAS to a stream", e))?;
+        // SAFETY: the handle is live; the workspace satisfies this function's contract.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace as *mut std::ffi::c_void,
+                workspace_bytes,
+            )
+        }
+        .result()
+        .map_err(|e| Error::cublas("binding the cuBLAS workspace", e))?;
         f(blas)
+    }
+
+    /// Bytes of cuBLAS workspace per stream (PyTorch's defaults: 32 MiB on sm_90 and later,
+    /// 4 MiB x 2 before).
+    pub(crate) fn blas_workspace_bytes(&self) -> usize {
+        if self.info.compute_capability.0 >= 9 {
+            32 << 20
+        } else {
+            8 << 20
+        }
     }
 }
 

@@ -1,8 +1,9 @@
-//! The cuBLAS step of the im2col baseline: one strided-batched GEMM (a batch entry per channel).
+//! The cuBLAS side of the one GEMM step ([`crate::plan::Gemm`]): the row-major GEMM as the
+//! column-major `cublasGemmStridedBatchedEx` call that computes it.
 //!
-//! All three storage types go through `cublasGemmStridedBatchedEx` with `CUBLAS_COMPUTE_32F`:
-//! f32 x f32 -> f32 is plain SGEMM arithmetic (no TF32), f16/bf16 operands are multiplied and
-//! accumulated in f32 (tensor cores where cuBLAS picks them), and C may be f32, f16 or bf16.
+//! All three storage types use `CUBLAS_COMPUTE_32F`: f32 x f32 -> f32 is plain SGEMM
+//! arithmetic (no TF32), f16/bf16 operands are multiplied and accumulated in f32 (tensor cores
+//! where cuBLAS picks them).
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -13,34 +14,7 @@ use cudarc::driver::CudaStream;
 use super::device::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-
-/// A row-major strided-batched GEMM: for every `i < batch`,
-/// `C_i[m x n] = alpha * op(A_i)[m x k] * op(B_i)[k x n] + beta * C_i`, where
-/// `A_i = a + i * stride_a` elements (row-major, leading dimension `lda`; stored `k x m` when
-/// `trans_a`), likewise B (`n x k` when `trans_b`) and C (`m x n`, `ldc`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct BatchedGemm {
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub a: u64,
-    pub lda: usize,
-    pub stride_a: usize,
-    pub a_type: DType,
-    pub b: u64,
-    pub ldb: usize,
-    pub stride_b: usize,
-    pub b_type: DType,
-    pub c: u64,
-    pub ldc: usize,
-    pub stride_c: usize,
-    pub c_type: DType,
-    pub batch: usize,
-    pub alpha: f32,
-    pub beta: f32,
-}
+use crate::plan::Gemm;
 
 fn cuda_type(d: DType) -> cudaDataType {
     match d {
@@ -58,34 +32,7 @@ fn to_i64(what: &str, v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Overflow(format!("cuBLAS {what} {v} exceeds i64")))
 }
 
-impl BatchedGemm {
-    /// Checks sizes and leading dimensions (cuBLAS would report them only as a status code).
-    fn validate(&self) -> Result<()> {
-        if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "empty GEMM m={} n={} k={} batch={}",
-                self.m, self.n, self.k, self.batch
-            )));
-        }
-        // Row-major: a row of A holds k (or m when transposed) elements.
-        let a_cols = if self.trans_a { self.m } else { self.k };
-        let b_cols = if self.trans_b { self.k } else { self.n };
-        if self.lda < a_cols || self.ldb < b_cols || self.ldc < self.n {
-            return Err(Error::InvalidArgument(format!(
-                "GEMM leading dimensions lda={} ldb={} ldc={} below the row lengths {a_cols}/{b_cols}/{}",
-                self.lda, self.ldb, self.ldc, self.n
-            )));
-        }
-        if self.a == 0 || self.b == 0 || self.c == 0 {
-            return Err(Error::InvalidArgument(
-                "GEMM operand pointer is null".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The arguments of the column-major cuBLAS call that computes a row-major [`BatchedGemm`]:
+/// The arguments of the column-major cuBLAS call that computes a row-major [`Gemm`]:
 /// `C^T = op(B)^T op(A)^T`, i.e. the operands and the m/n extents swap and each operand keeps
 /// its own transpose flag.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,53 +45,54 @@ struct CublasArgs {
     a: u64,
     lda: i32,
     stride_a: i64,
-    a_type: DType,
     b: u64,
     ldb: i32,
     stride_b: i64,
-    b_type: DType,
     c: u64,
     ldc: i32,
     stride_c: i64,
-    c_type: DType,
     batch: i32,
 }
 
-fn cublas_args(g: &BatchedGemm) -> Result<CublasArgs> {
-    g.validate()?;
+fn cublas_args(g: &Gemm) -> Result<CublasArgs> {
+    g.extents()?;
+    if g.a == 0 || g.b == 0 || g.c == 0 {
+        return Err(Error::InvalidArgument(
+            "GEMM operand pointer is null".into(),
+        ));
+    }
     Ok(CublasArgs {
-        trans_a: g.trans_b,
-        trans_b: g.trans_a,
+        trans_a: g.b_trans,
+        trans_b: g.a_trans,
         m: to_i32("n", g.n)?,
         n: to_i32("m", g.m)?,
         k: to_i32("k", g.k)?,
         a: g.b,
         lda: to_i32("ldb", g.ldb)?,
         stride_a: to_i64("stride_b", g.stride_b)?,
-        a_type: g.b_type,
         b: g.a,
         ldb: to_i32("lda", g.lda)?,
         stride_b: to_i64("stride_a", g.stride_a)?,
-        b_type: g.a_type,
         c: g.c,
         ldc: to_i32("ldc", g.ldc)?,
         stride_c: to_i64("stride_c", g.stride_c)?,
-        c_type: g.c_type,
         batch: to_i32("batch", g.batch)?,
     })
 }
 
-/// Queues the GEMM on `stream` with the device's cuBLAS handle.
+/// Queues the GEMM on `stream` through the device's cuBLAS handle with `workspace` as its
+/// cuBLAS workspace.
 ///
 /// # Safety
-/// `a`, `b` and `c` must be device pointers of `dev`'s context, valid for every element the
-/// GEMM touches (`batch` entries at the given strides and leading dimensions) until the work
-/// queued on `stream` completes, `c` must not overlap `a` or `b`, and their element types must
-/// be `a_type`, `b_type`, `c_type`.
+/// `g.a`, `g.b` and `g.c` must be device pointers of `dev`'s context, valid for every element
+/// the GEMM touches (see [`Gemm::extents`]) until the work queued on `stream` completes, `c`
+/// must not overlap `a` or `b`; `workspace` as for [`CudaDevice::with_blas`].
 pub(crate) unsafe fn run(
     dev: &CudaDevice,
     stream: &Arc<CudaStream>,
-    g: &BatchedGemm,
+    g: &Gemm,
+    workspace: u64,
+    workspace_bytes: usize,
 ) -> Result<()> {
     let x = cublas_args(g)?;
     let op = |t: bool| {
@@ -154,9 +102,9 @@ pub(crate) unsafe fn run(
             cublasOperation_t::CUBLAS_OP_N
         }
     };
-    let alpha = g.alpha;
-    let beta = g.beta;
-    dev.with_blas(stream, |blas| {
+    let (alpha, beta) = (1f32, 0f32);
+    let ty = cuda_type(g.dtype);
+    let queue = |blas: &cudarc::cublas::CudaBlas| -> Result<()> {
         // SAFETY: the handle is bound to `stream` (with_blas holds its lock); the operand
         // pointers satisfy this function's contract; alpha/beta are host f32 values, which is
         // what CUBLAS_COMPUTE_32F reads in the default host pointer mode, and they outlive the
@@ -171,16 +119,16 @@ pub(crate) unsafe fn run(
                 x.k,
                 (&alpha) as *const f32 as *const c_void,
                 x.a as *const c_void,
-                cuda_type(x.a_type),
+                ty,
                 x.lda,
                 x.stride_a,
                 x.b as *const c_void,
-                cuda_type(x.b_type),
+                ty,
                 x.ldb,
                 x.stride_b,
                 (&beta) as *const f32 as *const c_void,
                 x.c as *mut c_void,
-                cuda_type(x.c_type),
+                ty,
                 x.ldc,
                 x.stride_c,
                 x.batch,
@@ -188,15 +136,18 @@ pub(crate) unsafe fn run(
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Error::Cuda(format!("cuBLAS strided-batched GEMM: {e}")))
-    })
+        .map_err(|e| Error::cublas("cuBLAS strided-batched GEMM", e))
+    };
+    // SAFETY: the workspace satisfies `with_blas`'s contract (this function's).
+    unsafe { dev.with_blas(stream, workspace, workspace_bytes, queue) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::conv::DwConv2d;
-    use crate::device::{Impl, Op};
+    use crate::op::{Impl, Op};
+    use crate::problem::Problem;
 
     /// cublasGemmStridedBatchedEx's column-major semantics (alpha 1, beta 0, f32) on a host
     /// buffer whose element 0 sits at address `base` (4 bytes per element).
@@ -228,6 +179,37 @@ mod tests {
         }
     }
 
+    /// The same GEMM by its row-major definition (`Gemm`'s documentation).
+    fn row_major(g: &Gemm, ws: &mut [f32], base: u64) {
+        let idx = |addr: u64| ((addr - base) / 4) as usize;
+        for bt in 0..g.batch {
+            let (a0, b0, c0) = (
+                idx(g.a) + bt * g.stride_a,
+                idx(g.b) + bt * g.stride_b,
+                idx(g.c) + bt * g.stride_c,
+            );
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut acc = 0f32;
+                    for p in 0..g.k {
+                        let a = if g.a_trans {
+                            ws[a0 + p * g.lda + i]
+                        } else {
+                            ws[a0 + i * g.lda + p]
+                        };
+                        let b = if g.b_trans {
+                            ws[b0 + j * g.ldb + p]
+                        } else {
+                            ws[b0 + p * g.ldb + j]
+                        };
+                        acc += a * b;
+                    }
+                    ws[c0 + i * g.ldc + j] = acc;
+                }
+            }
+        }
+    }
+
     /// The swapped column-major call computes exactly the planner's row-major GEMM, for the
     /// im2col plans of all three ops.
     #[test]
@@ -239,14 +221,15 @@ mod tests {
         ] {
             let s = conv.resolve(n, c, h, w).unwrap();
             for op in Op::ALL {
-                let plan = crate::kernels::plan(op, Impl::Im2col, DType::F32, &conv, &s).unwrap();
-                let step = plan.gemm.unwrap();
+                let p = Problem::new(op, Impl::Im2col, DType::F32, &conv, &s).unwrap();
+                let mut plan = crate::plan::plan(&p).unwrap();
+                plan.bind(1, 1, 0, 1, base);
+                let (_, g) = plan.gemm.unwrap();
                 let len = plan.workspace_bytes / 4;
                 let mut rng = crate::rng::Rng::new(5);
                 let init: Vec<f32> = (0..len).map(|_| rng.uniform_pm1()).collect();
                 let mut want = init.clone();
-                step.run_host(&mut want).unwrap();
-                let g = crate::cuda::ops::gemm_of_step(&step, base, plan.workspace_bytes).unwrap();
+                row_major(&g, &mut want, base);
                 let mut got = init.clone();
                 emulate(&cublas_args(&g).unwrap(), &mut got, base);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -254,6 +237,10 @@ mod tests {
                         (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                         "{op:?} [{i}] {a} vs {b}"
                     );
+                }
+                // the GEMM lies inside the workspace
+                for (start, end) in g.extents().unwrap() {
+                    assert!(start >= base && end <= base + plan.workspace_bytes as u64);
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
-use super::driver_err;
+use super::driver::driver_err;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::tensor::{checked_numel, Tensor};
@@ -147,11 +147,11 @@ impl<T: CudaElement> DeviceTensor<T> {
     }
 }
 
-/// A reusable scratch buffer for the ops that need one (the im2col patch matrix, weight-gradient
-/// partial sums). It grows to the largest request and is never shrunk; pass the same workspace
-/// to successive calls to avoid an allocation per call.
+/// A growable scratch buffer on one stream (a [`CudaExec`](super::CudaExec)'s plan
+/// workspace: the im2col patch matrix, weight-gradient partial sums). It grows to the largest
+/// request and is never shrunk.
 #[derive(Debug, Default)]
-pub struct Workspace {
+pub(crate) struct Workspace {
     buf: Option<CudaSlice<u8>>,
 }
 
@@ -159,13 +159,6 @@ impl Workspace {
     /// An empty workspace (allocates on first use).
     pub fn new() -> Self {
         Workspace { buf: None }
-    }
-
-    /// A workspace of `bytes` allocated on `stream` now.
-    pub fn with_capacity(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
-        let mut ws = Workspace::new();
-        ws.ensure(stream, bytes)?;
-        Ok(ws)
     }
 
     /// Current size in bytes.
@@ -187,12 +180,12 @@ impl Workspace {
         // SAFETY: the memory is left uninitialised; the kernels treat the workspace as scratch
         // that every plan writes before it reads (a plan that needs zeros clears it itself).
         let buf = unsafe { stream.alloc::<u8>(bytes) }
-            .map_err(|e| Error::Cuda(format!("allocating a {bytes}-byte workspace: {e}")))?;
+            .map_err(|e| Error::driver(format!("allocating a {bytes}-byte workspace"), e))?;
         self.buf = Some(buf);
         Ok(())
     }
 
-    /// The device pointer (0 when empty) for use on `stream`, with its write-recording guard.
+    /// The device pointer for use on `stream` (None when empty), with its write-recording guard.
     pub(crate) fn ptr<'a>(
         &'a mut self,
         stream: &'a CudaStream,

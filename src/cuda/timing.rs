@@ -1,18 +1,23 @@
-//! CUDA-event timing for the benchmarks, and device descriptions.
+//! Benchmark support: device descriptions, random problem buffers, and an op prepared once and
+//! timed with the executor's one timer ([`CudaExec`]'s CUDA events around back-to-back runs).
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::{device_count, CudaDevice};
-use super::ops::{bind_raw, workspace_bytes, BoundPlan};
-use super::tensor::Workspace;
-use super::{driver_err, kernels_compiled, NO_KERNELS};
+use super::driver::{
+    compiled_archs, driver_err, kernels_compiled, nvcc_version, require_kernels, NO_KERNELS,
+};
+use super::exec::CudaExec;
+use super::ops::RawOperands;
 use crate::conv::{ConvShape, DwConv2d};
-use crate::device::{Impl, Op};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::exec::Executor;
+use crate::op::{Impl, Op};
+use crate::plan::{plan, Step};
+use crate::problem::Problem;
 use crate::rng::Rng;
 
 /// One line per CUDA device (name, compute capability, SMs, clock, memory, driver, FP32 peak,
@@ -27,11 +32,7 @@ pub fn describe() -> Result<Vec<String>> {
         .map(|i| {
             let d = CudaDevice::shared(i)?;
             let kernels = if d.kernels_loaded() {
-                format!(
-                    "kernels: {} ({})",
-                    super::nvcc_version(),
-                    super::compiled_archs()
-                )
+                format!("kernels: {} ({})", nvcc_version(), compiled_archs())
             } else if kernels_compiled() {
                 "kernels: fatbin failed to load".to_string()
             } else {
@@ -42,26 +43,10 @@ pub fn describe() -> Result<Vec<String>> {
         .collect()
 }
 
-/// Random values in [-1, 1) stored as `dtype`, little-endian bytes.
-fn random_bytes(len: usize, dtype: DType, rng: &mut Rng) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len * dtype.size_bytes());
-    for _ in 0..len {
-        let v = rng.uniform_pm1();
-        match dtype {
-            DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-            DType::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-        }
-    }
-    out
-}
-
 /// The device buffers of one problem (shape and dtype): random inputs, an output per op.
 /// Shared by the [`PreparedOp`]s of every op and implementation of that problem.
 pub struct ProblemBuffers {
-    dtype: DType,
-    conv: DwConv2d,
-    shape: ConvShape,
+    problem: Problem,
     x: CudaSlice<u8>,
     w: CudaSlice<u8>,
     bias: CudaSlice<u8>,
@@ -72,7 +57,8 @@ pub struct ProblemBuffers {
 }
 
 impl ProblemBuffers {
-    /// Allocates and fills the buffers on `stream` (random x, w, bias, dy from `seed`).
+    /// Allocates and fills the buffers on `stream` (random x, w, bias, dy in [-1, 1) from
+    /// `seed`).
     pub fn new(
         stream: &Arc<CudaStream>,
         dtype: DType,
@@ -80,18 +66,14 @@ impl ProblemBuffers {
         shape: &ConvShape,
         seed: u64,
     ) -> Result<Self> {
-        let s = conv.resolve(shape.n, shape.c, shape.h, shape.w)?;
-        if s != *shape {
-            return Err(Error::InvalidArgument(format!(
-                "shape {shape:?} is inconsistent with the convolution"
-            )));
-        }
+        let problem = Problem::new(Op::Forward, Impl::Fast, dtype, conv, shape)?;
         let mut rng = Rng::new(seed);
         let es = dtype.size_bytes();
         let wlen = shape.c * conv.kernel.0 * conv.kernel.1;
         let upload = |len: usize, rng: &mut Rng| -> Result<CudaSlice<u8>> {
+            let v: Vec<f32> = (0..len).map(|_| rng.uniform_pm1()).collect();
             stream
-                .clone_htod(&random_bytes(len, dtype, rng))
+                .clone_htod(&dtype.encode(&v))
                 .map_err(driver_err("copying benchmark data to the device"))
         };
         let zeros = |bytes: usize| -> Result<CudaSlice<u8>> {
@@ -100,9 +82,7 @@ impl ProblemBuffers {
                 .map_err(driver_err("allocating a benchmark buffer"))
         };
         Ok(ProblemBuffers {
-            dtype,
-            conv: *conv,
-            shape: *shape,
+            problem,
             x: upload(shape.input_len(), &mut rng)?,
             w: upload(wlen, &mut rng)?,
             bias: upload(shape.c, &mut rng)?,
@@ -117,11 +97,9 @@ impl ProblemBuffers {
 /// One op and implementation on one problem, ready to be queued repeatedly on its stream:
 /// the plan is made, checked and bound once, so that a run costs only its launches.
 pub struct PreparedOp {
-    dev: Arc<CudaDevice>,
-    stream: Arc<CudaStream>,
+    ex: CudaExec,
     bufs: Arc<ProblemBuffers>,
-    _ws: Workspace,
-    bound: BoundPlan,
+    steps: Vec<Step>,
 }
 
 impl PreparedOp {
@@ -135,23 +113,17 @@ impl PreparedOp {
         op: Op,
         imp: Impl,
     ) -> Result<Self> {
-        if !dev.kernels_loaded() {
-            return Err(Error::CudaUnavailable(if kernels_compiled() {
-                "the embedded fatbin did not load".into()
-            } else {
-                NO_KERNELS.into()
-            }));
-        }
-        dev.check_stream(&stream)?;
+        require_kernels()?;
         if *bufs.x.stream() != stream {
             return Err(Error::InvalidArgument(
                 "the problem buffers belong to another stream".into(),
             ));
         }
-        let (dtype, conv, shape) = (bufs.dtype, bufs.conv, bufs.shape);
-        let ws_len = workspace_bytes(op, imp, dtype, &conv, &shape)?;
-        let mut ws = Workspace::with_capacity(&stream, ws_len)?;
-        let bound = {
+        let mut ex = CudaExec::on_stream(dev, stream.clone())?;
+        let p = bufs.problem.with_op(op).with_impl(imp);
+        let mut plan = plan(&p)?;
+        let (workspace, workspace_bytes) = ex.plan_workspace(plan.workspace_bytes)?;
+        let o = {
             let s = &*stream;
             let b = &*bufs;
             // The guards record each buffer's use on this stream as they drop; every run is
@@ -163,131 +135,96 @@ impl PreparedOp {
             let (y, _g5) = b.y.device_ptr(s);
             let (dx, _g6) = b.dx.device_ptr(s);
             let (dw, _g7) = b.dw.device_ptr(s);
-            let wsg = ws.ptr(s);
-            let ws_ptr = wsg.as_ref().map_or(0, |(p, _)| *p);
-            let ptrs = match op {
+            let [in0, in1, bias, out] = match op {
                 Op::Forward => [x, w, bias, y],
                 Op::DataGrad => [dy, w, 0, dx],
                 Op::WeightGrad => [x, dy, 0, dw],
             };
-            bind_raw(&dev, op, imp, dtype, &conv, &shape, ptrs, ws_ptr, ws_len)?
+            RawOperands {
+                in0,
+                in1,
+                bias,
+                out,
+                workspace,
+                workspace_bytes,
+            }
         };
-        Ok(PreparedOp {
-            dev,
-            stream,
-            bufs,
-            _ws: ws,
-            bound,
-        })
+        plan.bind(o.in0, o.in1, o.bias, o.out, o.workspace);
+        let steps = plan.steps();
+        ex.prepare(&steps)?;
+        Ok(PreparedOp { ex, bufs, steps })
     }
 
     /// Queues one run on the stream (no synchronisation).
     pub fn enqueue(&mut self) -> Result<()> {
-        // SAFETY: the bound addresses are the buffers of `self.bufs` and `self._ws`, which
-        // `self` keeps alive (and cudarc frees only after the queued work completes); they
-        // belong to this device, were sized in `ProblemBuffers::new` for the problem's shape
-        // and dtype and by `workspace_bytes` for the workspace; the outputs y, dx, dw and the
-        // workspace are separate allocations. The device memory is never accessed by the host
-        // through these buffers, so writing outputs behind shared references is sound.
-        unsafe { self.bound.enqueue(&self.dev, &self.stream) }
-    }
-
-    fn timing_event(&self) -> Result<CudaEvent> {
-        self.dev
-            .context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(driver_err("creating a timing event"))
+        // SAFETY: the bound addresses are the buffers of `self.bufs` and the executor's plan
+        // workspace, which `self` keeps alive (and cudarc frees only after the queued work
+        // completes); they belong to this device, were sized in `ProblemBuffers::new` for the
+        // problem's shape and dtype and by the plan for the workspace; the outputs y, dx, dw and
+        // the workspace are separate allocations. The device memory is never accessed by the
+        // host through these buffers, so writing outputs behind shared references is sound.
+        unsafe { self.ex.run(&self.steps) }
     }
 
     /// Queues `iters` runs back to back and returns their total time in milliseconds, measured
     /// with CUDA events around the whole batch (waits for the batch to finish).
     pub fn time_batch_ms(&mut self, iters: usize) -> Result<f64> {
-        let start = self.timing_event()?;
-        let end = self.timing_event()?;
-        start
-            .record(&self.stream)
-            .map_err(driver_err("recording an event"))?;
-        for _ in 0..iters {
-            self.enqueue()?;
-        }
-        end.record(&self.stream)
-            .map_err(driver_err("recording an event"))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(driver_err("reading an event timer"))?;
-        Ok(ms as f64)
+        // SAFETY: as in `enqueue`.
+        let t = unsafe { self.ex.time(&self.steps, 1, iters.max(1)) }?;
+        Ok(t[0] * iters.max(1) as f64)
     }
 
-    /// Runs `warmup` untimed runs, then `iters` runs each between its own pair of events, and
-    /// returns the median time of one run in milliseconds.
+    /// Median time of one run in milliseconds: after `warmup` runs, `iters` samples, each the
+    /// mean of B back-to-back runs between two CUDA events, B chosen so that a sample spans
+    /// at least 1 ms (1 <= B <= 1000). Batch-1 kernels of a few microseconds are thus timed
+    /// without the launch gap an event pair per run would add.
     pub fn median_ms(&mut self, warmup: usize, iters: usize) -> Result<f64> {
         for _ in 0..warmup {
             self.enqueue()?;
         }
-        let iters = iters.max(1);
-        let mut events = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let (a, b) = (self.timing_event()?, self.timing_event()?);
-            a.record(&self.stream)
-                .map_err(driver_err("recording an event"))?;
-            self.enqueue()?;
-            b.record(&self.stream)
-                .map_err(driver_err("recording an event"))?;
-            events.push((a, b));
-        }
-        let mut ms = events
-            .iter()
-            .map(|(a, b)| {
-                a.elapsed_ms(b)
-                    .map(|v| v as f64)
-                    .map_err(driver_err("reading an event timer"))
-            })
-            .collect::<Result<Vec<f64>>>()?;
+        let one = self.time_batch_ms(1)?.max(1e-4);
+        let batch = ((1.0 / one).ceil() as usize).clamp(1, 1000);
+        // SAFETY: as in `enqueue`.
+        let mut ms = unsafe { self.ex.time(&self.steps, iters.max(1), batch) }?;
         ms.sort_by(f64::total_cmp);
         Ok(ms[ms.len() / 2])
     }
 
     /// Nominal FLOPs of one run (2 N C OH OW KH KW).
     pub fn flops(&self) -> f64 {
-        self.bufs.conv.flops(&self.bufs.shape)
+        self.bufs.problem.flops()
     }
 
     /// FLOPs of the taps inside the image.
     pub fn useful_flops(&self) -> f64 {
-        self.bufs.conv.useful_flops(&self.bufs.shape)
+        self.bufs.problem.useful_flops()
     }
 
     /// The device.
     pub fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
+        self.ex.device()
     }
 
     /// The stream the runs are queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        self.ex.stream()
     }
 }
 
-/// Median time in milliseconds of one `op` with `imp` on random device data of `dtype` for
-/// `shape` (resolved with `conv`), measured with CUDA events after `warmup` runs over `iters`
-/// timed runs, on a new stream of device `ordinal`.
-#[allow(clippy::too_many_arguments)]
-pub fn time_op(
-    ordinal: usize,
-    op: Op,
-    imp: Impl,
-    dtype: DType,
-    conv: &DwConv2d,
-    shape: &ConvShape,
-    warmup: usize,
-    iters: usize,
-) -> Result<f64> {
-    if !kernels_compiled() {
-        return Err(Error::CudaUnavailable(NO_KERNELS.into()));
-    }
+/// Median time in milliseconds of one run of problem `p` on random device data, measured as
+/// [`PreparedOp::median_ms`] after `warmup` runs over `iters` samples, on a new stream of
+/// device `ordinal`.
+pub fn time_op(ordinal: usize, p: &Problem, warmup: usize, iters: usize) -> Result<f64> {
+    require_kernels()?;
     let dev = CudaDevice::shared(ordinal)?;
     let stream = dev.new_stream()?;
-    let bufs = Arc::new(ProblemBuffers::new(&stream, dtype, conv, shape, 0x1c0)?);
-    let mut p = PreparedOp::new(dev, stream, bufs, op, imp)?;
-    p.median_ms(warmup, iters)
+    let bufs = Arc::new(ProblemBuffers::new(
+        &stream,
+        p.dtype(),
+        p.conv(),
+        p.shape(),
+        0x1c0,
+    )?);
+    let mut prepared = PreparedOp::new(dev, stream, bufs, p.op(), p.imp())?;
+    prepared.median_ms(warmup, iters)
 }

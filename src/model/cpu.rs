@@ -4,163 +4,18 @@
 
 use rayon::prelude::*;
 
-use super::config::ReplknetConfig;
-use crate::conv::DwConv2d;
+use super::deploy::{
+    dims_of, Affine, Backend, Block, DenseConv, DeployModel, Depthwise, Dims, FfnBlock, Head,
+    Output, Pointwise, RepLkBlock, Stem, Transition,
+};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// A 1x1 conv with bias: weight `[cout, cin]`.
-#[derive(Clone, Debug)]
-pub struct Pointwise {
-    pub cin: usize,
-    pub cout: usize,
-    pub w: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-/// A depthwise KxK conv with bias, padding K/2: weight `[c, k, k]`.
-#[derive(Clone, Debug)]
-pub struct Depthwise {
-    pub c: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub w: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-/// A dense conv with bias: weight `[cout, cin * k * k]`.
-#[derive(Clone, Debug)]
-pub struct DenseConv {
-    pub cin: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub w: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-/// Per-channel y = scale * x + shift (a folded BN that has no conv to fold into).
-#[derive(Clone, Debug)]
-pub struct Affine {
-    pub scale: Vec<f32>,
-    pub shift: Vec<f32>,
-}
-
-/// Stem: dense 3x3/2 + ReLU, dw 3x3 + ReLU, 1x1 + ReLU, dw 3x3/2 + ReLU.
-#[derive(Clone, Debug)]
-pub struct Stem {
-    pub conv0: DenseConv,
-    pub conv1: Depthwise,
-    pub conv2: Pointwise,
-    pub conv3: Depthwise,
-}
-
-/// `x + pw2(relu(lk(relu(pw1(x)))))` (pre-BN folded into pw1, small kernel into lk).
-#[derive(Clone, Debug)]
-pub struct RepLkBlock {
-    pub pw1: Pointwise,
-    pub lk: Depthwise,
-    pub pw2: Pointwise,
-}
-
-/// `x + pw2(gelu(pw1(x)))` (pre-BN folded into pw1).
-#[derive(Clone, Debug)]
-pub struct FfnBlock {
-    pub pw1: Pointwise,
-    pub pw2: Pointwise,
-}
-
-#[derive(Clone, Debug)]
-pub enum Block {
-    RepLk(RepLkBlock),
-    Ffn(FfnBlock),
-}
-
-#[derive(Clone, Debug)]
-pub struct Stage {
-    pub blocks: Vec<Block>,
-    /// `stages.{s}.norm`, applied to the stage's output in downstream mode.
-    pub norm: Option<Affine>,
-}
-
-/// 1x1 + ReLU, dw 3x3/2 + ReLU.
-#[derive(Clone, Debug)]
-pub struct Transition {
-    pub pw: Pointwise,
-    pub dw: Depthwise,
-}
-
-/// BN -> global average pool -> Linear.
-#[derive(Clone, Debug)]
-pub struct Head {
-    pub norm: Affine,
-    pub classes: usize,
-    /// `[classes, C]`.
-    pub w: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-/// RepLKNet in deploy form: what runs.
-#[derive(Clone, Debug)]
-pub struct DeployModel {
-    pub config: ReplknetConfig,
-    pub stem: Stem,
-    pub stages: Vec<Stage>,
-    pub transitions: Vec<Transition>,
-    pub head: Option<Head>,
-}
-
-/// Activation shape (NCHW).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dims {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-}
-
-impl Dims {
-    pub fn len(&self) -> usize {
-        self.n * self.c * self.h * self.w
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn hw(&self) -> usize {
-        self.h * self.w
-    }
-    pub(crate) fn to_vec(self) -> Vec<usize> {
-        vec![self.n, self.c, self.h, self.w]
-    }
-}
-
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Backend {
-    /// lkconv's fast CPU path.
-    #[default]
-    Cpu,
-    /// The whole forward pass as the device program of `super::gpu` run by the kernel
-    /// simulator (slow: small inputs; checks every kernel in the model's shapes, kernels larger
-    /// than the feature map and the stride-2 layers included; GEMMs on the host).
-    Sim,
-    /// The depthwise layers on CUDA GPU `ordinal` through host round trips (a correctness
-    /// check of the CUDA kernels inside the model, not a fast GPU model: the 1x1 convs and
-    /// everything else stay on the CPU).
-    CudaDepthwise(usize),
-    /// The whole forward pass resident on CUDA GPU `ordinal` (`super::gpu`).
-    Cuda(usize),
-}
-
 /// Buffers reused across layers (and across calls when the caller keeps it).
 #[derive(Default, Debug)]
-pub struct Workspace {
-    /// Where the model runs.
+pub struct CpuBuffers {
+    /// Where the depthwise layers run (`Cpu`, or `CudaDepthwise`).
     pub backend: Backend,
-    /// The device-resident model for `Backend::Sim` and `Backend::Cuda` (weights uploaded on
-    /// first use, reused while the workspace runs the same model).
-    gpu: Option<super::gpu::GpuModel>,
     a: Vec<f32>,
     b: Vec<f32>,
     t1: Vec<f32>,
@@ -168,26 +23,17 @@ pub struct Workspace {
     col: Vec<f32>,
 }
 
-impl Workspace {
+impl CpuBuffers {
     pub fn new() -> Self {
         Self::default()
     }
 
     pub fn with_backend(backend: Backend) -> Self {
-        Workspace {
+        CpuBuffers {
             backend,
             ..Self::default()
         }
     }
-}
-
-/// What a forward pass returns.
-#[derive(Clone, Debug, Default)]
-pub struct Output {
-    /// `[N, classes]` when requested.
-    pub logits: Option<Tensor<f32>>,
-    /// `(stage index, [N, C, H, W])` for each requested stage, in order.
-    pub stages: Vec<(usize, Tensor<f32>)>,
 }
 
 /// Per-layer-kind wall time, collected when `LKCONV_PROFILE` is set (printed by `run`).
@@ -411,20 +257,6 @@ impl Pointwise {
 }
 
 impl Depthwise {
-    pub(crate) fn conv(&self) -> DwConv2d {
-        DwConv2d::new(self.k, self.k).with_stride(self.stride, self.stride)
-    }
-
-    /// Output dims for input `d`.
-    pub(crate) fn out_dims(&self, d: Dims) -> Result<Dims> {
-        let s = self.conv().resolve(d.n, d.c, d.h, d.w)?;
-        Ok(Dims {
-            h: s.oh,
-            w: s.ow,
-            ..d
-        })
-    }
-
     /// y = act(dwconv(x) + b).
     fn run(&self, x: &[f32], d: Dims, y: &mut [f32], act: Act, be: Backend) -> Result<Dims> {
         if d.c != self.c {
@@ -444,13 +276,12 @@ impl Depthwise {
                 let xt = Tensor::from_vec(&shape.input_dims(), x[..shape.input_len()].to_vec())?;
                 let wt = Tensor::from_vec(&conv.weight_dims(self.c), self.w.clone())?;
                 let bt = Tensor::from_vec(&[self.c], self.b.clone())?;
-                let fast = crate::device::Impl::Fast;
-                let out = match be {
-                    Backend::CudaDepthwise(i) | Backend::Cuda(i) => {
-                        crate::cuda::host::forward(i, fast, &conv, &xt, &wt, Some(&bt))?
-                    }
-                    _ => crate::sim::forward(fast, &conv, &xt, &wt, Some(&bt))?,
+                use crate::device::{forward, Device, Impl};
+                let dev = match be {
+                    Backend::CudaDepthwise(i) | Backend::Cuda(i) => Device::Cuda(i),
+                    _ => Device::Sim,
                 };
+                let out = forward(dev, Impl::Fast, &conv, &xt, &wt, Some(&bt))?;
                 y[..shape.output_len()].copy_from_slice(out.data());
             }
         }
@@ -472,20 +303,6 @@ impl Depthwise {
 }
 
 impl DenseConv {
-    pub(crate) fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let o = |v: usize, what: &str| -> Result<usize> {
-            let padded = v + 2 * self.pad;
-            if padded < self.k {
-                return Err(Error::EmptyOutput(format!(
-                    "stem conv: input {what} {v} is smaller than the {}x{} kernel",
-                    self.k, self.k
-                )));
-            }
-            Ok((padded - self.k) / self.stride + 1)
-        };
-        Ok((o(h, "height")?, o(w, "width")?))
-    }
-
     /// y = relu(conv(x) + b) via im2col + sgemm, one image at a time.
     fn run(&self, x: &[f32], d: Dims, col: &mut Vec<f32>, y: &mut [f32]) -> Result<Dims> {
         let (oh, ow) = self.out_hw(d.h, d.w)?;
@@ -563,7 +380,7 @@ impl Affine {
 
 impl Stem {
     /// Input (external) -> `ws.a` (the result); uses `ws.b` and `ws.col`.
-    fn run_ws(&self, x: &[f32], d: Dims, ws: &mut Workspace) -> Result<Dims> {
+    fn run_ws(&self, x: &[f32], d: Dims, ws: &mut CpuBuffers) -> Result<Dims> {
         let c = self.conv0.cout;
         let (oh, ow) = self.conv0.out_hw(d.h, d.w)?;
         let d0 = Dims {
@@ -594,7 +411,7 @@ impl Stem {
                 x.shape(),
             ));
         }
-        let mut ws = Workspace::new();
+        let mut ws = CpuBuffers::new();
         let out = self.run_ws(x.data(), d, &mut ws)?;
         Tensor::from_vec(&out.to_vec(), ws.a[..out.len()].to_vec())
     }
@@ -654,7 +471,7 @@ impl FfnBlock {
 
 impl Transition {
     /// `ws.a` -> `ws.a` (through `ws.t1`).
-    fn run_ws(&self, d: Dims, ws: &mut Workspace) -> Result<Dims> {
+    fn run_ws(&self, d: Dims, ws: &mut CpuBuffers) -> Result<Dims> {
         let mid = Dims {
             c: self.pw.cout,
             ..d
@@ -671,23 +488,11 @@ impl Transition {
     pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let d = dims_of("transition input", x.shape())?;
         check_channels("transition input", x.shape(), self.pw.cin)?;
-        let mut ws = Workspace::new();
+        let mut ws = CpuBuffers::new();
         ws.a = x.data().to_vec();
         let od = self.run_ws(d, &mut ws)?;
         Tensor::from_vec(&od.to_vec(), ws.a[..od.len()].to_vec())
     }
-}
-
-pub(crate) fn dims_of(what: &str, shape: &[usize]) -> Result<Dims> {
-    let [n, c, h, w] = crate::conv::dims4(what, shape)?;
-    if n == 0 || c == 0 || h == 0 || w == 0 {
-        return Err(Error::shape(
-            what,
-            "[N, C, H, W] with every extent >= 1",
-            shape,
-        ));
-    }
-    Ok(Dims { n, c, h, w })
 }
 
 fn check_channels(what: &str, shape: &[usize], c: usize) -> Result<()> {
@@ -698,76 +503,17 @@ fn check_channels(what: &str, shape: &[usize], c: usize) -> Result<()> {
 }
 
 impl DeployModel {
-    /// Logits `[N, classes]` for an input `[N, C_in, H, W]`.
-    pub fn forward(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
-        let mut ws = Workspace::new();
-        let out = self.run(x, None, true, &mut ws)?;
-        out.logits
-            .ok_or_else(|| Error::Unsupported("the model has no head".into()))
-    }
-
-    /// The outputs of the stages in `out_indices` (each through `stages.{i}.norm` when the
-    /// checkpoint has one), taken before the transition that follows.
-    pub fn forward_features(
+    /// The forward pass on the CPU engine for a request checked by
+    /// [`DeployModel::check_request`] (input dims `d`).
+    pub(crate) fn run_cpu(
         &self,
         x: &Tensor<f32>,
-        out_indices: &[usize],
-    ) -> Result<Vec<Tensor<f32>>> {
-        let mut ws = Workspace::new();
-        let out = self.run(x, Some(out_indices), false, &mut ws)?;
-        Ok(out.stages.into_iter().map(|(_, t)| t).collect())
-    }
-
-    /// The general entry point: logits and/or stage outputs, with a caller-kept workspace.
-    pub fn run(
-        &self,
-        x: &Tensor<f32>,
-        out_indices: Option<&[usize]>,
+        d: Dims,
+        indices: &[usize],
         want_logits: bool,
-        ws: &mut Workspace,
+        ws: &mut CpuBuffers,
     ) -> Result<Output> {
-        let d = dims_of("input", x.shape())?;
-        let cin = self.stem.conv0.cin;
-        if d.c != cin {
-            return Err(Error::shape(
-                "input",
-                format!("[N, {cin}, H, W]"),
-                x.shape(),
-            ));
-        }
         let ns = self.stages.len();
-        let indices = out_indices.unwrap_or(&[]);
-        if let Some(&bad) = indices.iter().find(|&&i| i >= ns) {
-            return Err(Error::InvalidArgument(format!(
-                "out index {bad} is out of range: the model has {ns} stages"
-            )));
-        }
-        if want_logits && self.head.is_none() {
-            return Err(Error::Unsupported(
-                "the checkpoint has no classification head (norm.* / head.*): request stage outputs with out_indices".into(),
-            ));
-        }
-        let target = match ws.backend {
-            Backend::Sim => Some(super::gpu::GpuTarget::Sim),
-            Backend::Cuda(i) => Some(super::gpu::GpuTarget::Cuda(i)),
-            Backend::Cpu | Backend::CudaDepthwise(_) => None,
-        };
-        if let Some(target) = target {
-            let reuse = ws
-                .gpu
-                .as_ref()
-                .is_some_and(|g| g.target() == target && g.holds(self));
-            if !reuse {
-                ws.gpu = None; // frees the old device buffers first
-                ws.gpu = Some(super::gpu::GpuModel::new(
-                    self,
-                    target,
-                    crate::dtype::DType::F32,
-                )?);
-            }
-            let gpu = ws.gpu.as_mut().expect("set above");
-            return gpu.run(self, x, indices, want_logits);
-        }
         let mut d = profile::time(0, || self.stem.run_ws(x.data(), d, ws))?;
         let mut stage_out: Vec<(usize, Tensor<f32>)> = Vec::new();
         // The last stage whose output anyone needs.
@@ -785,7 +531,7 @@ impl DeployModel {
                 ));
             }
             let be = ws.backend;
-            let Workspace { a, t1, t2, .. } = ws;
+            let CpuBuffers { a, t1, t2, .. } = ws;
             let xa = &mut a[..d.len()];
             for block in &stage.blocks {
                 match block {

@@ -2,7 +2,8 @@
 //! oracle the re-parameterisation tests compare the deploy form against. Small inputs only.
 
 use super::config::Form;
-use super::cpu::{gelu, Dims};
+use super::cpu::gelu;
+use super::deploy::Dims;
 use super::weights::Checkpoint;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

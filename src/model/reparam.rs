@@ -5,7 +5,7 @@
 //! through the BN). All folding is done in f64 and rounded once to f32.
 
 use super::config::{Form, BN_EPS};
-use super::cpu::{
+use super::deploy::{
     Affine, Block, DenseConv, DeployModel, Depthwise, FfnBlock, Head, Pointwise, RepLkBlock, Stage,
     Stem, Transition,
 };

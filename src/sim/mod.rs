@@ -1,24 +1,23 @@
 //! The kernel simulator device: the unchanged `kernels/*.cu` compiled for the host with g++
-//! against the SIMT runtime in `kernels/sim/` (fibers per block, blocks on worker threads), driven
-//! through the same launch plans as the CUDA device ([`crate::kernels::plan`]).
+//! against the SIMT runtime in `kernels/sim/` (fibers per block, blocks on worker threads), and
+//! [`SimExec`], the simulator back-end of the plan executor (`crate::exec::Executor`): host
+//! buffers, launches through the simulator, GEMMs on the host.
 //!
-//! Every output buffer and the workspace are poisoned with NaN before the launches, so an element
-//! a kernel fails to write shows up in the result; the simulator also poisons shared memory before
-//! every block. It checks launch limits (block size, grid size, 227 KB of shared memory) and
-//! reports barrier divergence as an error.
+//! Every buffer is poisoned with NaN when allocated, so an element a kernel fails to write (or
+//! a read of something never written) shows up in the result; the simulator also poisons
+//! shared memory before every block. It checks launch limits (block size, grid size, 227 KB of
+//! shared memory) and reports barrier divergence as an error.
 
-use crate::conv::{ConvShape, DwConv2d};
-use crate::device::{Impl, Op};
-use crate::dtype::Element;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kernels::{self, Plan};
-use crate::tensor::Tensor;
+use crate::exec::{Buf, Executor};
+use crate::plan::{Gemm, Launch, Step};
 
 pub mod warp;
 
 #[cfg(lkconv_sim)]
 mod ffi {
-    use crate::kernels::DwArgs;
+    use crate::plan::DwArgs;
     use std::ffi::c_char;
 
     extern "C" {
@@ -40,6 +39,12 @@ mod ffi {
         pub fn lksim_f16_bits_to_f32(b: u16) -> f32;
         pub fn lksim_f32_to_bf16_bits(v: f32) -> u16;
         pub fn lksim_kernel_count() -> usize;
+        pub fn lksim_tile_ld(tw: i32, kcw: i32) -> i32;
+        pub fn lksim_tiled_smem_floats(th: i32, tw: i32, kch: i32, kcw: i32) -> i32;
+        pub fn lksim_wgrad_smem_floats(th: i32, tw: i32, kh: i32, kw: i32, threads: i32) -> i32;
+        pub fn lksim_rx() -> i32;
+        pub fn lksim_wgrad_strided_threads() -> i32;
+        pub fn lksim_wgrad_strided_taps() -> i32;
         pub fn lksim_kernel_name(i: usize) -> *const c_char;
     }
 }
@@ -49,7 +54,6 @@ pub fn available() -> bool {
     cfg!(lkconv_sim)
 }
 
-#[cfg(not(lkconv_sim))]
 fn unavailable<T>() -> Result<T> {
     Err(Error::Simulator("built without the simulator".into()))
 }
@@ -135,54 +139,98 @@ pub fn conversions() -> Result<Conversions> {
     unavailable()
 }
 
-/// Runs one launch of a bound plan in the simulator.
-#[cfg(lkconv_sim)]
-fn launch(l: &kernels::Launch) -> Result<()> {
-    let name = std::ffi::CString::new(l.kernel)
-        .map_err(|_| Error::Simulator(format!("bad kernel name {}", l.kernel)))?;
-    let mut err = vec![0u8; 512];
-    // SAFETY: `name` is a NUL-terminated string and `l.args` a #[repr(C)] DwArgs that outlive the
-    // call; `err` is writable for err.len() bytes. The buffer addresses inside the args were bound
-    // by `run` to host allocations sized by the plan (outputs, inputs, workspace) that stay alive
-    // and unaliased by Rust references while the call runs.
-    let rc = unsafe {
-        ffi::lksim_launch(
-            name.as_ptr(),
-            l.grid.0,
-            l.grid.1,
-            l.grid.2,
-            l.block.0,
-            l.block.1,
-            l.block.2,
-            l.shared_bytes,
-            &l.args,
-            err.as_mut_ptr().cast(),
-            err.len(),
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(Error::Simulator(format!(
-        "{}: {}",
-        l.kernel,
-        String::from_utf8_lossy(&err[..end])
-    )))
+/// The kernels' own tile geometry (`kernels/lk_common.cuh`, compiled for the host), exposed
+/// to test it against the planner's (`crate::plan::geometry`).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelGeometry {
+    /// `lk::tile_ld(tw, kcw)`.
+    pub tile_ld: fn(i32, i32) -> i32,
+    /// `lk::tiled_smem_floats(th, tw, kch, kcw)`.
+    pub tiled_smem_floats: fn(i32, i32, i32, i32) -> i32,
+    /// `lk::wgrad_smem_floats(th, tw, kh, kw, threads)`.
+    pub wgrad_smem_floats: fn(i32, i32, i32, i32, i32) -> i32,
+    /// `lk::RX`, `lk::WG_THREADS`, `lk::WG_TC`.
+    pub rx: i32,
+    pub wgrad_strided_threads: i32,
+    pub wgrad_strided_taps: i32,
 }
 
-/// Runs one launch whose buffer addresses are already bound to host memory (the model's
-/// simulator back-end, `crate::model::gpu`).
-///
-/// # Safety
-/// Every address in `l.args` must be 0 or point to host memory that holds every element the
-/// kernel touches for the launch's problem (as planned by `crate::kernels`), the output not
-/// aliasing an input unless the kernel allows it, all alive and not accessed through Rust
-/// references while the call runs.
-pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
+/// The kernels' geometry (see [`KernelGeometry`]).
+pub fn kernel_geometry() -> Result<KernelGeometry> {
     #[cfg(lkconv_sim)]
     {
-        launch(l)
+        fn tile_ld(tw: i32, kcw: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_tile_ld(tw, kcw) }
+        }
+        fn tiled(th: i32, tw: i32, kch: i32, kcw: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_tiled_smem_floats(th, tw, kch, kcw) }
+        }
+        fn wgrad(th: i32, tw: i32, kh: i32, kw: i32, threads: i32) -> i32 {
+            // SAFETY: a pure function of its arguments.
+            unsafe { ffi::lksim_wgrad_smem_floats(th, tw, kh, kw, threads) }
+        }
+        // SAFETY: the three return compile-time constants.
+        let (rx, threads, taps) = unsafe {
+            (
+                ffi::lksim_rx(),
+                ffi::lksim_wgrad_strided_threads(),
+                ffi::lksim_wgrad_strided_taps(),
+            )
+        };
+        Ok(KernelGeometry {
+            tile_ld,
+            tiled_smem_floats: tiled,
+            wgrad_smem_floats: wgrad,
+            rx,
+            wgrad_strided_threads: threads,
+            wgrad_strided_taps: taps,
+        })
+    }
+    #[cfg(not(lkconv_sim))]
+    unavailable()
+}
+
+/// Runs one launch in the simulator: the one launch site of the simulator back-end.
+///
+/// # Safety
+/// As for [`Executor::run`]: every address in `l.args` is 0 or host memory holding every
+/// element the kernel touches for the launch's problem, alive and not accessed through Rust
+/// references while the call runs.
+unsafe fn launch(l: &Launch) -> Result<()> {
+    #[cfg(lkconv_sim)]
+    {
+        let name = std::ffi::CString::new(l.kernel.name())
+            .map_err(|_| Error::Simulator(format!("bad kernel name {}", l.kernel)))?;
+        let mut err = vec![0u8; 512];
+        // SAFETY: `name` is a NUL-terminated string and `l.args` a #[repr(C)] DwArgs that outlive
+        // the call; `err` is writable for err.len() bytes; the addresses inside the args satisfy
+        // this function's contract.
+        let rc = unsafe {
+            ffi::lksim_launch(
+                name.as_ptr(),
+                l.grid.0,
+                l.grid.1,
+                l.grid.2,
+                l.block.0,
+                l.block.1,
+                l.block.2,
+                l.shared_bytes,
+                &l.args,
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+        Err(Error::Simulator(format!(
+            "{}: {}",
+            l.kernel,
+            String::from_utf8_lossy(&err[..end])
+        )))
     }
     #[cfg(not(lkconv_sim))]
     {
@@ -191,97 +239,166 @@ pub(crate) unsafe fn launch_bound(l: &kernels::Launch) -> Result<()> {
     }
 }
 
-/// Binds host buffers, poisons the output and workspace with NaN, runs every launch and the GEMM.
-fn run<T: Element>(
-    mut plan: Plan,
-    in0: &[T],
-    in1: &[T],
-    bias: Option<&[T]>,
-    out_len: usize,
-) -> Result<Vec<T>> {
-    #[cfg(lkconv_sim)]
-    {
-        let mut out = vec![T::from_f32(f32::NAN); out_len];
-        let mut ws = vec![f32::NAN; plan.workspace_len()];
-        let addr = |p: *const u8| p as usize as u64;
-        let ws_addr = if ws.is_empty() {
-            0
-        } else {
-            addr(ws.as_mut_ptr() as *const u8)
-        };
-        plan.bind(
-            addr(in0.as_ptr().cast()),
-            addr(in1.as_ptr().cast()),
-            bias.map_or(0, |b| addr(b.as_ptr().cast())),
-            addr(out.as_mut_ptr() as *const u8),
-            ws_addr,
-        );
-        for (i, l) in plan.launches.iter().enumerate() {
-            launch(l)?;
-            if let Some(g) = plan.gemm.filter(|g| g.after_launch == i) {
-                g.run_host(&mut ws)?;
+/// NaN as f32, and as each of its two 16-bit halves read as bf16 or f16.
+const POISON: u32 = 0x7fc0_7fc0;
+
+/// The simulator back-end: host buffers (u32 words: 4-byte aligned, and 16-byte aligned by the
+/// system allocator for the sizes used), launches through the simulator, GEMMs on the host.
+#[derive(Debug, Default)]
+pub struct SimExec {
+    bufs: Vec<Vec<u32>>,
+}
+
+/// `len` bytes at byte offset `off` of little-endian words (only the words touched are read).
+fn get_bytes(words: &[u32], off: usize, len: usize) -> Vec<u8> {
+    let (w0, w1) = (off / 4, (off + len).div_ceil(4));
+    let bytes: Vec<u8> = words[w0..w1].iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes[off - 4 * w0..off - 4 * w0 + len].to_vec()
+}
+
+/// Writes `data` at byte offset `off` of little-endian words (read-modify-write of the words
+/// touched).
+fn put_bytes(words: &mut [u32], off: usize, data: &[u8]) {
+    let (w0, w1) = (off / 4, (off + data.len()).div_ceil(4));
+    let mut bytes: Vec<u8> = words[w0..w1].iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes[off - 4 * w0..off - 4 * w0 + data.len()].copy_from_slice(data);
+    for (w, c) in words[w0..w1].iter_mut().zip(bytes.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+}
+
+impl SimExec {
+    /// A simulator executor (fails when the crate was built without the simulator).
+    pub fn new() -> Result<Self> {
+        if !available() {
+            return unavailable();
+        }
+        Ok(SimExec::default())
+    }
+
+    /// (buffer index, byte offset) of the byte range `[start, end)`, which must lie in one
+    /// buffer.
+    fn find(&self, start: u64, end: u64) -> Result<(usize, usize)> {
+        self.bufs
+            .iter()
+            .position(|b| {
+                let base = b.as_ptr() as u64;
+                start >= base && end <= base + 4 * b.len() as u64 && start < end.max(start + 1)
+            })
+            .map(|i| (i, (start - self.bufs[i].as_ptr() as u64) as usize))
+            .ok_or_else(|| {
+                Error::Simulator(format!("bytes {start:#x}..{end:#x} are in no one buffer"))
+            })
+    }
+
+    /// The f32 values of the byte range `[start, end)` of `dtype` elements.
+    fn read(&self, (start, end): (u64, u64), dtype: DType) -> Result<(usize, usize, Vec<f32>)> {
+        let (i, off) = self.find(start, end)?;
+        let v = dtype.decode(&get_bytes(&self.bufs[i], off, (end - start) as usize));
+        Ok((i, off, v))
+    }
+
+    /// The one GEMM step on the host: operands widened to f32, op(A) and B gathered into
+    /// contiguous matrices, one sgemm per batch entry, C rounded back to its dtype (as cuBLAS
+    /// does with f32 compute).
+    fn gemm(&mut self, g: &Gemm) -> Result<()> {
+        let [ea, eb, ec] = g.extents()?;
+        let overlaps = |(s0, e0): (u64, u64), (s1, e1): (u64, u64)| s0 < e1 && s1 < e0;
+        if overlaps(ec, ea) || overlaps(ec, eb) {
+            return Err(Error::Simulator("GEMM output overlaps an input".into()));
+        }
+        let (_, _, a) = self.read(ea, g.dtype)?;
+        let (_, _, b) = self.read(eb, g.dtype)?;
+        let (ci, coff, mut c) = self.read(ec, g.dtype)?;
+        let (m, n, k) = (g.m, g.n, g.k);
+        let mut pa = vec![0f32; m * k];
+        let mut pb = vec![0f32; k * n];
+        let mut pc = vec![0f32; m * n];
+        for i in 0..g.batch {
+            let (a0, b0, c0) = (i * g.stride_a, i * g.stride_b, i * g.stride_c);
+            for r in 0..m {
+                for p in 0..k {
+                    pa[r * k + p] = if g.a_trans {
+                        a[a0 + p * g.lda + r]
+                    } else {
+                        a[a0 + r * g.lda + p]
+                    };
+                }
+            }
+            for p in 0..k {
+                for j in 0..n {
+                    pb[p * n + j] = if g.b_trans {
+                        b[b0 + j * g.ldb + p]
+                    } else {
+                        b[b0 + p * g.ldb + j]
+                    };
+                }
+            }
+            crate::cpu::gemm::sgemm(m, k, n, &pa, false, &pb, 0.0, &mut pc);
+            for r in 0..m {
+                c[c0 + r * g.ldc..c0 + r * g.ldc + n].copy_from_slice(&pc[r * n..(r + 1) * n]);
             }
         }
-        Ok(out)
+        put_bytes(&mut self.bufs[ci], coff, &g.dtype.encode(&c));
+        Ok(())
     }
-    #[cfg(not(lkconv_sim))]
-    {
-        let _ = (&mut plan, in0, in1, bias, out_len);
-        unavailable()
+
+    fn run_steps(&mut self, steps: &[Step]) -> Result<()> {
+        for s in steps {
+            match s {
+                // SAFETY: forwarded from `Executor::run`'s contract.
+                Step::Kernel(l) => unsafe { launch(l) }?,
+                Step::Gemm(g) => self.gemm(g)?,
+            }
+        }
+        Ok(())
     }
 }
 
-fn planned(op: Op, imp: Impl, conv: &DwConv2d, s: &ConvShape, dtype: crate::DType) -> Result<Plan> {
-    if !available() {
-        return Err(Error::Simulator("built without the simulator".into()));
+impl Executor for SimExec {
+    fn name(&self) -> String {
+        "sim".into()
     }
-    kernels::plan(op, imp, dtype, conv, s)
-}
-
-/// Forward in the simulator: y = conv(x, w) + bias.
-pub fn forward<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    w: &Tensor<T>,
-    bias: Option<&Tensor<T>>,
-) -> Result<Tensor<T>> {
-    let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
-    let plan = planned(Op::Forward, imp, conv, &s, T::DTYPE)?;
-    let y = run(
-        plan,
-        x.data(),
-        w.data(),
-        bias.map(|b| b.data()),
-        s.output_len(),
-    )?;
-    Tensor::from_vec(&s.output_dims(), y)
-}
-
-/// Data gradient in the simulator: dx for an input of `input_hw`.
-pub fn data_grad<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    dy: &Tensor<T>,
-    w: &Tensor<T>,
-    input_hw: (usize, usize),
-) -> Result<Tensor<T>> {
-    let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
-    let plan = planned(Op::DataGrad, imp, conv, &s, T::DTYPE)?;
-    let dx = run(plan, dy.data(), w.data(), None, s.input_len())?;
-    Tensor::from_vec(&s.input_dims(), dx)
-}
-
-/// Weight gradient in the simulator: dw with shape [C, 1, KH, KW].
-pub fn weight_grad<T: Element>(
-    imp: Impl,
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
-) -> Result<Tensor<T>> {
-    let s = conv.check_weight_grad(x.shape(), dy.shape())?;
-    let plan = planned(Op::WeightGrad, imp, conv, &s, T::DTYPE)?;
-    let dims = conv.weight_dims(s.c);
-    let dw = run(plan, x.data(), dy.data(), None, dims.iter().product())?;
-    Tensor::from_vec(&dims, dw)
+    fn alloc(&mut self, bytes: usize) -> Result<Buf> {
+        // Vec storage never moves while the Vec is neither grown nor dropped: addresses stay
+        // valid until `truncate` frees the buffer.
+        let v = vec![POISON; bytes.div_ceil(4).max(1)];
+        let addr = v.as_ptr() as u64;
+        self.bufs.push(v);
+        Ok(Buf { addr, bytes })
+    }
+    fn truncate(&mut self, keep: usize) {
+        self.bufs.truncate(keep);
+    }
+    fn count(&self) -> usize {
+        self.bufs.len()
+    }
+    fn upload(&mut self, dst: Buf, data: &[u8]) -> Result<()> {
+        let (i, off) = self.find(dst.addr, dst.addr + data.len() as u64)?;
+        put_bytes(&mut self.bufs[i], off, data);
+        Ok(())
+    }
+    fn download(&mut self, src: Buf, bytes: usize) -> Result<Vec<u8>> {
+        let (i, off) = self.find(src.addr, src.addr + bytes as u64)?;
+        Ok(get_bytes(&self.bufs[i], off, bytes))
+    }
+    fn prepare(&mut self, _steps: &[Step]) -> Result<()> {
+        // the simulator checks each launch's limits itself when it runs
+        Ok(())
+    }
+    unsafe fn run(&mut self, steps: &[Step]) -> Result<()> {
+        self.run_steps(steps)
+    }
+    unsafe fn time(&mut self, steps: &[Step], reps: usize, batch: usize) -> Result<Vec<f64>> {
+        self.run_steps(steps)?;
+        (0..reps.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..batch.max(1) {
+                    self.run_steps(steps)?;
+                }
+                Ok(t.elapsed().as_secs_f64() * 1e3 / batch.max(1) as f64)
+            })
+            .collect()
+    }
 }

@@ -162,7 +162,8 @@ fn time_case<T: Element>(
     reps: usize,
 ) -> Result<f64> {
     if let Device::Cuda(ordinal) = device {
-        return lkconv::cuda::time_op(ordinal, op, imp, T::DTYPE, conv, s, 3, reps.max(10));
+        let p = lkconv::Problem::new(op, imp, T::DTYPE, conv, s)?;
+        return lkconv::cuda::time_op(ordinal, &p, 3, reps.max(10));
     }
     let mut rng = Rng::new(0x5eed);
     let x = Tensor::<T>::random(&s.input_dims(), &mut rng)?;
