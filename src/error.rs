@@ -92,7 +92,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// A failed driver call while doing `what`.
-    pub(crate) fn driver(what: impl Into<String>, e: cudarc::driver::DriverError) -> Self {
+    pub fn driver(what: impl Into<String>, e: cudarc::driver::DriverError) -> Self {
         Error::Cuda {
             what: what.into(),
             source: CudaFailure::Driver(e),
@@ -100,7 +100,7 @@ impl Error {
     }
 
     /// A failed cuBLAS call while doing `what`.
-    pub(crate) fn cublas(what: impl Into<String>, e: cudarc::cublas::result::CublasError) -> Self {
+    pub fn cublas(what: impl Into<String>, e: cudarc::cublas::result::CublasError) -> Self {
         Error::Cuda {
             what: what.into(),
             source: CudaFailure::Cublas(e),

@@ -436,69 +436,29 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             let (xp, _a) = x.slice().device_ptr(&stream);
             let (wp, _b) = w.slice().device_ptr(&stream);
             let (bp, _c) = b.slice().device_ptr(&stream);
+            let (dyp, _d) = dy.slice().device_ptr(&stream);
             let (yp, _e) = y.slice_mut().device_ptr_mut(&stream);
-            let (wsp, _f) = ws.device_ptr_mut(&stream);
-            // SAFETY: every pointer is a live allocation of this device sized for its tensor,
-            // the workspace holds the largest requirement, and the buffers outlive the work
-            // (they are read back below, which synchronises).
-            unsafe {
-                cuda::run_raw(
-                    &mut ex,
-                    &Problem::new(Op::Forward, imp, DType::F32, &cs.conv, &s).unwrap(),
-                    RawOperands {
-                        in0: xp,
-                        in1: wp,
-                        bias: bp,
-                        out: yp,
-                        workspace: wsp,
-                        workspace_bytes: need,
-                    },
-                )
-                .unwrap();
-            }
-        }
-        {
-            let (dyp, _a) = dy.slice().device_ptr(&stream);
-            let (wp, _b) = w.slice().device_ptr(&stream);
-            let (dxp, _c) = dx.slice_mut().device_ptr_mut(&stream);
-            let (wsp, _d) = ws.device_ptr_mut(&stream);
-            // SAFETY: as above.
-            unsafe {
-                cuda::run_raw(
-                    &mut ex,
-                    &Problem::new(Op::DataGrad, imp, DType::F32, &cs.conv, &s).unwrap(),
-                    RawOperands {
-                        in0: dyp,
-                        in1: wp,
-                        bias: 0,
-                        out: dxp,
-                        workspace: wsp,
-                        workspace_bytes: need,
-                    },
-                )
-                .unwrap();
-            }
-        }
-        {
-            let (xp, _a) = x.slice().device_ptr(&stream);
-            let (dyp, _b) = dy.slice().device_ptr(&stream);
-            let (dwp, _c) = dw.slice_mut().device_ptr_mut(&stream);
-            let (wsp, _d) = ws.device_ptr_mut(&stream);
-            // SAFETY: as above.
-            unsafe {
-                cuda::run_raw(
-                    &mut ex,
-                    &Problem::new(Op::WeightGrad, imp, DType::F32, &cs.conv, &s).unwrap(),
-                    RawOperands {
-                        in0: xp,
-                        in1: dyp,
-                        bias: 0,
-                        out: dwp,
-                        workspace: wsp,
-                        workspace_bytes: need,
-                    },
-                )
-                .unwrap();
+            let (dxp, _f) = dx.slice_mut().device_ptr_mut(&stream);
+            let (dwp, _g) = dw.slice_mut().device_ptr_mut(&stream);
+            let (wsp, _h) = ws.device_ptr_mut(&stream);
+            for (op, [in0, in1, bias, out]) in [
+                (Op::Forward, [xp, wp, bp, yp]),
+                (Op::DataGrad, [dyp, wp, 0, dxp]),
+                (Op::WeightGrad, [xp, dyp, 0, dwp]),
+            ] {
+                let p = Problem::new(op, imp, DType::F32, &cs.conv, &s).unwrap();
+                let o = RawOperands {
+                    in0,
+                    in1,
+                    bias,
+                    out,
+                    workspace: wsp,
+                    workspace_bytes: need,
+                };
+                // SAFETY: every pointer is a live allocation of this device sized for its
+                // tensor, the workspace holds the largest requirement, and the buffers outlive
+                // the work (they are read back below, which synchronises).
+                unsafe { cuda::run_raw(&mut ex, &p, o) }.unwrap();
             }
         }
         for op in Op::ALL {

@@ -606,26 +606,13 @@ fn useful_fmas_are_exact() {
         // im2col + GEMM executes every tap
         let nominal = (s.n * s.c * s.oh * s.ow * kh * kw) as f64;
         for op in Op::ALL {
-            assert_eq!(
-                plan::executed_fmas(&Problem::new(op, Impl::Naive, DType::F32, &conv, &s).unwrap())
-                    .unwrap(),
-                useful
-            );
-            assert_eq!(
-                plan::executed_fmas(
-                    &Problem::new(op, Impl::Im2col, DType::F32, &conv, &s).unwrap()
-                )
-                .unwrap(),
-                nominal
-            );
+            let fmas = |imp| {
+                plan::executed_fmas(&Problem::new(op, imp, DType::F32, &conv, &s).unwrap()).unwrap()
+            };
+            assert_eq!(fmas(Impl::Naive), useful);
+            assert_eq!(fmas(Impl::Im2col), nominal);
             if op == Op::WeightGrad && !conv.is_unit() {
-                assert_eq!(
-                    plan::executed_fmas(
-                        &Problem::new(op, Impl::Fast, DType::F32, &conv, &s).unwrap()
-                    )
-                    .unwrap(),
-                    useful
-                );
+                assert_eq!(fmas(Impl::Fast), useful);
             }
         }
     }
@@ -655,9 +642,8 @@ fn useful_share_of_executed_fmas() {
             100.0 * useful / nominal
         );
         for op in Op::ALL {
-            let e =
-                plan::executed_fmas(&Problem::new(op, Impl::Fast, DType::F32, &conv, &s).unwrap())
-                    .unwrap();
+            let p = Problem::new(op, Impl::Fast, DType::F32, &conv, &s).unwrap();
+            let e = plan::executed_fmas(&p).unwrap();
             assert!(e >= useful, "{op:?}: executed {e} < useful {useful}");
             line += &format!(", {} useful/executed {:.0}%", op.name(), 100.0 * useful / e);
         }

@@ -38,8 +38,9 @@ pub use ops::{data_grad, forward, run_raw, weight_grad, workspace_bytes, RawOper
 pub use tensor::{CudaElement, DeviceTensor};
 pub use timing::{describe, time_op, PreparedOp, ProblemBuffers};
 
-/// cudarc's stream handle, re-exported so that callers need no direct cudarc dependency.
-pub use cudarc::driver::CudaStream;
+/// cudarc's stream handle and driver error (the source of `Error::Cuda`), re-exported so that
+/// callers need no direct cudarc dependency.
+pub use cudarc::driver::{sys::CUresult, CudaStream, DriverError};
 
 /// Peak FP32 GFLOP/s of GPU `ordinal` and how it was computed (SMs x FP32 lanes per SM for the
 /// compute capability x 2 x peak SM clock; see [`DeviceInfo::peak_fp32_gflops`]).

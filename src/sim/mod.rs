@@ -267,6 +267,20 @@ fn put_bytes(words: &mut [u32], off: usize, data: &[u8]) {
     }
 }
 
+/// Copies the `rows x cols` operand of a GEMM into `dst` (row-major, contiguous): element
+/// (r, c) is stored at `r * ld + c` in `src`, or at `c * ld + r` when `trans`.
+fn gather(src: &[f32], ld: usize, trans: bool, (rows, cols): (usize, usize), dst: &mut [f32]) {
+    for r in 0..rows {
+        for c in 0..cols {
+            dst[r * cols + c] = if trans {
+                src[c * ld + r]
+            } else {
+                src[r * ld + c]
+            };
+        }
+    }
+}
+
 impl SimExec {
     /// A simulator executor (fails when the crate was built without the simulator).
     pub fn new() -> Result<Self> {
@@ -315,25 +329,9 @@ impl SimExec {
         let mut pb = vec![0f32; k * n];
         let mut pc = vec![0f32; m * n];
         for i in 0..g.batch {
-            let (a0, b0, c0) = (i * g.stride_a, i * g.stride_b, i * g.stride_c);
-            for r in 0..m {
-                for p in 0..k {
-                    pa[r * k + p] = if g.a_trans {
-                        a[a0 + p * g.lda + r]
-                    } else {
-                        a[a0 + r * g.lda + p]
-                    };
-                }
-            }
-            for p in 0..k {
-                for j in 0..n {
-                    pb[p * n + j] = if g.b_trans {
-                        b[b0 + j * g.ldb + p]
-                    } else {
-                        b[b0 + p * g.ldb + j]
-                    };
-                }
-            }
+            let c0 = i * g.stride_c;
+            gather(&a[i * g.stride_a..], g.lda, g.a_trans, (m, k), &mut pa);
+            gather(&b[i * g.stride_b..], g.ldb, g.b_trans, (k, n), &mut pb);
             crate::cpu::gemm::sgemm(m, k, n, &pa, false, &pb, 0.0, &mut pc);
             for r in 0..m {
                 c[c0 + r * g.ldc..c0 + r * g.ldc + n].copy_from_slice(&pc[r * n..(r + 1) * n]);
