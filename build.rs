@@ -137,6 +137,7 @@ fn build_fatbin(root: &Path, out: &Path, sources: &[PathBuf]) {
     let fatbin = out.join("lkconv_kernels.fatbin");
     let report = out.join("ptxas.log");
     let Some(nvcc) = find_nvcc(root) else {
+        fs::write(&report, "").expect("write empty ptxas report");
         println!("cargo:warning=nvcc not found (NVCC, CUDA_PATH, CUDA_HOME, .cuda/, PATH): lkconv is built without CUDA kernels; run scripts/setup-cuda.sh to get them");
         println!("cargo:rustc-env=LKCONV_NVCC_VERSION=none");
         println!("cargo:rustc-env=LKCONV_CUDA_ARCHS=");

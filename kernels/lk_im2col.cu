@@ -12,7 +12,7 @@
 //   lk_im2col_epilogue_<t>: mode 0: y = OUT (+ bias) in NCHW and storage type; mode 1: dw = OUT
 //   lk_col2im_<t>:          dx[n,c,iy,ix] = sum of the DCOL entries of the (m, t) that read it
 // All three: grid-stride loops, grid = (min(ceil(total / 256), 1048576)), block = (256).
-#include "lk_common.cuh"
+#include "lk_exact.cuh"
 
 namespace lk {
 
@@ -97,13 +97,28 @@ __device__ __forceinline__ void im2col_epilogue(const DwArgs& a) {
             const long long plane = i / d.OHOW;
             const long long c = plane % a.c, n = plane / a.c;
             float v = res[c * d.M + n * d.OHOW + p];
+            // padding zeros of P times a NaN/Inf weight are spurious NaNs: recompute exactly
+            if (!finite_f32(v)) {
+                const T* x = reinterpret_cast<const T*>(a.in0) + plane * a.h * a.w;
+                const T* w = reinterpret_cast<const T*>(a.in1) + c * d.KK;
+                v = exact_correlate(x, a.h, a.w, w, a.kh, a.kw, a.sh, a.sw, a.dh, a.dw, a.pad_top,
+                                    a.pad_left, false, (int)(p / a.ow), (int)(p % a.ow));
+            }
             if (a.bias) v += to_f32(reinterpret_cast<const T*>(a.bias)[c]);
             out[i] = from_f32<T>(v);
         }
     } else {
         const float* res = ws + (long long)a.c * d.M * d.KK + (long long)a.c * d.M;
         const long long total = (long long)a.c * d.KK;
-        for (long long i = grid_start(); i < total; i += grid_step()) out[i] = from_f32<T>(res[i]);
+        for (long long i = grid_start(); i < total; i += grid_step()) {
+            float v = res[i];
+            // padding zeros of P times a NaN/Inf in dy are spurious NaNs: recompute exactly
+            if (!finite_f32(v)) {
+                const int t = (int)(i % d.KK);
+                v = exact_wgrad_tap<T>(a, (int)(i / d.KK), t / a.kw, t % a.kw);
+            }
+            out[i] = from_f32<T>(v);
+        }
     }
 }
 

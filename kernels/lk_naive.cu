@@ -3,7 +3,7 @@
 //   fwd:   one thread per y element; grid = ceil(N*C*OH*OW / block), block = (256)
 //   dgrad: one thread per dx element, gathering from dy (no atomics); grid over N*C*H*W
 //   wgrad: one thread per (c, ky, kx), looping over N, OH, OW in a fixed order (deterministic)
-#include "lk_common.cuh"
+#include "lk_exact.cuh"
 
 namespace lk {
 
@@ -23,16 +23,8 @@ __device__ __forceinline__ void naive_fwd(const DwArgs& a) {
     const int c = (int)(plane % a.c);
     const T* __restrict__ x = reinterpret_cast<const T*>(a.in0) + plane * a.h * a.w;
     const T* __restrict__ w = reinterpret_cast<const T*>(a.in1) + (long long)c * a.kh * a.kw;
-    float acc = 0.f;
-    for (int ky = 0; ky < a.kh; ++ky) {
-        const int iy = oy * a.sh - a.pad_top + ky * a.dh;
-        if (iy < 0 || iy >= a.h) continue;
-        for (int kx = 0; kx < a.kw; ++kx) {
-            const int ix = ox * a.sw - a.pad_left + kx * a.dw;
-            if (ix < 0 || ix >= a.w) continue;
-            acc = madd(to_f32(x[(long long)iy * a.w + ix]), to_f32(w[ky * a.kw + kx]), acc);
-        }
-    }
+    float acc = exact_correlate(x, a.h, a.w, w, a.kh, a.kw, a.sh, a.sw, a.dh, a.dw, a.pad_top,
+                                a.pad_left, false, oy, ox);
     if (a.bias) acc += to_f32(reinterpret_cast<const T*>(a.bias)[c]);
     reinterpret_cast<T*>(a.out)[i] = from_f32<T>(acc);
 }
@@ -74,21 +66,7 @@ __device__ __forceinline__ void naive_wgrad(const DwArgs& a) {
     const int kx = (int)(i % a.kw);
     const int ky = (int)((i / a.kw) % a.kh);
     const int c = (int)(i / ((long long)a.kh * a.kw));
-    float acc = 0.f;
-    for (int n = 0; n < a.n; ++n) {
-        const long long plane = (long long)n * a.c + c;
-        const T* __restrict__ x = reinterpret_cast<const T*>(a.in0) + plane * a.h * a.w;
-        const T* __restrict__ dy = reinterpret_cast<const T*>(a.in1) + plane * a.oh * a.ow;
-        for (int oy = 0; oy < a.oh; ++oy) {
-            const int iy = oy * a.sh - a.pad_top + ky * a.dh;
-            if (iy < 0 || iy >= a.h) continue;
-            for (int ox = 0; ox < a.ow; ++ox) {
-                const int ix = ox * a.sw - a.pad_left + kx * a.dw;
-                if (ix < 0 || ix >= a.w) continue;
-                acc = madd(to_f32(dy[(long long)oy * a.ow + ox]), to_f32(x[(long long)iy * a.w + ix]), acc);
-            }
-        }
-    }
+    const float acc = exact_wgrad_tap<T>(a, c, ky, kx);
     reinterpret_cast<T*>(a.out)[i] = from_f32<T>(acc);
 }
 

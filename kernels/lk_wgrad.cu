@@ -14,9 +14,10 @@
 //     The G group sums are added in group order in shared memory and the block writes its partial
 //     K x K sums to workspace[(c * B + b) * KH*KW + tap].
 //     aux0 = TH, aux1 = TW, aux2 = G.
-//   kernel 2, lk_wgrad_reduce_<t>: one thread per (c, tap): dw = sum over b = 0..B-1 in order.
+//   kernel 2, lk_wgrad_reduce_<t>: one thread per (c, tap): dw = sum over b = 0..B-1 in order;
+//     a non-finite sum is recomputed exactly (a NaN/Inf times a staged zero is a spurious NaN).
 //     grid = ceil(C*KH*KW / 256), block = 256; aux0 = B.
-#include "lk_common.cuh"
+#include "lk_exact.cuh"
 
 namespace lk {
 
@@ -44,10 +45,10 @@ __device__ __forceinline__ void wgrad_partial(const DwArgs& a) {
     const int TWP = wgrad_dy_ld(TW);     // dy tile row stride
     const int ldx = wgrad_x_ld(KW, TW);  // x tile row stride (room for the 16-wide window)
     const int xrows = TH + KH - 1;
-    LK_DYNAMIC_SMEM(smem);
-    float* s_x = smem;
-    float* s_dy = s_x + xrows * ldx;
-    float* s_red = s_dy + TH * TWP;
+    LK_CHECKED_SMEM(smem);
+    smem_ptr<float> s_x = smem;
+    smem_ptr<float> s_dy = s_x + xrows * ldx;
+    smem_ptr<float> s_red = s_dy + TH * TWP;
 
     const T* __restrict__ xg = reinterpret_cast<const T*>(a.in0);
     const T* __restrict__ dyg = reinterpret_cast<const T*>(a.in1);
@@ -107,8 +108,8 @@ __device__ __forceinline__ void wgrad_partial(const DwArgs& a) {
                 int oy = oy_lo + ((g - oy_lo % G) + G) % G;  // first row of this group
                 if (ox_lo >= ox_hi) oy = oy_hi;
                 for (; oy < oy_hi; oy += G) {
-                    const float* xrow = s_x + (oy + ky) * ldx + kx0;
-                    const float* drow = s_dy + oy * TWP;
+                    smem_ptr<const float> xrow = s_x + (oy + ky) * ldx + kx0;
+                    smem_ptr<const float> drow = s_dy + oy * TWP;
                     for (int ox = ox_a; ox < ox_hi; ox += RX) {
                         float d[RX], v[2 * RX];
 #pragma unroll
@@ -169,6 +170,8 @@ __device__ __forceinline__ void wgrad_reduce(const DwArgs& a) {
     const float* ws = reinterpret_cast<const float*>(a.workspace) + c * B * KK + t;
     float s = 0.f;
     for (int b = 0; b < B; ++b) s += ws[(long long)b * KK];
+    // the partial kernels multiply padding zeros too: repair their spurious NaNs (lk_exact.cuh)
+    if (!finite_f32(s)) s = exact_wgrad_tap<T>(a, (int)c, t / a.kw, t % a.kw);
     reinterpret_cast<T*>(a.out)[i] = from_f32<T>(s);
 }
 

@@ -60,6 +60,9 @@ fn cases() -> Vec<Case> {
     v.push(case(1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0))); // valid conv
     v.push(case(1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5))); // padding > kernel
     v.push(case(3, 1, 7, 7, DwConv2d::new(13, 13)));
+    // Small planes, lane per plane: groups of 16 planes across channels and images.
+    v.push(case(2, 20, 7, 7, DwConv2d::new(13, 13)));
+    v.push(case(1, 17, 9, 6, DwConv2d::new(5, 3)));
     v
 }
 

@@ -1,7 +1,7 @@
 //! Baseline: im2col + GEMM, per (n, c) plane. The patch matrix P [OH*OW x KH*KW] holds the input
 //! value each output reads for each tap (zero outside the image); then
 //! forward y = P w, weight gradient dw = P^T dy, data gradient dP = dy w^T folded back (col2im).
-//! GEMMs by `matrixmultiply` (single-threaded per plane; planes run in parallel).
+//! GEMMs by `cpu::gemm` (single-threaded per plane; planes run in parallel).
 
 use rayon::prelude::*;
 
@@ -78,6 +78,8 @@ fn forward_kernel(
                 out.iter_mut().for_each(|v| *v += b[c]);
             }
         });
+    // The patch matrix holds zeros for padding: 0 * a NaN/Inf weight gives a spurious NaN.
+    super::naive::repair_forward(conv, s, xf, wf, b, y);
 }
 
 /// Weight gradient via im2col + GEMM (dw_c = sum over n of P^T dy), batch reduced in order.
@@ -120,6 +122,8 @@ fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, xf: &[f32], dyf: &[f32], d
         }
         out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
     });
+    // Padding zeros of the patch matrix times a NaN/Inf in dy give spurious NaNs.
+    super::naive::repair_weight_grad(conv, s, xf, dyf, dw);
 }
 
 /// Data gradient via GEMM (dP = dy w^T) and col2im.

@@ -1,5 +1,5 @@
 //! The CPU inference engine for the deploy form: depthwise layers on lkconv's fast CPU path,
-//! 1x1 convs and the dense stem conv (im2col) as sgemm (matrixmultiply) with fused bias,
+//! 1x1 convs and the dense stem conv (im2col) as SGEMM (the `gemm` crate, AVX-512) with fused bias,
 //! activation and residual add, NCHW, batch >= 1, any input size, buffers reused across layers.
 
 use rayon::prelude::*;
@@ -230,29 +230,82 @@ fn rows_per_task(rows: usize, n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let per_image = threads.div_ceil(n).max(1);
     let r = rows.div_ceil(per_image);
-    // Keep chunks a multiple of the sgemm micro-kernel height.
+    // Keep chunks a multiple of the GEMM micro-kernel height.
     r.div_ceil(8).max(1) * 8
 }
 
+/// Output rows and columns of one 1x1-conv task: the block (about 256 KiB) stays in the core's
+/// L2 cache from the GEMM's last write to the epilogue, and the tasks balance the pool.
+const PW_BLOCK_ROWS: usize = 128;
+const PW_BLOCK_FLOATS: usize = 64 * 1024;
+
 impl Pointwise {
-    /// y[n] = act(W x[n] + b) (or y[n] += W x[n] + b with `accumulate`), over the batch.
+    /// y[n] = act(W x[n] + b) (or y[n] += W x[n] + b with `accumulate`), over the batch: tasks
+    /// of (image, row block, column block), each a single-threaded AVX-512 GEMM followed by
+    /// the bias/activation pass on its still-cached block (the residual add is the GEMM's
+    /// `beta = 1`).
     fn run(&self, x: &[f32], n: usize, hw: usize, y: &mut [f32], act: Act, accumulate: bool) {
+        use crate::cpu::gemm::{sgemm_view_raw, MatRef, Threads};
         let (cin, cout) = (self.cin, self.cout);
-        let rows = rows_per_task(cout, n).min(cout.max(1));
+        if n == 0 || hw == 0 || cout == 0 {
+            return;
+        }
+        let rows = PW_BLOCK_ROWS.min(cout);
+        let cols = (PW_BLOCK_FLOATS / rows).max(16).min(hw);
+        let (row_blocks, col_blocks) = (cout.div_ceil(rows), hw.div_ceil(cols));
         let beta = if accumulate { 1.0 } else { 0.0 };
-        y[..n * cout * hw]
-            .par_chunks_mut(cout * hw)
-            .zip(x[..n * cin * hw].par_chunks(cin * hw))
-            .for_each(|(yi, xi)| {
-                yi.par_chunks_mut(rows * hw)
-                    .enumerate()
-                    .for_each(|(ci, yc)| {
-                        let r0 = ci * rows;
-                        let m = yc.len() / hw;
-                        sgemm(m, cin, hw, &self.w[r0 * cin..(r0 + m) * cin], xi, beta, yc);
-                        epilogue(yc, &self.b[r0..r0 + m], hw, act);
-                    });
+        let y_ptr = SendPtr(y[..n * cout * hw].as_mut_ptr());
+        (0..n * row_blocks * col_blocks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (img, rest) = (
+                    task / (row_blocks * col_blocks),
+                    task % (row_blocks * col_blocks),
+                );
+                let (rb, cb) = (rest / col_blocks, rest % col_blocks);
+                let (r0, c0) = (rb * rows, cb * cols);
+                let (m, nc) = (rows.min(cout - r0), cols.min(hw - c0));
+                let xb = &x[img * cin * hw + c0..(img + 1) * cin * hw];
+                // SAFETY: task blocks are disjoint (rows [r0, r0 + m) x columns [c0, c0 + nc) of
+                // image `img`) and lie inside y (sliced to n * cout * hw above).
+                let yb = unsafe { y_ptr.get().add((img * cout + r0) * hw + c0) };
+                // SAFETY: as above; the block's rows are hw >= nc floats apart.
+                unsafe {
+                    sgemm_view_raw(
+                        m,
+                        cin,
+                        nc,
+                        MatRef::rows(&self.w[r0 * cin..(r0 + m) * cin], cin),
+                        MatRef::rows(xb, hw),
+                        beta,
+                        yb,
+                        hw,
+                        Threads::Single,
+                    )
+                };
+                for (i, &b) in self.b[r0..r0 + m].iter().enumerate() {
+                    // SAFETY: row i of this task's block: nc floats, written by no other task.
+                    let row = unsafe { std::slice::from_raw_parts_mut(yb.add(i * hw), nc) };
+                    match act {
+                        Act::None => row.iter_mut().for_each(|v| *v += b),
+                        Act::Relu => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+                        Act::Gelu => gelu_slice(row, b),
+                    }
+                }
             });
+    }
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint block through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint output blocks to parallel tasks (see Pointwise::run).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 

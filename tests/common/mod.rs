@@ -319,3 +319,17 @@ pub fn have_gpu() -> bool {
     println!("skipped: no CUDA device ({reason})");
     false
 }
+
+/// One problem: N, C, H, W and the convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub conv: lkconv::DwConv2d,
+}
+
+pub fn case(n: usize, c: usize, h: usize, w: usize, conv: lkconv::DwConv2d) -> Case {
+    Case { n, c, h, w, conv }
+}

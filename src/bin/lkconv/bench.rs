@@ -19,8 +19,84 @@ struct Record {
     imp: Impl,
     conv: DwConv2d,
     shape: ConvShape,
-    median_ms: f64,
+    timing: Timing,
     gflops: f64,
+}
+
+/// What one case's repetitions measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// Process CPU time per repetition (all threads), where the OS reports it: on a machine
+    /// shared with other work, wall-clock times include waiting for a core and CPU time does not.
+    pub cpu_ms: Option<f64>,
+}
+
+/// CPU time consumed by this process so far (all threads), in milliseconds.
+pub fn process_cpu_ms() -> Option<f64> {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: FFI to libc's clock_gettime with a valid, exclusively borrowed timespec
+        // (two 64-bit fields on 64-bit Linux, as declared).
+        let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        if rc == 0 && cfg!(target_pointer_width = "64") {
+            return Some(ts.sec as f64 * 1e3 + ts.nsec as f64 / 1e6);
+        }
+        None
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB, where the OS reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times `run` `reps` times (after one warm-up), for at most ~`budget_s` seconds of measuring
+/// (infinite: exactly `reps`).
+pub fn time_reps(
+    reps: usize,
+    budget_s: f64,
+    mut run: impl FnMut() -> Result<()>,
+) -> Result<(Timing, Vec<f64>)> {
+    run()?;
+    let budget = Instant::now();
+    let mut times = Vec::with_capacity(reps);
+    let cpu0 = process_cpu_ms();
+    while times.len() < reps.max(1)
+        && (times.is_empty() || budget.elapsed().as_secs_f64() < budget_s)
+    {
+        let t0 = Instant::now();
+        run()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu_ms = match (cpu0, process_cpu_ms()) {
+        (Some(a), Some(b)) => Some((b - a) / times.len() as f64),
+        _ => None,
+    };
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let timing = Timing {
+        median_ms: sorted[sorted.len() / 2],
+        min_ms: sorted[0],
+        cpu_ms,
+    };
+    Ok((timing, times))
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -89,18 +165,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         conv.kernel.0
                     );
                 }
-                let median_ms = match dtype {
+                let timing = match dtype {
                     DType::F32 => time_case::<f32>(device, op, imp, conv, shape, args.reps)?,
                     DType::F16 => time_case::<f16>(device, op, imp, conv, shape, args.reps)?,
                     DType::Bf16 => time_case::<bf16>(device, op, imp, conv, shape, args.reps)?,
                 };
-                let gflops = conv.flops(shape) / (median_ms * 1e6);
+                let gflops = conv.flops(shape) / (timing.median_ms * 1e6);
                 records.push(Record {
                     op,
                     imp,
                     conv: *conv,
                     shape: *shape,
-                    median_ms,
+                    timing,
                     gflops,
                 });
             }
@@ -115,7 +191,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "op": r.op.name(), "device": device.to_string(), "dtype": dtype.name(), "impl": r.imp.name(),
                     "n": r.shape.n, "c": r.shape.c, "h": r.shape.h, "w": r.shape.w,
                     "kh": r.conv.kernel.0, "kw": r.conv.kernel.1,
-                    "median_ms": r.median_ms, "gflops": r.gflops,
+                    "median_ms": r.timing.median_ms, "min_ms": r.timing.min_ms,
+                    "cpu_ms": r.timing.cpu_ms, "gflops": r.gflops,
                 })
             })
             .collect();
@@ -133,7 +210,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .find(|o| {
                 o.imp == Impl::Naive && o.op == r.op && o.shape == r.shape && o.conv == r.conv
             })
-            .map(|o| format!("{:.1}x", o.median_ms / r.median_ms))
+            .map(|o| format!("{:.1}x", o.timing.median_ms / r.timing.median_ms))
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<6} {:<10} {:>5} {:>5} {:>9} {:>7} {:>11.3} {:>10.2} {:>8.1}% {:>10}",
@@ -143,7 +220,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             r.shape.c,
             format!("{}x{}", r.shape.h, r.shape.w),
             format!("{}x{}", r.conv.kernel.0, r.conv.kernel.1),
-            r.median_ms,
+            r.timing.median_ms,
             r.gflops,
             100.0 * r.gflops / ceiling,
             naive
@@ -152,7 +229,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median milliseconds of `reps` runs (after one warm-up), at most ~3 s of measuring.
+/// Times `reps` runs (after one warm-up), at most ~3 s of measuring.
 fn time_case<T: Element>(
     device: Device,
     op: Op,
@@ -160,10 +237,15 @@ fn time_case<T: Element>(
     conv: &DwConv2d,
     s: &ConvShape,
     reps: usize,
-) -> Result<f64> {
+) -> Result<Timing> {
     if let Device::Cuda(ordinal) = device {
         let p = lkconv::Problem::new(op, imp, T::DTYPE, conv, s)?;
-        return lkconv::cuda::time_op(ordinal, &p, 3, reps.max(10));
+        let ms = lkconv::cuda::time_op(ordinal, &p, 3, reps.max(10))?;
+        return Ok(Timing {
+            median_ms: ms,
+            min_ms: ms,
+            cpu_ms: None,
+        });
     }
     let mut rng = Rng::new(0x5eed);
     let x = Tensor::<T>::random(&s.input_dims(), &mut rng)?;
@@ -176,14 +258,5 @@ fn time_case<T: Element>(
             Op::WeightGrad => device::weight_grad(device, imp, conv, &x, &dy).map(drop),
         }
     };
-    run()?;
-    let budget = Instant::now();
-    let mut times = Vec::with_capacity(reps);
-    while times.len() < reps && (times.is_empty() || budget.elapsed() < Duration::from_secs(3)) {
-        let t0 = Instant::now();
-        run()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(time_reps(reps, 3.0, run)?.0)
 }

@@ -275,6 +275,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut rng = lkconv::Rng::new(2);
     let x = Tensor::<f32>::random(&[args.batch, 3, args.size, args.size], &mut rng)?;
     let reps = args.reps.max(1);
+    let mut cpu_ms = None;
     let (mut times, where_, timer) = match dev {
         Device::Cuda(_) | Device::Sim => {
             let target = match dev {
@@ -301,14 +302,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         }
         _ => {
             let mut ws = lkconv::model::Workspace::new();
-            model.run(&x, None, true, &mut ws)?; // warm-up: grows the workspace
-            let mut times = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                let t = Instant::now();
-                let out = model.run(&x, None, true, &mut ws)?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-                std::hint::black_box(out);
-            }
+            // the warm-up run inside time_reps grows the workspace
+            let (timing, times) = crate::bench::time_reps(reps, f64::INFINITY, || {
+                std::hint::black_box(model.run(&x, None, true, &mut ws)?);
+                Ok(())
+            })?;
+            cpu_ms = timing.cpu_ms;
             (
                 times,
                 format!("cpu ({} threads)", rayon::current_num_threads()),
@@ -319,8 +318,29 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     let gmacs = cfg.macs(args.size, args.size) / 1e9;
+    let peak_mib = crate::bench::peak_rss_mib();
+    if args.json {
+        let v = serde_json::json!({
+            "model": format!("RepLKNet-{}", name.to_ascii_uppercase()),
+            "device": where_, "dtype": dtype.name(), "timer": timer,
+            "batch": args.batch, "size": args.size, "runs": times.len(),
+            "median_ms": med, "min_ms": times[0], "max_ms": times[times.len() - 1],
+            "cpu_ms_per_run": cpu_ms,
+            "images_per_s": args.batch as f64 / (med / 1e3),
+            "gmacs_per_image": gmacs, "peak_rss_mib": peak_mib,
+            "build_s": load_s,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let extra = match (cpu_ms, peak_mib) {
+        (Some(c), Some(p)) => format!("; {c:.1} ms CPU time per run; peak memory {p:.0} MiB"),
+        (None, Some(p)) => format!("; peak memory {p:.0} MiB"),
+        (Some(c), None) => format!("; {c:.1} ms CPU time per run"),
+        (None, None) => String::new(),
+    };
     println!(
-        "RepLKNet-{} {}x3x{}x{} {} {}: median {:.2} ms (min {:.2}, max {:.2}, {} runs, {}), {:.2} images/s, {:.1} GFLOP/s ({:.2} GMACs/image); random weights built+folded in {:.2} s",
+        "RepLKNet-{} {}x3x{}x{} {} {}: median {:.2} ms (min {:.2}, max {:.2}, {} runs, {}), {:.2} images/s, {:.1} GFLOP/s ({:.2} GMACs/image); random weights built+folded in {:.2} s{extra}",
         name.to_ascii_uppercase(),
         args.batch,
         args.size,
@@ -330,7 +350,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         med,
         times[0],
         times[times.len() - 1],
-        reps,
+        times.len(),
         timer,
         args.batch as f64 / (med / 1e3),
         2.0 * gmacs * args.batch as f64 / (med / 1e3),
