@@ -9,7 +9,11 @@
 #include <vector>
 
 #include "backend.h"
-#include "sim/sim_runtime.h"
+
+// The simulator's storage conversions (kernels/sim/sim_selftest.inc), the ones its kernels use.
+extern "C" unsigned short lksim_f32_to_f16_bits(float v);
+extern "C" float lksim_f16_bits_to_f32(unsigned short b);
+extern "C" unsigned short lksim_f32_to_bf16_bits(float v);
 
 extern "C" int lksim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                             unsigned by, unsigned bz, unsigned shared_bytes, const DwArgs* args,
@@ -77,9 +81,13 @@ class SimBackend : public Backend {
 
 std::unique_ptr<Backend> make_backend(const std::string&) { return std::make_unique<SimBackend>(); }
 
-uint16_t half_bits_of(float v, bool bf16) { return bf16 ? __float2bfloat16_rn(v).x : __float2half_rn(v).x; }
+uint16_t half_bits_of(float v, bool bf16) { return bf16 ? lksim_f32_to_bf16_bits(v) : lksim_f32_to_f16_bits(v); }
 float float_of_half_bits(uint16_t bits, bool bf16) {
-    return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+    if (!bf16) return lksim_f16_bits_to_f32(bits);
+    const uint32_t u = (uint32_t)bits << 16;  // bf16 is the upper half of an f32
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
 }
 
 }  // namespace lkbench
