@@ -1,5 +1,6 @@
 //! Builds the CUDA kernels in `kernels/*.cu` twice:
-//! 1. with nvcc (when found) into one fatbin (sm_75..sm_90 SASS + compute_75 PTX), embedded in
+//! 1. with nvcc (when found) into one fatbin (sm_75..sm_90 SASS + compute_75 PTX, or the
+//!    architectures listed in `LKCONV_CUDA_ARCHS`, e.g. `90` for the GPU bundle), embedded in
 //!    the library; the `ptxas -v` report is kept in OUT_DIR and spills become warnings;
 //! 2. always, with the host C++ compiler against the SIMT runtime in `kernels/sim/`, into a static
 //!    library that the kernel simulator (`Device::Sim`) calls.
@@ -9,12 +10,37 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The default SASS architectures; PTX for the first one is embedded too (JIT for newer GPUs).
 const ARCHS: [&str; 5] = ["75", "80", "86", "89", "90"];
+
+/// The architectures to compile: `LKCONV_CUDA_ARCHS` (comma-separated compute capabilities such
+/// as `90` or `80,90`; the GPU bundle uses `90` to carry and load less) or [`ARCHS`].
+fn archs() -> Vec<String> {
+    let list = env::var("LKCONV_CUDA_ARCHS").unwrap_or_default();
+    if list.trim().is_empty() {
+        return ARCHS.iter().map(|a| a.to_string()).collect();
+    }
+    let archs: Vec<String> = list
+        .split(',')
+        .map(|a| a.trim().trim_start_matches("sm_").to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if archs.is_empty() || archs.iter().any(|a| !a.bytes().all(|b| b.is_ascii_digit())) {
+        panic!("LKCONV_CUDA_ARCHS={list:?}: expected compute capabilities such as 90 or 80,90");
+    }
+    archs
+}
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(lkconv_cuda_kernels)");
     println!("cargo:rustc-check-cfg=cfg(lkconv_sim)");
-    for var in ["NVCC", "CUDA_PATH", "CUDA_HOME", "LKCONV_NO_NVCC"] {
+    for var in [
+        "NVCC",
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "LKCONV_NO_NVCC",
+        "LKCONV_CUDA_ARCHS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let root =
@@ -111,6 +137,7 @@ fn build_fatbin(root: &Path, out: &Path, sources: &[PathBuf]) {
     let fatbin = out.join("lkconv_kernels.fatbin");
     let report = out.join("ptxas.log");
     let Some(nvcc) = find_nvcc(root) else {
+        fs::write(&report, "").expect("write empty ptxas report");
         println!("cargo:warning=nvcc not found (NVCC, CUDA_PATH, CUDA_HOME, .cuda/, PATH): lkconv is built without CUDA kernels; run scripts/setup-cuda.sh to get them");
         println!("cargo:rustc-env=LKCONV_NVCC_VERSION=none");
         println!("cargo:rustc-env=LKCONV_CUDA_ARCHS=");
@@ -139,11 +166,14 @@ fn build_fatbin(root: &Path, out: &Path, sources: &[PathBuf]) {
         .arg("-v")
         .arg("-I")
         .arg(root.join("kernels"));
-    for a in ARCHS {
+    let archs = archs();
+    for a in &archs {
         cmd.arg("-gencode")
             .arg(format!("arch=compute_{a},code=sm_{a}"));
     }
-    cmd.arg("-gencode").arg("arch=compute_75,code=compute_75");
+    let ptx = &archs[0];
+    cmd.arg("-gencode")
+        .arg(format!("arch=compute_{ptx},code=compute_{ptx}"));
     cmd.arg("-o").arg(&fatbin).arg(&all);
     let output = cmd
         .output()
@@ -161,13 +191,12 @@ fn build_fatbin(root: &Path, out: &Path, sources: &[PathBuf]) {
     println!("cargo:rustc-cfg=lkconv_cuda_kernels");
     println!("cargo:rustc-env=LKCONV_NVCC_VERSION={version}");
     println!(
-        "cargo:rustc-env=LKCONV_CUDA_ARCHS={}",
-        ARCHS
+        "cargo:rustc-env=LKCONV_CUDA_ARCHS={},compute_{ptx}",
+        archs
             .iter()
             .map(|a| format!("sm_{a}"))
             .collect::<Vec<_>>()
             .join(",")
-            + ",compute_75"
     );
 }
 

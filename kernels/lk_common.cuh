@@ -42,6 +42,17 @@ __device__ __forceinline__ int wgrad_smem_floats(int th, int tw, int kh, int kw,
     return (th + kh - 1) * wgrad_x_ld(kw, tw) + th * wgrad_dy_ld(tw) + threads * RX;
 }
 
+// Planes and padding of the fwd/dgrad kernels: the data gradient is the forward pass over dy
+// (the source, OH x OW) producing dx (H x W), filter rotated 180 degrees, padding K-1-p.
+struct PassGeometry {
+    int SH, SW, OH, OW, pt, pl;  // source plane, produced plane, top/left padding
+};
+template <bool DGRAD>
+__device__ __forceinline__ PassGeometry pass_geometry(const DwArgs& a, int KH, int KW) {
+    if (DGRAD) return PassGeometry{a.oh, a.ow, a.h, a.w, KH - 1 - a.pad_top, KW - 1 - a.pad_left};
+    return PassGeometry{a.h, a.w, a.oh, a.ow, a.pad_top, a.pad_left};
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -89,7 +100,32 @@ __device__ __forceinline__ float4 lds4(const float* p) {
 #endif
 }
 
+#ifdef LK_SIM
+// A checked 16-byte shared-memory load (initcheck, kernels/sim/sim_initcheck.h).
+__device__ __forceinline__ float4 lds4(::lksim::SmemPtr<const float> p) {
+    if (reinterpret_cast<uintptr_t>(p.raw()) & 15u) ::lksim::fault("misaligned 16-byte shared load");
+    ::lksim::smem_check(p.raw(), 16);
+    const float* q = p.raw();
+    return float4{q[0], q[1], q[2], q[3]};
+}
+// A pointer into dynamic shared memory declared with LK_CHECKED_SMEM: checked in the simulator
+// (a read of never-written shared memory is an error), a plain `T*` under nvcc.
+template <typename T>
+using smem_ptr = ::lksim::SmemPtr<T>;
+#else
+template <typename T>
+using smem_ptr = T*;
+#endif
+
 }  // namespace lk
+
+// Dynamic shared memory as a checked lk::smem_ptr<float> (plain `float*` under nvcc).
+#ifdef LK_SIM
+#define LK_CHECKED_SMEM(name) \
+    ::lk::smem_ptr<float> name(reinterpret_cast<float*>(::lksim::dyn_smem()))
+#else
+#define LK_CHECKED_SMEM(name) LK_DYNAMIC_SMEM(name)
+#endif
 
 // Dynamic shared memory as a float array (16-byte aligned).
 #ifdef LK_SIM
@@ -99,6 +135,10 @@ __device__ __forceinline__ float4 lds4(const float* p) {
     extern __shared__ __align__(16) unsigned char lk_smem_raw[]; \
     float* name = reinterpret_cast<float*>(lk_smem_raw)
 #endif
+
+// M(TN, T, K) for every kernel size with a templated kernel (`TEMPLATE_SIZES` in src/kernels.rs).
+#define LK_FOR_TEMPLATE_SIZES(M, TN, T) \
+    M(TN, T, 3) M(TN, T, 5) M(TN, T, 7) M(TN, T, 13) M(TN, T, 25) M(TN, T, 27) M(TN, T, 29) M(TN, T, 31)
 
 // Defines `extern "C" __global__ void NAME(const DwArgs args) { CALL; }` and registers it.
 #ifdef LK_SIM

@@ -26,7 +26,7 @@ namespace lk {
 // Stages rows [r0, r0 + nr) x cols [c0, c0 + nc) of a source plane (SH x SW) as f32 into `s`
 // (row stride nc), zero outside the plane.
 template <typename T>
-__device__ __forceinline__ void stage_plane(float* s, int nr, int nc, const T* __restrict__ src,
+__device__ __forceinline__ void stage_plane(smem_ptr<float> s, int nr, int nc, const T* __restrict__ src,
                                             int SH, int SW, int r0, int c0, int tid, int nthreads) {
     const int total = nr * nc;
     for (int i = tid; i < total; i += nthreads) {
@@ -42,7 +42,7 @@ __device__ __forceinline__ void stage_plane(float* s, int nr, int nc, const T* _
 // Stages filter rows [ky0, ky0 + nky) x cols [kx0, kx0 + ld) (zero beyond kx0 + nkx) into s_w
 // with row stride ld; `flip` rotates the filter by 180 degrees (data gradient).
 template <typename T>
-__device__ __forceinline__ void stage_filter(float* s_w, int ld, const T* __restrict__ w, int KH,
+__device__ __forceinline__ void stage_filter(smem_ptr<float> s_w, int ld, const T* __restrict__ w, int KH,
                                              int KW, int ky0, int nky, int kx0, int nkx, bool flip,
                                              int tid, int nthreads) {
     const int total = nky * ld;
@@ -66,12 +66,7 @@ template <typename T, int K, bool DGRAD>
 __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     const int KH = K ? K : a.kh;
     const int KW = K ? K : a.kw;
-    const int SH = DGRAD ? a.oh : a.h;  // source plane
-    const int SW = DGRAD ? a.ow : a.w;
-    const int OH = DGRAD ? a.h : a.oh;  // produced plane
-    const int OW = DGRAD ? a.w : a.ow;
-    const int pt = DGRAD ? KH - 1 - a.pad_top : a.pad_top;
-    const int pl = DGRAD ? KW - 1 - a.pad_left : a.pad_left;
+    const auto [SH, SW, OH, OW, pt, pl] = pass_geometry<DGRAD>(a, KH, KW);
 
     // register tile RY x RX: the templated kernel computes 2 rows per thread so that one window
     // of inputs (16-byte loads) feeds both rows; the generic kernel 1 row
@@ -90,14 +85,14 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     const T* __restrict__ wt = reinterpret_cast<const T*>(a.in1) + (long long)c * KH * KW;
     T* __restrict__ dst = reinterpret_cast<T*>(a.out) + plane * OH * OW;
 
-    LK_DYNAMIC_SMEM(smem_all);
+    LK_CHECKED_SMEM(smem_all);
     const int KCH = K ? K : a.aux2;  // filter rows per chunk
     const int KCW = K ? K : a.aux3;  // filter columns per chunk
     const int ldw = round_up4(KCW);
     const int ld = tile_ld(TW, KCW);
-    float* smem = smem_all + threadIdx.z * tiled_smem_floats(TH, TW, KCH, KCW);
-    float* s_w = smem;
-    float* s_in = smem + KCH * ldw;
+    smem_ptr<float> smem = smem_all + threadIdx.z * tiled_smem_floats(TH, TW, KCH, KCW);
+    smem_ptr<float> s_w = smem;
+    smem_ptr<float> s_in = smem + KCH * ldw;
 
     float acc[RY][RX];
 #pragma unroll
@@ -145,7 +140,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
                     const int s_hi = kq_lo < kq_hi ? min(ry_n + K - 1, SH + pt - oy) : s_lo;
 #pragma unroll 1
                     for (int s = s_lo; s < s_hi; ++s) {
-                        const float* row = s_in + (ly + s) * ld + x0;
+                        smem_ptr<const float> row = s_in + (ly + s) * ld + x0;
                         float v[RX + KP];
 #pragma unroll
                         for (int q = 0; q < (RX + KP) / 4; ++q) {
@@ -159,7 +154,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
                         for (int r = 0; r < RY; ++r) {
                             const int ky = s - r;
                             if (ky < 0 || ky >= K || r >= ry_n) continue;
-                            const float* wr = s_w + ky * ldw;
+                            smem_ptr<const float> wr = s_w + ky * ldw;
 #pragma unroll
                             for (int kq = 0; kq < KP / 4; ++kq) {
                                 if (kq < kq_lo || kq >= kq_hi) continue;
@@ -185,8 +180,8 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
                     const int kx_lo = max(0, -(gx0 + RX - 1));
                     const int kx_hi = min(nkx, SW - gx0);
                     for (int r = (kx_lo < kx_hi ? r_lo : r_hi); r < r_hi; ++r) {
-                        const float* row = s_in + (ly + r) * ld + x0;
-                        const float* wr = s_w + r * ldw;
+                        smem_ptr<const float> row = s_in + (ly + r) * ld + x0;
+                        smem_ptr<const float> wr = s_w + r * ldw;
                         float v[RX];
 #pragma unroll
                         for (int j = 0; j < RX - 1; ++j) v[j] = row[kx_lo + j];
@@ -228,14 +223,7 @@ __device__ __forceinline__ void conv_tiled(const DwArgs& a) {
     LK_KERNEL(lk_dgrad_##TN##_k##K, (lk::conv_tiled<T, K, true>(args)))
 
 #define LK_CONV_TYPE(TN, T)                                                   \
-    LK_CONV_K(TN, T, 3)                                                       \
-    LK_CONV_K(TN, T, 5)                                                       \
-    LK_CONV_K(TN, T, 7)                                                       \
-    LK_CONV_K(TN, T, 13)                                                      \
-    LK_CONV_K(TN, T, 25)                                                      \
-    LK_CONV_K(TN, T, 27)                                                      \
-    LK_CONV_K(TN, T, 29)                                                      \
-    LK_CONV_K(TN, T, 31)                                                      \
+    LK_FOR_TEMPLATE_SIZES(LK_CONV_K, TN, T)                                   \
     LK_KERNEL(lk_fwd_##TN##_generic, (lk::conv_tiled<T, 0, false>(args)))   \
     LK_KERNEL(lk_dgrad_##TN##_generic, (lk::conv_tiled<T, 0, true>(args)))
 

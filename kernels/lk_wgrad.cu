@@ -45,10 +45,10 @@ __device__ __forceinline__ void wgrad_partial(const DwArgs& a) {
     const int TWP = wgrad_dy_ld(TW);     // dy tile row stride
     const int ldx = wgrad_x_ld(KW, TW);  // x tile row stride (room for the 16-wide window)
     const int xrows = TH + KH - 1;
-    LK_DYNAMIC_SMEM(smem);
-    float* s_x = smem;
-    float* s_dy = s_x + xrows * ldx;
-    float* s_red = s_dy + TH * TWP;
+    LK_CHECKED_SMEM(smem);
+    smem_ptr<float> s_x = smem;
+    smem_ptr<float> s_dy = s_x + xrows * ldx;
+    smem_ptr<float> s_red = s_dy + TH * TWP;
 
     const T* __restrict__ xg = reinterpret_cast<const T*>(a.in0);
     const T* __restrict__ dyg = reinterpret_cast<const T*>(a.in1);
@@ -108,8 +108,8 @@ __device__ __forceinline__ void wgrad_partial(const DwArgs& a) {
                 int oy = oy_lo + ((g - oy_lo % G) + G) % G;  // first row of this group
                 if (ox_lo >= ox_hi) oy = oy_hi;
                 for (; oy < oy_hi; oy += G) {
-                    const float* xrow = s_x + (oy + ky) * ldx + kx0;
-                    const float* drow = s_dy + oy * TWP;
+                    smem_ptr<const float> xrow = s_x + (oy + ky) * ldx + kx0;
+                    smem_ptr<const float> drow = s_dy + oy * TWP;
                     for (int ox = ox_a; ox < ox_hi; ox += RX) {
                         float d[RX], v[2 * RX];
 #pragma unroll

@@ -36,7 +36,7 @@ __device__ __forceinline__ void wgrad_strided(const DwArgs& a) {
     const long long p0 = P * b / B, p1 = P * (b + 1) / B;
     const int chunks = ceil_div(KK, WG_TC);
 
-    LK_DYNAMIC_SMEM(s_red);  // [TG * TC rows][PT lanes]
+    LK_CHECKED_SMEM(s_red);  // [TG * TC rows][PT lanes]
 
     const T* __restrict__ xg = reinterpret_cast<const T*>(a.in0);
     const T* __restrict__ dyg = reinterpret_cast<const T*>(a.in1);

@@ -1,26 +1,31 @@
 #!/usr/bin/env python3
-"""Compare lkconv's CUDA depthwise convolution with PyTorch's.
+"""Compare lkconv's CUDA depthwise convolution with PyTorch's (cuDNN / PyTorch eager).
 
-1. Correctness, on small shapes: for fp32, fp16 and bf16, forward (with bias), data gradient
+1. Timing, on the benchmark shapes: PyTorch forward, data gradient and weight gradient (the
+   aten `convolution_backward` that autograd calls, one gradient at a time), NCHW and
+   channels_last, fp32/bf16/fp16 (in that order, most valuable shapes first), timed like
+   lkconv's own timer (src/cuda/timing.rs): after a warm-up, groups of M back-to-back calls
+   between two CUDA events (M <= 1000 chosen so that a group lasts >= 1 ms), the median per-call
+   time of the groups; both
+   sides synchronise before reading the events. Our times are read from `lkconv bench --json`
+   output (`--ours`, JSON arrays one per line) and put side by side.
+2. Correctness, on small shapes: for fp32, fp16 and bf16, forward (with bias), data gradient
    and weight gradient from `torch.nn.functional.conv2d(x, w, bias, padding=K//2, groups=C)`
    and autograd (NCHW and channels_last), against `lkconv conv --device cuda` run on the same
    values (exchanged as safetensors files, written and read by this script). Both are measured
    against a float64 PyTorch result on the same (storage-rounded) inputs.
-2. Timing, on the benchmark shapes: PyTorch forward, data gradient and weight gradient (the
-   aten `convolution_backward` that autograd calls, one gradient at a time), NCHW and
-   channels_last, fp32/fp16/bf16, timed with CUDA events after warm-up (median). Our times are
-   read from `lkconv bench --json` output (`--ours`, JSON arrays one per line) and put side by
-   side.
-
 3. The whole model: a PyTorch eager RepLKNet-31B in merged form (defined compactly below: stem,
    RepLKBlocks with the large kernel as one depthwise conv with bias, ConvFFNs, transitions,
    head; random weights) timed at batch 64, 224x224, fp32 (TF32 off, like our SGEMM) and bf16
    autocast, images/s, next to `lkconv bench --model 31b --device cuda` (`--model-ours`: the
    text output of those runs).
 
-Prints a table and writes everything as JSON (`--out`). Never crashes because our binary
-fails: such a failure is recorded and reported. Exit status: 0 when every correctness check
-that ran passed, 1 otherwise, 2 when torch or CUDA is missing.
+`--deadline-s` bounds the whole run (the JSON is rewritten after every phase, so a run cut
+short keeps what it measured). `--summary DIR` needs no torch: it prints the tables of a GPU
+run's `DIR/bench.jsonl`, `DIR/torch.json` and `DIR/torch-model.json` (scripts/gpu-run.sh).
+
+Never crashes because our binary fails: such a failure is recorded and reported. Exit status:
+0 when every correctness check that ran passed, 1 otherwise, 2 when torch or CUDA is missing.
 """
 
 import argparse
@@ -34,18 +39,18 @@ import time
 import traceback
 
 BENCH_SHAPES = [
-    # (N, C, H, W, K): the four RepLKNet-31B layers at N=64 and N=1, the paper's Table 1
-    # setting, and the wide case.
+    # (N, C, H, W, K): the four RepLKNet-31B layers at N=64 and N=1 (most valuable first), the
+    # paper's Table 1 setting, and the wide case.
     (64, 128, 56, 56, 31),
+    (1, 128, 56, 56, 31),
+    (64, 1024, 7, 7, 13),
     (64, 256, 28, 28, 29),
     (64, 512, 14, 14, 27),
-    (64, 1024, 7, 7, 13),
-    (64, 384, 32, 32, 31),
-    (8, 128, 256, 200, 31),
-    (1, 128, 56, 56, 31),
     (1, 256, 28, 28, 29),
     (1, 512, 14, 14, 27),
     (1, 1024, 7, 7, 13),
+    (64, 384, 32, 32, 31),
+    (8, 128, 256, 200, 31),
 ]
 
 CHECK_SHAPES = [
@@ -55,7 +60,21 @@ CHECK_SHAPES = [
 ]
 
 DTYPES = ["f32", "f16", "bf16"]
+TIMING_DTYPES = ["f32", "bf16", "f16"]
 PASSES = ["fwd", "dgrad", "wgrad"]
+
+
+class Deadline:
+    """The wall-clock end of this run (None: unbounded)."""
+
+    def __init__(self, seconds):
+        self.end = None if seconds is None else time.time() + seconds
+
+    def left(self):
+        return float("inf") if self.end is None else self.end - time.time()
+
+    def passed(self, reserve=0.0):
+        return self.left() <= reserve
 
 # --------------------------------------------------------------------------------------------
 # A tiny safetensors reader/writer (f32 only is all lkconv's CLI needs; it reads f16/bf16 too).
@@ -157,12 +176,15 @@ def rel_err(a, ref):
     return (a.double() - ref.double()).abs().max().item() / scale
 
 
-def check_correctness(lkconv, workdir, dev, records, failures):
+def check_correctness(lkconv, workdir, dev, records, failures, impls, deadline):
     import torch
     import torch.nn.functional as F
 
     tol = {"f32": 1e-5, "f16": 4e-3, "bf16": 3e-2}
     for (n, c, h, w, k) in CHECK_SHAPES:
+        if deadline.passed(5):
+            records.append({"shape": [n, c, h, w, k], "skipped": "time budget", "pass_ok": True})
+            continue
         pad = k // 2
         g = torch.Generator().manual_seed(n * 1000 + c * 10 + k)
         x0 = torch.rand(n, c, h, w, generator=g) * 2 - 1
@@ -194,16 +216,18 @@ def check_correctness(lkconv, workdir, dev, records, failures):
             # ours, through the CLI
             fin = os.path.join(workdir, "in.safetensors")
             st_write(fin, {"x": x, "w": wt, "bias": b, "dy": dy})
-            for ps in PASSES:
+            for ps, imp in [(ps, imp) for ps in PASSES for imp in impls]:
+                if imp == "tc" and dt == "f32":
+                    continue
                 fout = os.path.join(workdir, "out_%s.safetensors" % ps)
                 if os.path.exists(fout):
                     os.remove(fout)
-                cli = ["conv", "--op", ps, "--device", "cuda", "--dtype", dt, "--impl", "fast",
+                cli = ["conv", "--op", ps, "--device", "cuda", "--dtype", dt, "--impl", imp,
                        "--input", fin, "--output", fout]
                 if ps == "wgrad":
                     cli += ["--kernel", "%d,%d" % (k, k)]
-                ok, msg = run_ours(lkconv, cli, 120)
-                rec = {"shape": [n, c, h, w, k], "dtype": dt, "pass": ps}
+                ok, msg = run_ours(lkconv, cli, max(5.0, min(60.0, deadline.left())))
+                rec = {"shape": [n, c, h, w, k], "dtype": dt, "pass": ps, "impl": imp}
                 ours_err = None
                 if ok:
                     try:
@@ -229,8 +253,15 @@ def check_correctness(lkconv, workdir, dev, records, failures):
                 records.append(rec)
 
 
-def median_ms(fn, budget_s):
-    """Median time of fn() in ms with CUDA events: one warm-up (also sizes the run count)."""
+GROUP_MS = 1.0
+GROUPS = 5
+
+
+def time_ms(fn, budget_s, max_groups=GROUPS):
+    """Per-call ms of fn(), timed like lkconv's timer: one warm-up call, then up to max_groups
+    groups of M back-to-back calls between two CUDA events (M sized from a timed call so that a
+    group lasts >= GROUP_MS), synchronised; the median per-call time of the groups.
+    Returns (ms, calls timed, M)."""
     import torch
 
     fn()
@@ -239,32 +270,34 @@ def median_ms(fn, budget_s):
     s.record()
     fn()
     e.record()
-    torch.cuda.synchronize()
-    first = s.elapsed_time(e)
-    iters = int(max(1, min(20, (budget_s * 1e3) / max(first, 1e-3))))
+    e.synchronize()
+    first = max(s.elapsed_time(e), 1e-3)
+    m = int(max(1, min(1000, -(-GROUP_MS // first))))
+    groups = int(max(1, min(max_groups, (budget_s * 1e3) / (first * m))))
     times = []
-    for _ in range(iters):
+    for _ in range(groups):
         s.record()
-        fn()
+        for _ in range(m):
+            fn()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(s.elapsed_time(e) / m)
     times.sort()
-    return times[len(times) // 2], iters
+    return times[len(times) // 2], groups * m, m
 
 
 def time_torch(records, deadline, per_case_s):
     import torch
     import torch.nn.functional as F
 
-    for dt in DTYPES:
+    for dt in TIMING_DTYPES:
         tdt = torch_dtype(dt)
         for (n, c, h, w, k) in BENCH_SHAPES:
             pad = k // 2
             for layout in ["nchw", "channels_last"]:
                 mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 base = {"shape": [n, c, h, w, k], "dtype": dt, "layout": layout}
-                if time.time() > deadline:
+                if deadline.passed():
                     for ps in PASSES:
                         records.append(dict(base, **{"pass": ps, "skipped": "time budget"}))
                     continue
@@ -284,12 +317,12 @@ def time_torch(records, deadline, per_case_s):
                 flops = 2.0 * n * c * h * w * k * k
                 for ps in PASSES:
                     rec = dict(base, **{"pass": ps})
-                    if time.time() > deadline:
+                    if deadline.passed():
                         rec["skipped"] = "time budget"
                     else:
                         try:
-                            ms, iters = median_ms(fns[ps], per_case_s)
-                            rec.update(ms=ms, iters=iters, gflops=flops / (ms * 1e6))
+                            ms, iters, m = time_ms(fns[ps], min(per_case_s, deadline.left()))
+                            rec.update(ms=ms, iters=iters, back_to_back=m, gflops=flops / (ms * 1e6))
                         except Exception as e:
                             rec["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
                     records.append(rec)
@@ -298,7 +331,8 @@ def time_torch(records, deadline, per_case_s):
 
 
 def load_ours(path):
-    """Our CLI bench records keyed by (n, c, h, w, k, dtype, pass, impl)."""
+    """Our CLI bench records (`lkconv bench --json`: one JSON array per line) keyed by
+    (n, c, h, w, k, dtype, pass, impl); the last record of a key wins."""
     out = {}
     if not path or not os.path.exists(path):
         return out
@@ -310,7 +344,7 @@ def load_ours(path):
             try:
                 for r in json.loads(line):
                     key = (r["n"], r["c"], r["h"], r["w"], r["kh"], r["dtype"], r["op"], r["impl"])
-                    out[key] = r["median_ms"]
+                    out[key] = r
             except Exception:
                 continue
     return out
@@ -408,7 +442,7 @@ def parse_model_ours(paths):
     return out
 
 
-def time_model(result, batch, budget_s):
+def time_model(result, batch, budget_s, deadline):
     """Times the eager RepLKNet-31B forward at `batch` x 3 x 224 x 224: fp32 (TF32 off) and
     bf16 autocast, NCHW. Records images/s (or the error) in result["model"]."""
     import torch
@@ -425,6 +459,9 @@ def time_model(result, batch, budget_s):
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     for name in ["fp32", "bf16 autocast"]:
         rec = {"variant": name, "batch": batch, "params": params}
+        if deadline.passed(3):
+            recs.append(dict(rec, skipped="time budget"))
+            continue
         try:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -437,7 +474,7 @@ def time_model(result, batch, budget_s):
                     else:
                         net(x)
 
-            ms, iters = median_ms(fn, budget_s / 2)
+            ms, iters, _ = time_ms(fn, min(budget_s / 2, deadline.left() / 2), max_groups=3)
             rec.update(ms=ms, iters=iters, images_per_s=batch / (ms / 1e3))
         except Exception as e:
             rec["error"] = str(e)[:300]
@@ -450,10 +487,11 @@ def time_model(result, batch, budget_s):
 
 
 def print_model(result, ours, batch):
+    """The images/s of torch (result["model"]) and ours ({dtype: (images/s, line)})."""
     print("\n== RepLKNet-31B forward, batch %d, 224x224, images/s (median, CUDA events) ==" % batch)
     for r in result.get("model", []):
-        if "error" in r:
-            print("torch %-14s error: %s" % (r.get("variant", ""), r["error"]))
+        if "error" in r or "skipped" in r:
+            print("torch %-14s %s" % (r.get("variant", ""), r.get("error") or "skipped: " + r["skipped"]))
         else:
             print("torch %-14s %9.1f images/s  (%.1f ms, %d runs, %d params)" % (
                 r["variant"], r["images_per_s"], r["ms"], r["iters"], r["params"]))
@@ -464,8 +502,107 @@ def print_model(result, ours, batch):
                 print("lkconv %-13s %9.1f images/s  (%s)" % (dt, ips, line[:160]))
             else:
                 print("lkconv %-13s %9s  (%s)" % (dt, "-", line[:160]))
-    result["model_ours"] = {k: {"images_per_s": v[0], "line": v[1]} for k, v in ours.items()}
     print("")
+
+
+def fmt_ms(t):
+    return "%.3f" % t if t is not None else "-"
+
+
+def print_timings(timings, ours):
+    """The side-by-side table: torch NCHW / channels_last against our fast (and tc) kernels."""
+    print("== timings, ms per call (median; torch: back-to-back calls between CUDA events; ours: "
+          "lkconv bench --json); speed-up = best torch / best ours ==")
+    print("%-20s %-5s %-6s %10s %10s %10s %10s %10s %8s" % (
+        "N,C,H,W,K", "dtype", "pass", "torch NCHW", "torch CL", "ours fast", "ours tc", "ours naive", "speed-up"))
+    rows = {}
+    for r in timings:
+        key = (tuple(r["shape"]), r["dtype"], r["pass"])
+        rows.setdefault(key, {})[r["layout"]] = r.get("ms")
+    for (shape, dt, ps), v in rows.items():
+        n, c, h, w, k = shape
+        mine = {imp: (ours.get((n, c, h, w, k, dt, ps, imp)) or {}).get("median_ms")
+                for imp in ("fast", "tc", "naive")}
+        best = min([t for t in v.values() if t is not None], default=None)
+        best_ours = min([t for i, t in mine.items() if i != "naive" and t], default=None)
+        sp = "%.1fx" % (best / best_ours) if (best is not None and best_ours) else "-"
+        print("%-20s %-5s %-6s %10s %10s %10s %10s %10s %8s" % (
+            ",".join(map(str, shape)), dt, ps, fmt_ms(v.get("nchw")), fmt_ms(v.get("channels_last")),
+            fmt_ms(mine["fast"]), fmt_ms(mine["tc"]), fmt_ms(mine["naive"]), sp))
+
+
+def print_checks(checks):
+    print("== correctness (max |err| / max |ref|, vs float64 torch) ==")
+    print("%-18s %-5s %-6s %-5s %10s %10s %10s  %s" % (
+        "N,C,H,W,K", "dtype", "pass", "impl", "ours", "torch NCHW", "torch CL", "status"))
+    fmt = lambda v: "%.2e" % v if isinstance(v, float) else "-"
+    for r in checks:
+        if "skipped" in r:
+            print("%-18s skipped: %s" % (",".join(map(str, r["shape"])), r["skipped"]))
+            continue
+        status = "ok" if r["pass_ok"] else ("FAIL " + (r.get("ours_error") or "above limit %.1e" % r["limit"]))[:90]
+        print("%-18s %-5s %-6s %-5s %10s %10s %10s  %s" % (
+            ",".join(map(str, r["shape"])), r["dtype"], r["pass"], r.get("impl", "fast"),
+            fmt(r.get("ours_rel_err")), fmt(r.get("torch_nchw_rel_err")),
+            fmt(r.get("torch_channels_last_rel_err")), status))
+
+
+def summary(out_dir):
+    """Prints a GPU run's tables (scripts/gpu-run.sh's $OUT): ours per shape/dtype/impl/pass,
+    ours vs torch, correctness, and the model's images/s. Needs no torch."""
+    ours = load_ours(os.path.join(out_dir, "bench.jsonl"))
+
+    def load(name):
+        try:
+            with open(os.path.join(out_dir, name)) as f:
+                return json.load(f)
+        except Exception:
+            return {}
+
+    conv, model = load("torch.json"), load("torch-model.json")
+    peak = None  # TFLOP/s, from `lkconv info` in env.log ("FP32 peak 66.9 TFLOP/s")
+    try:
+        import re
+
+        with open(os.path.join(out_dir, "env.log")) as f:
+            m = re.search(r"FP32 peak ([0-9.]+) TFLOP/s", f.read())
+        peak = float(m.group(1)) if m else None
+    except Exception:
+        pass
+    if ours:
+        print("== lkconv bench --device cuda: ms per call, nominal GFLOP/s, %% of the FP32 peak (%s) ==" % (
+            "%.1f TFLOP/s" % peak if peak else "unknown"))
+        print("%-18s %-5s %-6s %23s %23s %23s" % ("N,C,H,W,K", "dtype", "impl", "fwd", "dgrad", "wgrad"))
+        seen = []
+        for (n, c, h, w, k, dt, _, imp) in ours:
+            if (n, c, h, w, k, dt, imp) not in seen:
+                seen.append((n, c, h, w, k, dt, imp))
+        for (n, c, h, w, k, dt, imp) in seen:
+            cells = []
+            for ps in PASSES:
+                r = ours.get((n, c, h, w, k, dt, ps, imp)) or {}
+                if r.get("median_ms") is None:
+                    cells.append("-")
+                    continue
+                g = r.get("gflops") or 0.0
+                pct = " %4.1f%%" % (100.0 * g / (peak * 1e3)) if peak else ""
+                cells.append("%8.3f %7.0f%s" % (r["median_ms"], g, pct))
+            print("%-18s %-5s %-6s %23s %23s %23s" % ("%d,%d,%d,%d,%d" % (n, c, h, w, k), dt, imp, *cells))
+        print("")
+    if conv.get("timings"):
+        print_timings(conv["timings"], ours)
+        print("")
+    if conv.get("checks"):
+        bad = [r for r in conv["checks"] if not r.get("pass_ok")]
+        print("torch correctness check: %d records, %d failed" % (len(conv["checks"]), len(bad)))
+        if bad:
+            print_checks(bad)
+        print("")
+    if model.get("model") or model.get("model_ours"):
+        ours_model = {k: (v.get("images_per_s"), v.get("line", "")) for k, v in model.get("model_ours", {}).items()}
+        print_model(model, ours_model, (model.get("model") or [{}])[0].get("batch", 64))
+    for note in conv.get("notes", []) + model.get("notes", []):
+        print("note: " + note[:300])
 
 
 def main():
@@ -473,106 +610,101 @@ def main():
     ap.add_argument("--lkconv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lkconv"))
     ap.add_argument("--ours", help="lkconv bench --json output (JSON arrays, one per line)")
     ap.add_argument("--out", default="torch_compare.json")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget for the timings")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="wall-clock limit of the whole run (timings get 70%% of it, checks the rest)")
     ap.add_argument("--per-case-s", type=float, default=0.25, help="measuring time per case")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--impls", default="fast", help="our implementations to check, comma separated (fast,tc)")
     ap.add_argument("--model-ours", nargs="*", default=[],
                     help="outputs of lkconv bench --model 31b --device cuda (file names with bf16 for bf16)")
     ap.add_argument("--model-batch", type=int, default=64)
-    ap.add_argument("--model-budget-s", type=float, default=16.0)
+    ap.add_argument("--model-budget-s", type=float, default=30.0)
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--summary", metavar="DIR", help="print the tables of a GPU run's output folder and exit")
     args = ap.parse_args()
+    if args.summary:
+        summary(args.summary)
+        return 0
 
+    deadline = Deadline(args.deadline_s)
     result = {"torch": None, "device": None, "checks": [], "timings": [], "notes": []}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     try:
         import torch
     except Exception as e:
         print("torch_compare: PyTorch unavailable: %s" % e)
         result["notes"].append("torch unavailable: %s" % e)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
         return 2
     result["torch"] = torch.__version__
     if not torch.cuda.is_available():
         print("torch_compare: torch %s sees no CUDA device" % torch.__version__)
         result["notes"].append("torch sees no CUDA device")
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save()
         return 2
     dev = torch.device("cuda")
     result["device"] = torch.cuda.get_device_name(0)
     result["notes"].append(
         "torch timings: F.conv2d (fwd) and aten.convolution_backward with one output mask "
-        "(dgrad, wgrad), CUDA events, median after one warm-up; cudnn.benchmark=%s"
-        % torch.backends.cudnn.benchmark
-    )
+        "(dgrad, wgrad); median per-call time of groups of back-to-back calls between two CUDA "
+        "events (>= %.0f ms a group); cudnn.benchmark=%s" % (GROUP_MS, torch.backends.cudnn.benchmark))
     print("torch %s on %s; ours: %s" % (torch.__version__, result["device"], args.lkconv))
-
+    ours = load_ours(args.ours)
     failures = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            check_correctness(args.lkconv, tmp, dev, result["checks"], failures)
-        except Exception:
-            msg = traceback.format_exc()
-            print("correctness checks crashed:\n" + msg)
-            result["notes"].append("correctness checks crashed: " + msg[-600:])
-            failures.append({"crash": msg[-600:]})
-
-    print("\n== correctness (max |err| / max |ref|, vs float64 torch) ==")
-    print("%-22s %-5s %-6s %12s %12s %12s  %s" % ("N,C,H,W,K", "dtype", "pass", "ours", "torch NCHW", "torch CL", "status"))
-    for r in result["checks"]:
-        fmt = lambda v: "%.2e" % v if isinstance(v, float) else "-"
-        status = "ok" if r["pass_ok"] else ("FAIL " + (r.get("ours_error") or "above limit %.1e" % r["limit"]))[:90]
-        print("%-22s %-5s %-6s %12s %12s %12s  %s" % (
-            ",".join(map(str, r["shape"])), r["dtype"], r["pass"], fmt(r.get("ours_rel_err")),
-            fmt(r.get("torch_nchw_rel_err")), fmt(r.get("torch_channels_last_rel_err")), status))
-
-    if not args.skip_model:
-        try:
-            time_model(result, args.model_batch, args.model_budget_s)
-        except Exception:
-            msg = traceback.format_exc()
-            print("model timing crashed:\n" + msg)
-            result["notes"].append("model timing crashed: " + msg[-600:])
 
     if not args.skip_timing:
-        deadline = time.time() + args.budget_s
+        # the timings get 70% of the run when the checks follow
+        timing_deadline = deadline
+        if deadline.end is not None and not args.skip_checks:
+            timing_deadline = Deadline(0.7 * deadline.left())
         try:
-            time_torch(result["timings"], deadline, args.per_case_s)
+            time_torch(result["timings"], timing_deadline, args.per_case_s)
         except Exception:
             msg = traceback.format_exc()
             print("timing crashed:\n" + msg)
             result["notes"].append("timing crashed: " + msg[-600:])
-
-    ours = load_ours(args.ours)
-    print("\n== timings, ms (median, CUDA events); speed-up = best torch / ours fast ==")
-    print("%-22s %-5s %-6s %11s %11s %11s %11s %9s" % ("N,C,H,W,K", "dtype", "pass", "torch NCHW", "torch CL", "ours fast", "ours naive", "speed-up"))
-    rows = {}
-    for r in result["timings"]:
-        key = (tuple(r["shape"]), r["dtype"], r["pass"])
-        rows.setdefault(key, {})[r["layout"]] = r.get("ms")
-    for (shape, dt, ps), v in rows.items():
-        n, c, h, w, k = shape
-        of = ours.get((n, c, h, w, k, dt, ps, "fast"))
-        on = ours.get((n, c, h, w, k, dt, ps, "naive"))
-        best = min([t for t in v.values() if t is not None], default=None)
-        sp = "%.1fx" % (best / of) if (best is not None and of) else "-"
-        fmt = lambda t: "%.3f" % t if t is not None else "-"
-        print("%-22s %-5s %-6s %11s %11s %11s %11s %9s" % (
-            ",".join(map(str, shape)), dt, ps, fmt(v.get("nchw")), fmt(v.get("channels_last")), fmt(of), fmt(on), sp))
         for rec in result["timings"]:
-            if (tuple(rec["shape"]), rec["dtype"], rec["pass"]) == (shape, dt, ps):
-                rec["ours_fast_ms"] = of
-                rec["ours_naive_ms"] = on
+            n, c, h, w, k = rec["shape"]
+            for imp in ("fast", "tc", "naive"):
+                r = ours.get((n, c, h, w, k, rec["dtype"], rec["pass"], imp))
+                if r:
+                    rec["ours_%s_ms" % imp] = r.get("median_ms")
+        save()
+        print_timings(result["timings"], ours)
 
-    try:
-        print_model(result, parse_model_ours(args.model_ours), args.model_batch)
-    except Exception:
-        print("model report crashed:\n" + traceback.format_exc())
+    if not args.skip_checks:
+        impls = [i for i in args.impls.split(",") if i]
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                check_correctness(args.lkconv, tmp, dev, result["checks"], failures, impls, deadline)
+            except Exception:
+                msg = traceback.format_exc()
+                print("correctness checks crashed:\n" + msg)
+                result["notes"].append("correctness checks crashed: " + msg[-600:])
+                failures.append({"crash": msg[-600:]})
+        result["correctness_failures"] = len(failures)
+        save()
+        print("")
+        print_checks(result["checks"])
 
-    result["correctness_failures"] = len(failures)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    if not args.skip_model:
+        try:
+            time_model(result, args.model_batch, args.model_budget_s, deadline)
+        except Exception:
+            msg = traceback.format_exc()
+            print("model timing crashed:\n" + msg)
+            result["notes"].append("model timing crashed: " + msg[-600:])
+        ours_model = parse_model_ours(args.model_ours)
+        result["model_ours"] = {k: {"images_per_s": v[0], "line": v[1]} for k, v in ours_model.items()}
+        save()
+        print_model(result, ours_model, args.model_batch)
+
+    save()
     print("\nwrote %s; correctness: %d checks, %d failed" % (args.out, len(result["checks"]), len(failures)))
     return 0 if not failures else 1
 

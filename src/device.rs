@@ -110,6 +110,7 @@ pub fn forward<T: Element>(
             Impl::Naive => crate::cpu::naive::forward(conv, x, w, bias),
             Impl::Im2col => crate::cpu::im2col::forward(conv, x, w, bias),
             Impl::Reference => crate::cpu::reference::forward(conv, x, w, bias),
+            Impl::TensorCore => Err(crate::plan::tensor_core::cpu_unsupported()),
         },
         Device::Sim | Device::Cuda(_) => {
             let p = Problem::forward(
@@ -140,6 +141,7 @@ pub fn data_grad<T: Element>(
             Impl::Naive => crate::cpu::naive::data_grad(conv, dy, w, input_hw),
             Impl::Im2col => crate::cpu::im2col::data_grad(conv, dy, w, input_hw),
             Impl::Reference => crate::cpu::reference::data_grad(conv, dy, w, input_hw),
+            Impl::TensorCore => Err(crate::plan::tensor_core::cpu_unsupported()),
         },
         Device::Sim | Device::Cuda(_) => {
             let p = Problem::data_grad(imp, T::DTYPE, conv, dy.shape(), w.shape(), input_hw)?;
@@ -162,6 +164,7 @@ pub fn weight_grad<T: Element>(
             Impl::Naive => crate::cpu::naive::weight_grad(conv, x, dy),
             Impl::Im2col => crate::cpu::im2col::weight_grad(conv, x, dy),
             Impl::Reference => crate::cpu::reference::weight_grad(conv, x, dy),
+            Impl::TensorCore => Err(crate::plan::tensor_core::cpu_unsupported()),
         },
         Device::Sim | Device::Cuda(_) => {
             let p = Problem::weight_grad(imp, T::DTYPE, conv, x.shape(), dy.shape())?;

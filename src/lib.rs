@@ -17,6 +17,8 @@
 //! ([`exec`]) with its two back-ends, the simulator ([`sim`]) and the CUDA device ([`cuda`]);
 //! the CPU engine ([`cpu`]); the dispatcher on top ([`device`]); RepLKNet ([`model`]).
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
@@ -25,6 +27,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod model;
+pub mod occupancy;
 pub mod op;
 pub mod plan;
 pub mod problem;

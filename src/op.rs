@@ -16,6 +16,8 @@ pub enum Impl {
     Im2col,
     /// The f64 reference (CPU only).
     Reference,
+    /// Tensor cores (f16/bf16, sm_80+; `crate::plan::tensor_core`), SIMT where it has no kernel.
+    TensorCore,
 }
 
 impl Impl {
@@ -25,6 +27,7 @@ impl Impl {
             Impl::Naive => "naive",
             Impl::Im2col => "im2col",
             Impl::Reference => "reference",
+            Impl::TensorCore => "tc",
         }
     }
 }
@@ -37,8 +40,9 @@ impl FromStr for Impl {
             "naive" => Ok(Impl::Naive),
             "im2col" => Ok(Impl::Im2col),
             "reference" | "ref" => Ok(Impl::Reference),
+            "tc" | "tensor-core" => Ok(Impl::TensorCore),
             other => Err(Error::InvalidArgument(format!(
-                "unknown implementation '{other}' (expected fast, naive, im2col or reference)"
+                "unknown implementation '{other}' (expected fast, naive, im2col, tc or reference)"
             ))),
         }
     }

@@ -5,11 +5,13 @@
 //! `LKCONV_REQUIRE_GPU=1`, which turns the skip into a failure (the GPU bundle sets it).
 //! The shape-checking and no-driver tests run everywhere.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{assert_matches, Expected};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
-use lkconv::cpu::reference;
 use lkconv::cuda::{self, CudaDevice, CudaElement, CudaExec, DeviceTensor, RawOperands};
 use lkconv::{DType, Device, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Rng, Tensor};
 
@@ -21,20 +23,7 @@ fn require_gpu() -> bool {
 
 /// The GPU with its kernels loaded, or None after printing why (panics when a GPU is required).
 fn gpu() -> Option<Arc<CudaDevice>> {
-    let reason = if !cuda::kernels_compiled() {
-        "built without CUDA kernels".to_string()
-    } else {
-        match CudaDevice::shared(0) {
-            Ok(d) if d.kernels_loaded() => return Some(d),
-            Ok(_) => "the embedded kernels failed to load".to_string(),
-            Err(e) => e.to_string(),
-        }
-    };
-    if require_gpu() {
-        panic!("LKCONV_REQUIRE_GPU=1 but no usable CUDA device: {reason}");
-    }
-    println!("skipped: no CUDA device ({reason})");
-    None
+    common::have_gpu().then(|| CudaDevice::shared(0).expect("have_gpu() opened it"))
 }
 
 /// One problem: sizes and the convolution.
@@ -117,66 +106,13 @@ fn data<T: Element>(cs: &Case, seed: u64) -> Data<T> {
     }
 }
 
-fn abs(t: &Tensor<f32>) -> Tensor<f32> {
-    Tensor::from_vec(t.shape(), t.data().iter().map(|v| v.abs()).collect()).unwrap()
-}
-
-/// The reference result in f32 (from the f64 oracle on the exact f32 images of the inputs)
-/// and the magnitude bound (the same op on absolute values) that scales the tolerance.
-fn reference_of<T: Element>(op: Op, cs: &Case, d: &Data<T>) -> (Tensor<f32>, Tensor<f32>) {
-    let (x, w, b, dy) = (
-        d.x.cast::<f32>(),
-        d.w.cast::<f32>(),
-        d.b.cast::<f32>(),
-        d.dy.cast::<f32>(),
-    );
-    let conv = &cs.conv;
+/// What `op` must give on the inputs of a case (the suite's one comparator, tests/common).
+fn expected<T: Element>(op: Op, cs: &Case, d: &Data<T>) -> Expected {
     match op {
-        Op::Forward => (
-            reference::forward(conv, &x, &w, Some(&b)).unwrap(),
-            reference::forward(conv, &abs(&x), &abs(&w), Some(&abs(&b))).unwrap(),
-        ),
-        Op::DataGrad => (
-            reference::data_grad(conv, &dy, &w, (cs.h, cs.w)).unwrap(),
-            reference::data_grad(conv, &abs(&dy), &abs(&w), (cs.h, cs.w)).unwrap(),
-        ),
-        Op::WeightGrad => (
-            reference::weight_grad(conv, &x, &dy).unwrap(),
-            reference::weight_grad(conv, &abs(&x), &abs(&dy)).unwrap(),
-        ),
+        Op::Forward => Expected::forward(&cs.conv, &d.x, &d.w, Some(&d.b)),
+        Op::DataGrad => Expected::data_grad(&cs.conv, &d.dy, &d.w, (cs.h, cs.w)),
+        Op::WeightGrad => Expected::weight_grad(&cs.conv, &d.x, &d.dy),
     }
-}
-
-/// |got - want| <= eps(T) |want| + 3e-5 * magnitude + 1e-6 everywhere (NaN fails).
-fn assert_close<T: Element>(what: &str, got: &Tensor<T>, want: &Tensor<f32>, mag: &Tensor<f32>) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let eps = T::DTYPE.epsilon();
-    let mut bad = Vec::new();
-    let mut worst = 0f64;
-    for (i, ((g, r), m)) in got
-        .data()
-        .iter()
-        .zip(want.data())
-        .zip(mag.data())
-        .enumerate()
-    {
-        let (g, r, m) = (g.to_f64(), *r as f64, *m as f64);
-        let tol = eps * r.abs() + 3e-5 * m + 1e-6;
-        let err = (g - r).abs();
-        worst = worst.max(err / tol);
-        // NaN compares false, so an unwritten (poisoned) element fails here.
-        if err.is_nan() || err > tol {
-            bad.push(format!("[{i}] got {g} want {r} (tol {tol:.3e})"));
-        }
-    }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} elements wrong, e.g. {:?}",
-        bad.len(),
-        got.len(),
-        &bad[..bad.len().min(6)]
-    );
-    assert!(worst.is_finite(), "{what}: non-finite error");
 }
 
 fn nan_tensor<T: Element>(shape: &[usize]) -> Tensor<T> {
@@ -228,12 +164,12 @@ fn check_all<T: CudaElement>(cases: &[Case]) {
     for (i, cs) in cases.iter().enumerate() {
         let d = data::<T>(cs, 100 + i as u64);
         for op in Op::ALL {
-            let (want, mag) = reference_of(op, cs, &d);
+            let want = expected(op, cs, &d);
             for imp in IMPLS {
                 let what = format!("{} {} {} {:?}", T::DTYPE, op.name(), imp.name(), cs);
                 let got = run_device::<T>(&mut ex, op, imp, cs, &d)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_close(&what, &got, &want, &mag);
+                assert_matches(&what, &got, &want);
             }
         }
     }
@@ -279,17 +215,12 @@ fn host_api_matches_the_reference_with_and_without_bias() {
         for imp in IMPLS {
             let y = lkconv::device::forward(Device::Cuda(0), imp, &cs.conv, &d.x, &d.w, Some(&d.b))
                 .unwrap();
-            let (want, mag) = reference_of(Op::Forward, cs, &d);
-            assert_close(&format!("host fwd {imp:?} {cs:?}"), &y, &want, &mag);
+            let want = expected(Op::Forward, cs, &d);
+            assert_matches(&format!("host fwd {imp:?} {cs:?}"), &y, &want);
             let y0 =
                 lkconv::device::forward(Device::Cuda(0), imp, &cs.conv, &d.x, &d.w, None).unwrap();
-            let want0 = reference::forward(&cs.conv, &d.x, &d.w, None).unwrap();
-            assert_close(
-                &format!("host fwd no bias {imp:?} {cs:?}"),
-                &y0,
-                &want0,
-                &mag,
-            );
+            let want0 = Expected::forward(&cs.conv, &d.x, &d.w, None);
+            assert_matches(&format!("host fwd no bias {imp:?} {cs:?}"), &y0, &want0);
             let dx = lkconv::device::data_grad(
                 Device::Cuda(0),
                 imp,
@@ -299,12 +230,12 @@ fn host_api_matches_the_reference_with_and_without_bias() {
                 (cs.h, cs.w),
             )
             .unwrap();
-            let (want, mag) = reference_of(Op::DataGrad, cs, &d);
-            assert_close(&format!("host dgrad {imp:?} {cs:?}"), &dx, &want, &mag);
+            let want = expected(Op::DataGrad, cs, &d);
+            assert_matches(&format!("host dgrad {imp:?} {cs:?}"), &dx, &want);
             let dw =
                 lkconv::device::weight_grad(Device::Cuda(0), imp, &cs.conv, &d.x, &d.dy).unwrap();
-            let (want, mag) = reference_of(Op::WeightGrad, cs, &d);
-            assert_close(&format!("host wgrad {imp:?} {cs:?}"), &dw, &want, &mag);
+            let want = expected(Op::WeightGrad, cs, &d);
+            assert_matches(&format!("host wgrad {imp:?} {cs:?}"), &dw, &want);
         }
     }
 }
@@ -325,13 +256,11 @@ fn host_api_half_types() {
         Some(&d.b),
     )
     .unwrap();
-    let (want, mag) = reference_of(Op::Forward, &cs, &d);
-    assert_close("host f16 fwd", &y, &want, &mag);
+    assert_matches("host f16 fwd", &y, &expected(Op::Forward, &cs, &d));
     let d = data::<bf16>(&cs, 4);
     let dw =
         lkconv::device::weight_grad(Device::Cuda(0), Impl::Fast, &cs.conv, &d.x, &d.dy).unwrap();
-    let (want, mag) = reference_of(Op::WeightGrad, &cs, &d);
-    assert_close("host bf16 wgrad", &dw, &want, &mag);
+    assert_matches("host bf16 wgrad", &dw, &expected(Op::WeightGrad, &cs, &d));
 }
 
 fn weight_grad_bits<T: CudaElement>(
@@ -397,16 +326,13 @@ fn chained_ops_on_one_stream_need_no_synchronisation() {
     cuda::forward(&mut ex, Impl::Fast, &cs.conv, &x, &w, None, &mut y).unwrap();
     cuda::data_grad(&mut ex, Impl::Fast, &cs.conv, &y, &w, &mut dx).unwrap();
     cuda::weight_grad(&mut ex, Impl::Fast, &cs.conv, &x, &y, &mut dw).unwrap();
-    let y_ref = reference::forward(&cs.conv, &d.x, &d.w, None).unwrap();
     let y_host = y.to_host().unwrap();
-    let mag = reference::forward(&cs.conv, &abs(&d.x), &abs(&d.w), None).unwrap();
-    assert_close("chained fwd", &y_host, &y_ref, &mag);
-    let dx_ref = reference::data_grad(&cs.conv, &y_host, &d.w, (cs.h, cs.w)).unwrap();
-    let dx_mag = reference::data_grad(&cs.conv, &mag, &abs(&d.w), (cs.h, cs.w)).unwrap();
-    assert_close("chained dgrad", &dx.to_host().unwrap(), &dx_ref, &dx_mag);
-    let dw_ref = reference::weight_grad(&cs.conv, &d.x, &y_host).unwrap();
-    let dw_mag = reference::weight_grad(&cs.conv, &abs(&d.x), &mag).unwrap();
-    assert_close("chained wgrad", &dw.to_host().unwrap(), &dw_ref, &dw_mag);
+    let want = Expected::forward(&cs.conv, &d.x, &d.w, None);
+    assert_matches("chained fwd", &y_host, &want);
+    let want = Expected::data_grad(&cs.conv, &y_host, &d.w, (cs.h, cs.w));
+    assert_matches("chained dgrad", &dx.to_host().unwrap(), &want);
+    let want = Expected::weight_grad(&cs.conv, &d.x, &y_host);
+    assert_matches("chained wgrad", &dw.to_host().unwrap(), &want);
 }
 
 #[test]
@@ -462,19 +388,14 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
             }
         }
         for op in Op::ALL {
-            let (want, mag) = reference_of(op, &cs, &d);
             let got = match op {
                 Op::Forward => y.to_host(),
                 Op::DataGrad => dx.to_host(),
                 Op::WeightGrad => dw.to_host(),
             }
             .unwrap();
-            assert_close(
-                &format!("raw {} {}", op.name(), imp.name()),
-                &got,
-                &want,
-                &mag,
-            );
+            let what = format!("raw {} {}", op.name(), imp.name());
+            assert_matches(&what, &got, &expected(op, &cs, &d));
         }
         // A workspace that is too small is refused before anything is launched.
         if need > 0 {
@@ -672,3 +593,198 @@ fn time_op_measures_something() {
         }
     }
 }
+
+// ---- The benchmark shapes ------------------------------------------------------------------------
+//
+// One test body (`check_benchmark_shapes`), every device (the candle `test_device!` pattern): on
+// the GPU at the benchmark shapes (skipped without one), in the kernel simulator at reduced sizes
+// that take the same planner branches (the N=64 full-plane tiles, the N=1 split tiles, plane
+// packing). Per shape, dtype and pass: the fast kernels against the naive kernel on the same
+// device over the whole output (the tolerance scaled by the naive kernel run on |inputs|), and
+// against the f64 CPU reference on a slice (two images x three channels; all images of the
+// three channels for the weight gradient).
+
+/// Where the body runs: the simulator, or a GPU through the stream API (outputs poisoned with NaN).
+enum Runner {
+    Sim,
+    Gpu(CudaExec),
+}
+
+impl Runner {
+    fn run<T: CudaElement>(&mut self, op: Op, imp: Impl, cs: &Case, d: &Data<T>) -> Tensor<T> {
+        let what = format!("{} {} {} {:?}", T::DTYPE, op.name(), imp.name(), cs);
+        let r = match self {
+            // the simulator poisons outputs and workspace with NaN itself
+            Runner::Sim => match op {
+                Op::Forward => {
+                    lkconv::device::forward(Device::Sim, imp, &cs.conv, &d.x, &d.w, Some(&d.b))
+                }
+                Op::DataGrad => {
+                    lkconv::device::data_grad(Device::Sim, imp, &cs.conv, &d.dy, &d.w, (cs.h, cs.w))
+                }
+                Op::WeightGrad => {
+                    lkconv::device::weight_grad(Device::Sim, imp, &cs.conv, &d.x, &d.dy)
+                }
+            },
+            Runner::Gpu(ex) => run_device::<T>(ex, op, imp, cs, d),
+        };
+        r.unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+}
+
+/// Planes `(i, j)` for `i in first`, `j in second` of a tensor whose first two dims index planes
+/// (x, dy: [N, C, ..]; w, dw: [C, 1, ..]), as a new tensor [first.len(), second.len(), ..].
+fn planes<T: Element>(t: &Tensor<T>, first: &[usize], second: &[usize]) -> Tensor<T> {
+    let s = t.shape();
+    let plane: usize = s[2..].iter().product();
+    let mut data = Vec::with_capacity(first.len() * second.len() * plane);
+    for &i in first {
+        for &j in second {
+            let at = (i * s[1] + j) * plane;
+            data.extend_from_slice(&t.data()[at..at + plane]);
+        }
+    }
+    let mut shape = vec![first.len(), second.len()];
+    shape.extend_from_slice(&s[2..]);
+    Tensor::from_vec(&shape, data).unwrap()
+}
+
+fn abs_of<T: Element>(t: &Tensor<T>) -> Tensor<T> {
+    Tensor::from_vec(
+        t.shape(),
+        t.data()
+            .iter()
+            .map(|v| T::from_f32(v.to_f32().abs()))
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// The body: every pass of every case, fast against naive on the device and against the f64
+/// reference on a slice.
+fn check_benchmark_shapes<T: CudaElement>(runner: &mut Runner, cases: &[Case]) {
+    for (i, cs) in cases.iter().enumerate() {
+        let d = data::<T>(cs, 900 + i as u64);
+        let d_abs = Data {
+            x: abs_of(&d.x),
+            w: abs_of(&d.w),
+            b: abs_of(&d.b),
+            dy: abs_of(&d.dy),
+        };
+        // the slice: first and last image, first, middle and last channel
+        let mut ns = vec![0, cs.n - 1];
+        ns.dedup();
+        let mut chans = vec![0, cs.c / 2, cs.c - 1];
+        chans.dedup();
+        let all_n: Vec<usize> = (0..cs.n).collect();
+        for op in Op::ALL {
+            let what = format!("{} {} {:?}", T::DTYPE, op.name(), cs);
+            let fast = runner.run(op, Impl::Fast, cs, &d);
+            let naive = runner.run(op, Impl::Naive, cs, &d);
+            let mag = runner.run(op, Impl::Naive, cs, &d_abs);
+            let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
+            let terms = match op {
+                Op::Forward => cs.conv.kernel.0 * cs.conv.kernel.1 + 1,
+                Op::DataGrad => cs.conv.kernel.0 * cs.conv.kernel.1,
+                Op::WeightGrad => s.n * s.oh * s.ow,
+            };
+            let like_naive = Expected::of_sum(T::DTYPE, terms, &naive.cast(), &mag.cast());
+            assert_matches(&format!("{what} fast vs naive"), &fast, &like_naive);
+            // the reference needs every image of a channel for the weight gradient
+            let sn = if op == Op::WeightGrad { &all_n } else { &ns };
+            let sub = case(sn.len(), chans.len(), cs.h, cs.w, cs.conv);
+            let sub_data = Data {
+                x: planes(&d.x, sn, &chans),
+                w: planes(&d.w, &chans, &[0]),
+                b: Tensor::from_vec(
+                    &[chans.len()],
+                    chans.iter().map(|&c| d.b.data()[c]).collect(),
+                )
+                .unwrap(),
+                dy: planes(&d.dy, sn, &chans),
+            };
+            let want = expected(op, &sub, &sub_data);
+            let got = match op {
+                Op::WeightGrad => planes(&fast, &chans, &[0]),
+                _ => planes(&fast, &ns, &chans),
+            };
+            let slice = format!("{what} fast vs f64 reference on images {ns:?} channels {chans:?}");
+            assert_matches(&slice, &got, &want);
+        }
+    }
+}
+
+/// The shapes that matter (BENCHMARKS.md): RepLKNet-31B's first and last layers at N=64 and the
+/// first at N=1.
+fn gpu_benchmark_cases() -> Vec<Case> {
+    vec![
+        case(64, 128, 56, 56, DwConv2d::new(31, 31)),
+        case(64, 1024, 7, 7, DwConv2d::new(13, 13)),
+        case(1, 128, 56, 56, DwConv2d::new(31, 31)),
+    ]
+}
+
+/// Reduced sizes for the simulator that take the planner branches of `gpu_benchmark_cases`:
+/// 264 planes of 32x32 K31 (enough blocks for one full-plane tile per plane, as at N=64),
+/// 544 planes of 7x7 K13 (plane packing, P=2), 4 planes of 56x56 K31 (split tiles, as at N=1).
+fn sim_benchmark_cases() -> Vec<Case> {
+    vec![
+        case(2, 132, 32, 32, DwConv2d::new(31, 31)),
+        case(2, 272, 7, 7, DwConv2d::new(13, 13)),
+        case(1, 4, 56, 56, DwConv2d::new(31, 31)),
+    ]
+}
+
+/// The planner branches the cases must reach (checked on both devices' case lists, so that a
+/// planner change that stops packing planes makes this fail instead of silently testing less).
+fn assert_plans_cover_packing_and_split_tiles(cases: &[Case]) {
+    let plan_of = |cs: &Case| {
+        let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
+        let p = Problem::new(Op::Forward, Impl::Fast, DType::F32, &cs.conv, &s).unwrap();
+        lkconv::plan::plan(&p).unwrap()
+    };
+    let plans: Vec<_> = cases.iter().map(plan_of).collect();
+    assert!(
+        plans.iter().any(|p| p.launches[0].block.2 > 1),
+        "no case packs several planes into a block: {plans:?}"
+    );
+    // full-plane tiles (one tile row per plane) and split tiles (batch 1) for the 56x56 K31 layer
+    assert_eq!(plans[0].launches[0].grid.1, 1, "{:?}", plans[0]);
+    assert!(plans[2].launches[0].grid.1 > 1, "{:?}", plans[2]);
+}
+
+#[test]
+fn benchmark_shape_cases_reach_the_planner_branches() {
+    assert_plans_cover_packing_and_split_tiles(&gpu_benchmark_cases());
+    assert_plans_cover_packing_and_split_tiles(&sim_benchmark_cases());
+}
+
+/// `$gpu` runs the body on the GPU at the benchmark shapes (skips without one), `$sim` in the
+/// simulator at the reduced sizes.
+macro_rules! benchmark_shape_tests {
+    ($t:ty, $gpu:ident, $sim:ident) => {
+        #[test]
+        fn $gpu() {
+            let Some(dev) = gpu() else { return };
+            let stream = dev.new_stream().unwrap();
+            let ex = CudaExec::on_stream(dev, stream).unwrap();
+            check_benchmark_shapes::<$t>(&mut Runner::Gpu(ex), &gpu_benchmark_cases());
+        }
+
+        #[test]
+        fn $sim() {
+            check_benchmark_shapes::<$t>(&mut Runner::Sim, &sim_benchmark_cases());
+        }
+    };
+}
+
+benchmark_shape_tests!(
+    f32,
+    benchmark_shapes_f32_gpu,
+    benchmark_shapes_f32_simulator
+);
+benchmark_shape_tests!(
+    bf16,
+    benchmark_shapes_bf16_gpu,
+    benchmark_shapes_bf16_simulator
+);

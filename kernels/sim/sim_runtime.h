@@ -11,6 +11,10 @@
 // every block so that a read of unstaged shared memory shows up as NaN in the result).
 // Kernels here use dynamic shared memory only (LK_DYNAMIC_SMEM in lk_common.cuh); `__shared__`
 // maps to `static thread_local` for completeness.
+// Sanitizer: the order the fibers of each barrier interval (and the blocks of a grid) run in is
+// a per-launch schedule (forward, reverse, seeded random: a race shows as a different result);
+// global buffers from src/sim/sanitize.rs have guard pages (sim_memcheck.h); shared memory
+// declared with LK_CHECKED_SMEM has a shadow map of written bytes (sim_initcheck.h).
 #pragma once
 #ifndef LK_SIM
 #define LK_SIM 1
@@ -31,6 +35,8 @@
 #include <vector>
 
 #include "../lk_args.cuh"
+#include "sim_memcheck.h"
+#include "sim_initcheck.h"
 
 #define __global__
 #define __device__
@@ -170,9 +176,42 @@ constexpr size_t kSharedGuardBytes = 4096;
 
 using KernelFn = void (*)(const DwArgs);
 
+// How the fibers of a block are ordered in each barrier interval (and the blocks of a grid): a
+// kernel whose result depends on the order has a race (LKCONV_SIM_SCHEDULE, src/sim/sanitize.rs).
+enum Schedule : unsigned { kForward = 0, kReverse = 1, kRandom = 2 };
+
+// Per-launch options, identical to `LaunchOptions` in src/sim/sanitize.rs.
+struct LaunchOptions {
+    unsigned schedule;
+    unsigned reserved;
+    unsigned long long seed;
+};
+
+inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+// Fills `order` with the visiting order of `n` items under `opts`; `salt` picks a fresh random
+// permutation (block index, interval number).
+inline void schedule_order(const LaunchOptions& opts, uint64_t salt, std::vector<size_t>& order,
+                           size_t n) {
+    order.resize(n);
+    for (size_t i = 0; i < n; ++i) order[i] = opts.schedule == kReverse ? n - 1 - i : i;
+    if (opts.schedule != kRandom) return;
+    uint64_t state = splitmix64(opts.seed ^ splitmix64(salt));
+    for (size_t i = n; i > 1; --i) {
+        state = splitmix64(state);
+        std::swap(order[i - 1], order[state % i]);
+    }
+}
+
 struct LaunchState {
     KernelFn fn = nullptr;
     const void* args = nullptr;
+    LaunchOptions opts{kForward, 0, 0};
     std::atomic<bool> failed{false};
     std::mutex mu;
     std::string error;
@@ -200,6 +239,7 @@ struct BlockRun {
     unsigned char* smem = nullptr;
     size_t smem_bytes = 0;
     std::string fault;
+    std::vector<size_t> order;
 
     explicit BlockRun(size_t n, size_t smem_alloc) : fibers(n), nthreads(n) {
         size_t bytes = n * kStackBytes;
@@ -253,6 +293,11 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
     t_dyn_smem = b.smem;
     std::memset(b.smem, 0xff, b.smem_bytes + kSharedGuardBytes);  // NaN poison
     b.fault.clear();
+    take_oob();  // a report left by an earlier failed launch on this thread
+    initcheck_block_begin(b.smem, b.smem_bytes);
+    const uint64_t block_salt =
+        ((uint64_t)bidx.z << 42) ^ ((uint64_t)bidx.y << 21) ^ (uint64_t)bidx.x;
+    uint64_t interval = 0;
     warp_block_begin(b.nthreads);
     for (size_t i = 0; i < b.nthreads; ++i) {
         Fiber& f = b.fibers[i];
@@ -270,7 +315,8 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
         bool mixed_sites = false;
         // while a warp point is pending, only its lanes run; the others stay at their barrier
         const bool warp_round = warp_any_waiting();
-        for (size_t i = 0; i < b.nthreads; ++i) {
+        schedule_order(b.launch->opts, splitmix64(block_salt) + interval++, b.order, b.nthreads);
+        for (size_t i : b.order) {
             Fiber& f = b.fibers[i];
             if (f.done) {
                 ++done;
@@ -294,6 +340,8 @@ inline std::string run_block(BlockRun& b, uint3 bidx, uint3 bdim) {
             }
         }
         if (!b.fault.empty()) return b.fault;
+        std::string oob = take_oob();
+        if (!oob.empty()) return oob;
         if (at_warp > 0) {
             std::string e = warp_end_of_pass();
             if (!e.empty()) return e;

@@ -1,6 +1,7 @@
 // Warp-level primitives for the kernel simulator: __syncwarp, the __shfl_*_sync family,
-// __ballot_sync / __any_sync / __all_sync, and the warp-level matrix operation
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (lk_mma_m16n8k16_f16/_bf16).
+// __ballot_sync / __any_sync / __all_sync, and the warp-level matrix operations
+// mma.sync.aligned.{m16n8k16,m16n8k8}.row.col.f32.{f16,bf16}.{f16,bf16}.f32
+// (lk_mma_m16n8k16_f16/_bf16, lk_mma_m16n8k8_f16/_bf16).
 //
 // Model: a rendezvous of the lanes named by the member mask. A lane that arrives records its
 // inputs in its warp's slot and, unless it is the last member to arrive, yields to the block
@@ -19,7 +20,7 @@ namespace lksim {
 
 constexpr unsigned kWarpSize = 32;
 
-enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, MmaF16, MmaBf16 };
+enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, MmaF16, MmaBf16, MmaK8F16, MmaK8Bf16 };
 
 inline const char* warp_op_name(WarpOp op) {
     switch (op) {
@@ -33,6 +34,8 @@ inline const char* warp_op_name(WarpOp op) {
         case WarpOp::All: return "__all_sync";
         case WarpOp::MmaF16: return "mma.sync.m16n8k16.f16";
         case WarpOp::MmaBf16: return "mma.sync.m16n8k16.bf16";
+        case WarpOp::MmaK8F16: return "mma.sync.m16n8k8.f16";
+        case WarpOp::MmaK8Bf16: return "mma.sync.m16n8k8.bf16";
     }
     return "?";
 }
@@ -134,15 +137,23 @@ inline float warp_elem(uint32_t reg, int hi, bool bf16) {
 //   B (16x8, regs b0,b1 = elements b0..b3): element bi at row = 2 * tig + (i % 2) + 8 * (i / 2),
 //     col = groupID
 //   C, D (16x8 f32, c0..c3): ci at row = groupID + 8 * (i / 2), col = 2 * tig + (i % 2)
+// mma.m16n8k8 (f16/bf16, "Matrix Fragments for mma.m16n8k8"): A (16x8, regs a0,a1 = elements
+// a0..a3): ai at row = groupID + 8 * (i / 2), col = 2 * tig + (i % 2); B (8x8, reg b0 =
+// elements b0, b1): bi at row = 2 * tig + i, col = groupID; C, D as for m16n8k16.
 // Products of f16/bf16 values are exact in f32; the sum runs over k in order with f32 rounding.
-inline void warp_mma_m16n8k16(WarpSlot& s, bool bf16) {
+inline void warp_mma_m16n8(WarpSlot& s, bool bf16, int kdim) {
     float A[16][16], B[16][8], C[16][8];
     for (unsigned lane = 0; lane < kWarpSize; ++lane) {
         const WarpLane& L = s.lanes[lane];
         const int g = (int)lane >> 2, t = (int)lane & 3;
-        for (int i = 0; i < 8; ++i)
-            A[g + 8 * ((i / 2) % 2)][2 * t + (i % 2) + 8 * (i / 4)] = warp_elem(L.a[i / 2], i % 2, bf16);
-        for (int i = 0; i < 4; ++i) B[2 * t + (i % 2) + 8 * (i / 2)][g] = warp_elem(L.b[i / 2], i % 2, bf16);
+        if (kdim == 16) {
+            for (int i = 0; i < 8; ++i)
+                A[g + 8 * ((i / 2) % 2)][2 * t + (i % 2) + 8 * (i / 4)] = warp_elem(L.a[i / 2], i % 2, bf16);
+            for (int i = 0; i < 4; ++i) B[2 * t + (i % 2) + 8 * (i / 2)][g] = warp_elem(L.b[i / 2], i % 2, bf16);
+        } else {
+            for (int i = 0; i < 4; ++i) A[g + 8 * (i / 2)][2 * t + (i % 2)] = warp_elem(L.a[i / 2], i % 2, bf16);
+            for (int i = 0; i < 2; ++i) B[2 * t + i][g] = warp_elem(L.b[0], i, bf16);
+        }
         for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * t + (i % 2)] = L.c[i];
     }
     for (unsigned lane = 0; lane < kWarpSize; ++lane) {
@@ -151,7 +162,7 @@ inline void warp_mma_m16n8k16(WarpSlot& s, bool bf16) {
         for (int i = 0; i < 4; ++i) {
             const int r = g + 8 * (i / 2), col = 2 * t + (i % 2);
             float acc = C[r][col];
-            for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][col];
+            for (int k = 0; k < kdim; ++k) acc += A[r][k] * B[k][col];
             L.d[i] = acc;
         }
     }
@@ -206,11 +217,14 @@ inline bool warp_complete(WarpSlot& s, size_t warp) {
         }
         case WarpOp::MmaF16:
         case WarpOp::MmaBf16:
+        case WarpOp::MmaK8F16:
+        case WarpOp::MmaK8Bf16:
             if (mask != 0xffffffffu) {
                 warp_fault(s, warp, 0, s.op, "mma.sync.aligned needs all 32 lanes (mask " + lane_list(mask) + ")");
                 return false;
             }
-            warp_mma_m16n8k16(s, s.op == WarpOp::MmaBf16);
+            warp_mma_m16n8(s, s.op == WarpOp::MmaBf16 || s.op == WarpOp::MmaK8Bf16,
+                           s.op == WarpOp::MmaF16 || s.op == WarpOp::MmaBf16 ? 16 : 8);
             break;
     }
     return true;
@@ -290,11 +304,12 @@ inline uint64_t warp_vote(WarpOp op, unsigned mask, int pred, void* site) {
     return warp_arrive(op, mask, site, in).out;
 }
 
-inline void warp_mma(WarpOp op, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+template <int NA, int NB>
+inline void warp_mma(WarpOp op, float (&d)[4], const uint32_t (&a)[NA], const uint32_t (&b)[NB],
                      const float (&c)[4], void* site) {
     WarpLane in;
-    for (int i = 0; i < 4; ++i) in.a[i] = a[i];
-    for (int i = 0; i < 2; ++i) in.b[i] = b[i];
+    for (int i = 0; i < NA; ++i) in.a[i] = a[i];
+    for (int i = 0; i < NB; ++i) in.b[i] = b[i];
     for (int i = 0; i < 4; ++i) in.c[i] = c[i];
     const WarpLane r = warp_arrive(op, 0xffffffffu, site, in);
     for (int i = 0; i < 4; ++i) d[i] = r.d[i];
@@ -343,4 +358,14 @@ __attribute__((noinline)) inline void lk_mma_m16n8k16_f16(float (&d)[4], const u
 __attribute__((noinline)) inline void lk_mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
                                                            const uint32_t (&b)[2], const float (&c)[4]) {
     ::lksim::warp_mma(::lksim::WarpOp::MmaBf16, d, a, b, c, __builtin_return_address(0));
+}
+// mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32: a = two .f16x2 registers, b = one.
+__attribute__((noinline)) inline void lk_mma_m16n8k8_f16(float (&d)[4], const uint32_t (&a)[2],
+                                                         const uint32_t (&b)[1], const float (&c)[4]) {
+    ::lksim::warp_mma(::lksim::WarpOp::MmaK8F16, d, a, b, c, __builtin_return_address(0));
+}
+// mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32.
+__attribute__((noinline)) inline void lk_mma_m16n8k8_bf16(float (&d)[4], const uint32_t (&a)[2],
+                                                          const uint32_t (&b)[1], const float (&c)[4]) {
+    ::lksim::warp_mma(::lksim::WarpOp::MmaK8Bf16, d, a, b, c, __builtin_return_address(0));
 }

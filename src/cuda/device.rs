@@ -329,6 +329,7 @@ impl CudaDevice {
                 l.kernel, l.grid, l.block, info.name
             )));
         }
+        crate::plan::tensor_core::check_device(l.kernel, info.compute_capability, &info.name)?;
         let module = self.require_module()?;
         let (id, shared_bytes) = (l.kernel, l.shared_bytes);
         let mut kernels = self.kernels.lock().unwrap_or_else(|p| p.into_inner());

@@ -79,10 +79,14 @@ pub enum Family {
     Avgpool,
     /// `lk_dense_conv_<t>`.
     DenseConv,
+    /// `lk_tc_fwd_<t>_k<K>` / `lk_tc_fwd_<t>_generic`, f16/bf16 only (`kernels/lk_tc.cu`).
+    TcFwd,
+    /// `lk_tc_dgrad_<t>_k<K>` / `lk_tc_dgrad_<t>_generic`, f16/bf16 only.
+    TcDgrad,
 }
 
 impl Family {
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 17] = [
         Family::TiledFwd,
         Family::TiledDgrad,
         Family::WgradPartial,
@@ -98,6 +102,8 @@ impl Family {
         Family::Affine,
         Family::Avgpool,
         Family::DenseConv,
+        Family::TcFwd,
+        Family::TcDgrad,
     ];
 
     /// The entry-point name with `{}` for the storage type.
@@ -118,12 +124,24 @@ impl Family {
             Family::Affine => "lk_affine_{}",
             Family::Avgpool => "lk_avgpool_{}",
             Family::DenseConv => "lk_dense_conv_{}",
+            Family::TcFwd => "lk_tc_fwd_{}",
+            Family::TcDgrad => "lk_tc_dgrad_{}",
         }
     }
 
     /// True for the tiled fwd/dgrad families, which have a templated kernel per filter size.
     pub fn is_tiled(self) -> bool {
         matches!(self, Family::TiledFwd | Family::TiledDgrad)
+    }
+
+    /// True for the tensor-core families (f16/bf16 only, sm_80+).
+    pub fn is_tensor_core(self) -> bool {
+        matches!(self, Family::TcFwd | Family::TcDgrad)
+    }
+
+    /// Families with a templated kernel per filter size and a generic one.
+    pub fn has_templates(self) -> bool {
+        self.is_tiled() || self.is_tensor_core()
     }
 }
 
@@ -165,7 +183,7 @@ impl KernelId {
     /// The `extern "C"` entry point in `kernels/*.cu`, e.g. `lk_fwd_f32_k31`.
     pub fn name(&self) -> String {
         let base = self.family.pattern().replace("{}", self.dtype.name());
-        match (self.family.is_tiled(), self.k) {
+        match (self.family.has_templates(), self.k) {
             (true, Some(k)) => format!("{base}_k{k}"),
             (true, None) => format!("{base}_generic"),
             _ => base,
@@ -177,8 +195,11 @@ impl KernelId {
         let mut v = Vec::new();
         for dtype in DType::ALL {
             for family in Family::ALL {
+                if family.is_tensor_core() && dtype == DType::F32 {
+                    continue;
+                }
                 v.push(KernelId::new(family, dtype));
-                if family.is_tiled() {
+                if family.has_templates() {
                     for k in TEMPLATE_SIZES {
                         v.push(KernelId::tiled(family, dtype, k, k));
                     }
@@ -444,7 +465,7 @@ mod tests {
     #[test]
     fn kernel_ids_name_the_entry_points() {
         let names = kernel_names();
-        assert_eq!(names.len(), 93);
+        assert_eq!(names.len(), 93 + 36); // + the tensor-core kernels (f16, bf16)
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();

@@ -8,7 +8,8 @@
 //! Files, one per kernel family: `tiled.rs` (fwd/dgrad, `kernels/lk_conv.cu`), `wgrad.rs`
 //! (`kernels/lk_wgrad.cu`, `kernels/lk_wgrad_strided.cu`), `naive.rs` (`kernels/lk_naive.cu`),
 //! `im2col.rs` (`kernels/lk_im2col.cu`), `model.rs` (RepLKNet's kernels,
-//! `kernels/lk_model.cu`); `select.rs` chooses among them (the place a new family plugs in),
+//! `kernels/lk_model.cu`), `tensor_core.rs` (`kernels/lk_tc.cu`, `Impl::TensorCore`);
+//! `select.rs` chooses among them (the place a new family plugs in),
 //! `geometry.rs` holds the shared-memory layouts the kernels agree on, `launch.rs` the types,
 //! `fma.rs` the executed-FMA accounting.
 
@@ -19,6 +20,7 @@ mod launch;
 pub mod model;
 mod naive;
 mod select;
+pub mod tensor_core;
 mod tiled;
 mod wgrad;
 

@@ -4,7 +4,7 @@
 //! add it to [`candidates`].
 
 use super::launch::{base_args, DwArgs, Plan};
-use super::{im2col, naive, tiled, wgrad};
+use super::{im2col, naive, tensor_core, tiled, wgrad};
 use crate::error::{Error, Result};
 use crate::op::{Impl, Op};
 use crate::problem::Problem;
@@ -43,6 +43,16 @@ fn candidates(imp: Impl, op: Op) -> Result<&'static [FamilyPlanner]> {
         (Impl::Fast, Op::WeightGrad) => &[tiled_wgrad, wgrad::strided_plan, naive_family],
         (Impl::Naive, _) => &[naive_family],
         (Impl::Im2col, _) => &[im2col_family],
+        // the tensor-core kernels, else (documented fallback) the SIMT ones
+        (Impl::TensorCore, Op::Forward | Op::DataGrad) => {
+            &[tensor_core::plan, tiled_fwd_dgrad, naive_family]
+        }
+        (Impl::TensorCore, Op::WeightGrad) => &[
+            tensor_core::plan,
+            tiled_wgrad,
+            wgrad::strided_plan,
+            naive_family,
+        ],
         (Impl::Reference, _) => {
             return Err(Error::Unsupported(
                 "the f64 reference runs on the CPU only (use fast, naive or im2col on a GPU or \

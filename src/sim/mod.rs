@@ -6,34 +6,23 @@
 //! Every buffer is poisoned with NaN when allocated, so an element a kernel fails to write (or
 //! a read of something never written) shows up in the result; the simulator also poisons
 //! shared memory before every block. It checks launch limits (block size, grid size, 227 KB of
-//! shared memory) and reports barrier divergence as an error.
+//! shared memory) and reports barrier divergence as an error. It is also a sanitizer
+//! ([`sanitize`]): thread schedules, guard pages around every buffer, initcheck of shared memory.
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exec::{Buf, Executor};
 use crate::plan::{Gemm, Launch, Step};
 
+pub mod sanitize;
+pub use sanitize::{with_schedule, GuardedBuf, Schedule};
 pub mod warp;
 
 #[cfg(lkconv_sim)]
 mod ffi {
-    use crate::plan::DwArgs;
     use std::ffi::c_char;
 
     extern "C" {
-        pub fn lksim_launch(
-            name: *const c_char,
-            gx: u32,
-            gy: u32,
-            gz: u32,
-            bx: u32,
-            by: u32,
-            bz: u32,
-            shared_bytes: u32,
-            args: *const DwArgs,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> i32;
         pub fn lksim_selftest(err: *mut c_char, err_len: usize) -> i32;
         pub fn lksim_f32_to_f16_bits(v: f32) -> u16;
         pub fn lksim_f16_bits_to_f32(b: u16) -> f32;
@@ -199,54 +188,18 @@ pub fn kernel_geometry() -> Result<KernelGeometry> {
 /// element the kernel touches for the launch's problem, alive and not accessed through Rust
 /// references while the call runs.
 unsafe fn launch(l: &Launch) -> Result<()> {
-    #[cfg(lkconv_sim)]
-    {
-        let name = std::ffi::CString::new(l.kernel.name())
-            .map_err(|_| Error::Simulator(format!("bad kernel name {}", l.kernel)))?;
-        let mut err = vec![0u8; 512];
-        // SAFETY: `name` is a NUL-terminated string and `l.args` a #[repr(C)] DwArgs that outlive
-        // the call; `err` is writable for err.len() bytes; the addresses inside the args satisfy
-        // this function's contract.
-        let rc = unsafe {
-            ffi::lksim_launch(
-                name.as_ptr(),
-                l.grid.0,
-                l.grid.1,
-                l.grid.2,
-                l.block.0,
-                l.block.1,
-                l.block.2,
-                l.shared_bytes,
-                &l.args,
-                err.as_mut_ptr().cast(),
-                err.len(),
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        Err(Error::Simulator(format!(
-            "{}: {}",
-            l.kernel,
-            String::from_utf8_lossy(&err[..end])
-        )))
-    }
-    #[cfg(not(lkconv_sim))]
-    {
-        let _ = l;
-        unavailable()
-    }
+    // SAFETY: this function's contract, passed on.
+    unsafe { sanitize::launch(&l.kernel.name(), l.grid, l.block, l.shared_bytes, &l.args) }
 }
 
 /// NaN as f32, and as each of its two 16-bit halves read as bf16 or f16.
 const POISON: u32 = 0x7fc0_7fc0;
 
-/// The simulator back-end: host buffers (u32 words: 4-byte aligned, and 16-byte aligned by the
-/// system allocator for the sizes used), launches through the simulator, GEMMs on the host.
+/// The simulator back-end: host buffers (u32 words, 16-byte aligned, with guard pages: memcheck),
+/// launches through the simulator, GEMMs on the host.
 #[derive(Debug, Default)]
 pub struct SimExec {
-    bufs: Vec<Vec<u32>>,
+    bufs: Vec<GuardedBuf>,
 }
 
 /// `len` bytes at byte offset `off` of little-endian words (only the words touched are read).
@@ -296,10 +249,10 @@ impl SimExec {
         self.bufs
             .iter()
             .position(|b| {
-                let base = b.as_ptr() as u64;
-                start >= base && end <= base + 4 * b.len() as u64 && start < end.max(start + 1)
+                let base = b.addr();
+                start >= base && end <= base + b.len() as u64 && start < end.max(start + 1)
             })
-            .map(|i| (i, (start - self.bufs[i].as_ptr() as u64) as usize))
+            .map(|i| (i, (start - self.bufs[i].addr()) as usize))
             .ok_or_else(|| {
                 Error::Simulator(format!("bytes {start:#x}..{end:#x} are in no one buffer"))
             })
@@ -308,7 +261,11 @@ impl SimExec {
     /// The f32 values of the byte range `[start, end)` of `dtype` elements.
     fn read(&self, (start, end): (u64, u64), dtype: DType) -> Result<(usize, usize, Vec<f32>)> {
         let (i, off) = self.find(start, end)?;
-        let v = dtype.decode(&get_bytes(&self.bufs[i], off, (end - start) as usize));
+        let v = dtype.decode(&get_bytes(
+            self.bufs[i].words(),
+            off,
+            (end - start) as usize,
+        ));
         Ok((i, off, v))
     }
 
@@ -337,7 +294,7 @@ impl SimExec {
                 c[c0 + r * g.ldc..c0 + r * g.ldc + n].copy_from_slice(&pc[r * n..(r + 1) * n]);
             }
         }
-        put_bytes(&mut self.bufs[ci], coff, &g.dtype.encode(&c));
+        put_bytes(self.bufs[ci].words_mut(), coff, &g.dtype.encode(&c));
         Ok(())
     }
 
@@ -358,11 +315,12 @@ impl Executor for SimExec {
         "sim".into()
     }
     fn alloc(&mut self, bytes: usize) -> Result<Buf> {
-        // Vec storage never moves while the Vec is neither grown nor dropped: addresses stay
-        // valid until `truncate` frees the buffer.
-        let v = vec![POISON; bytes.div_ceil(4).max(1)];
-        let addr = v.as_ptr() as u64;
-        self.bufs.push(v);
+        // A guarded mapping never moves: addresses stay valid until `truncate` frees it.
+        let name = format!("buffer {}", self.bufs.len());
+        let mut b = GuardedBuf::new(4 * bytes.div_ceil(4).max(1), &name, 0)?;
+        b.words_mut().fill(POISON);
+        let addr = b.addr();
+        self.bufs.push(b);
         Ok(Buf { addr, bytes })
     }
     fn truncate(&mut self, keep: usize) {
@@ -373,12 +331,12 @@ impl Executor for SimExec {
     }
     fn upload(&mut self, dst: Buf, data: &[u8]) -> Result<()> {
         let (i, off) = self.find(dst.addr, dst.addr + data.len() as u64)?;
-        put_bytes(&mut self.bufs[i], off, data);
+        put_bytes(self.bufs[i].words_mut(), off, data);
         Ok(())
     }
     fn download(&mut self, src: Buf, bytes: usize) -> Result<Vec<u8>> {
         let (i, off) = self.find(src.addr, src.addr + bytes as u64)?;
-        Ok(get_bytes(&self.bufs[i], off, bytes))
+        Ok(get_bytes(self.bufs[i].words(), off, bytes))
     }
     fn prepare(&mut self, _steps: &[Step]) -> Result<()> {
         // the simulator checks each launch's limits itself when it runs

@@ -1,6 +1,6 @@
 //! The simulator's warp-level primitives (`kernels/sim/sim_warp.h`): a rendezvous of the lanes
 //! of a warp with the hardware's member-mask semantics for `__syncwarp`, the shuffles, the votes
-//! and `mma.sync.aligned.m16n8k16` (f16 and bf16 inputs, f32 accumulation), exposed here so that
+//! and `mma.sync.aligned.m16n8k16` / `m16n8k8` (f16 and bf16 inputs, f32 accumulation), exposed here so that
 //! tests can check the emulation itself.
 
 use crate::dtype::DType;
@@ -13,8 +13,9 @@ mod ffi {
     extern "C" {
         pub fn lksim_warp_selftest(err: *mut c_char, err_len: usize) -> i32;
         #[allow(clippy::too_many_arguments)]
-        pub fn lksim_mma_m16n8k16_test(
+        pub fn lksim_mma_m16n8_test(
             bf16: i32,
+            kd: i32,
             count: u32,
             a: *const u16,
             b: *const u16,
@@ -54,21 +55,23 @@ pub fn selftest() -> Result<()> {
     Err(Error::Simulator("built without the simulator".into()))
 }
 
-/// Runs `count = a.len() / 256` products `D_w = A_w * B_w + C_w` through the simulator's
-/// `mma.sync.aligned.m16n8k16.row.col.f32.<dtype>.<dtype>.f32`, one warp each, with every lane's
-/// fragments loaded as the PTX ISA documents them. `a`: 16x16 row-major, `b`: 16x8 row-major
-/// (k rows, n columns), both f16 or bf16 bits; `c` and the result: 16x8 row-major f32.
-pub fn mma_m16n8k16(dtype: DType, a: &[u16], b: &[u16], c: &[f32]) -> Result<Vec<f32>> {
-    let count = a.len() / 256;
+/// Runs `count = a.len() / (16 k)` products `D_w = A_w * B_w + C_w` through the simulator's
+/// `mma.sync.aligned.m16n8k<k>.row.col.f32.<dtype>.<dtype>.f32` (k = 16 or 8), one warp each,
+/// with every lane's fragments loaded as the PTX ISA documents them. `a`: 16 x k row-major,
+/// `b`: k x 8 row-major (k rows, n columns), both f16 or bf16 bits; `c` and the result: 16x8
+/// row-major f32.
+pub fn mma_m16n8(dtype: DType, k: usize, a: &[u16], b: &[u16], c: &[f32]) -> Result<Vec<f32>> {
+    let count = a.len() / (16 * k.max(1));
     if dtype == DType::F32
+        || (k != 16 && k != 8)
         || count == 0
         || count > 32
-        || a.len() != count * 256
-        || b.len() != count * 128
+        || a.len() != count * 16 * k
+        || b.len() != count * k * 8
         || c.len() != count * 128
     {
         return Err(Error::InvalidArgument(format!(
-            "mma test: 1..32 f16/bf16 products of 16x16 by 16x8 (got {dtype}, {} / {} / {} elements)",
+            "mma test: 1..32 f16/bf16 products of 16x{k} by {k}x8, k 16 or 8 (got {dtype}, {} / {} / {} elements)",
             a.len(),
             b.len(),
             c.len()
@@ -81,8 +84,9 @@ pub fn mma_m16n8k16(dtype: DType, a: &[u16], b: &[u16], c: &[f32]) -> Result<Vec
         // SAFETY: a, b, c hold `count` matrices each (checked above) and d is writable for
         // count * 128 floats; all outlive the call; `err` is writable for err.len() bytes.
         let rc = unsafe {
-            ffi::lksim_mma_m16n8k16_test(
+            ffi::lksim_mma_m16n8_test(
                 (dtype == DType::Bf16) as i32,
+                k as i32,
                 count as u32,
                 a.as_ptr(),
                 b.as_ptr(),

@@ -344,3 +344,17 @@ pub fn rerun_with_each_isa(tests: &[&str]) {
         }
     }
 }
+
+/// One problem: N, C, H, W and the convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub conv: lkconv::DwConv2d,
+}
+
+pub fn case(n: usize, c: usize, h: usize, w: usize, conv: lkconv::DwConv2d) -> Case {
+    Case { n, c, h, w, conv }
+}

@@ -1,6 +1,6 @@
 //! Parsing of the CLI's small comma-separated values.
 
-use lkconv::{Error, Result};
+use lkconv::{DwConv2d, Error, Result};
 
 /// "A" or "A,B" into (A, A) or (A, B).
 pub fn pair(what: &str, s: &str) -> Result<(usize, usize)> {
@@ -33,4 +33,24 @@ pub fn shape4(s: &str) -> Result<[usize; 4]> {
         .map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))?;
     <[usize; 4]>::try_from(v)
         .map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))
+}
+
+/// The convolution from the --padding (P or PH,PW; default KH/2,KW/2), --stride and --dilation
+/// flags, given the kernel size; validated.
+pub fn conv_from_flags(
+    (kh, kw): (usize, usize),
+    padding: Option<&str>,
+    stride: &str,
+    dilation: &str,
+) -> Result<DwConv2d> {
+    let mut conv = DwConv2d::new(kh, kw);
+    if let Some(p) = padding {
+        let (ph, pw) = pair("--padding", p)?;
+        conv = conv.with_padding(ph, pw);
+    }
+    let (sh, sw) = pair("--stride", stride)?;
+    let (dh, dw) = pair("--dilation", dilation)?;
+    let conv = conv.with_stride(sh, sw).with_dilation(dh, dw);
+    conv.validate()?;
+    Ok(conv)
 }

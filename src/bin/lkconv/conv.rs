@@ -5,7 +5,7 @@ use lkconv::device::{self, Device, Impl, Op};
 use lkconv::safetensors_io::{self, TensorFile};
 use lkconv::{DType, DwConv2d, Element, Error, Result, Tensor};
 
-use crate::args::pair;
+use crate::args::{conv_from_flags, pair};
 use crate::ConvArgs;
 
 pub fn run(args: &ConvArgs) -> Result<()> {
@@ -24,16 +24,12 @@ pub fn run(args: &ConvArgs) -> Result<()> {
 
 /// The convolution from the flags, given the kernel size.
 fn conv_for(args: &ConvArgs, kh: usize, kw: usize) -> Result<DwConv2d> {
-    let mut conv = DwConv2d::new(kh, kw);
-    if let Some(p) = &args.padding {
-        let (ph, pw) = pair("--padding", p)?;
-        conv = conv.with_padding(ph, pw);
-    }
-    let (sh, sw) = pair("--stride", &args.stride)?;
-    let (dh, dw) = pair("--dilation", &args.dilation)?;
-    let conv = conv.with_stride(sh, sw).with_dilation(dh, dw);
-    conv.validate()?;
-    Ok(conv)
+    conv_from_flags(
+        (kh, kw),
+        args.padding.as_deref(),
+        &args.stride,
+        &args.dilation,
+    )
 }
 
 fn kernel_of(w: &Tensor<f32>) -> Result<(usize, usize)> {

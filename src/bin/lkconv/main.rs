@@ -5,6 +5,7 @@ mod bench;
 mod conv;
 mod info;
 mod model;
+mod plan;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,8 @@ enum Command {
     Replknet(ReplknetArgs),
     /// Classifies an image with RepLKNet and prints the top-5 classes.
     Classify(ClassifyArgs),
+    /// The launches planned for a problem and their occupancy on a named GPU.
+    Plan(PlanArgs),
 }
 
 #[derive(Args, Debug)]
@@ -65,7 +68,7 @@ pub struct ConvArgs {
     /// wgrad: the kernel's KH,KW (or K).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Implementation: fast, naive, im2col (default fast).
+    /// Implementation: fast, naive, im2col, tc (tensor cores: f16/bf16, sm_80+; default fast).
     #[arg(long = "impl", default_value = "fast")]
     pub implementation: String,
 }
@@ -84,7 +87,7 @@ pub struct BenchArgs {
     /// K or KH,KW (with --shape; default 31).
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Only this implementation (fast, naive, im2col, reference); default all.
+    /// Only this implementation (fast, naive, im2col, tc, reference); default all (tc only when named).
     #[arg(long = "impl")]
     pub implementation: Option<String>,
     /// f32, f16 or bf16.
@@ -140,6 +143,40 @@ pub struct ClassifyArgs {
     pub size: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// fwd, dgrad, wgrad or all.
+    #[arg(long, default_value = "all")]
+    pub op: String,
+    /// N,C,H,W (default: the benchmark shapes with their kernels).
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// K or KH,KW (with --shape; default 31).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Implementation: fast, naive or im2col.
+    #[arg(long = "impl", default_value = "fast")]
+    pub implementation: String,
+    /// h100, h200, a100 or l4.
+    #[arg(long, default_value = "h100")]
+    pub gpu: String,
+    /// P or PH,PW (default KH/2,KW/2).
+    #[arg(long)]
+    pub padding: Option<String>,
+    /// S or SH,SW.
+    #[arg(long, default_value = "1")]
+    pub stride: String,
+    /// D or DH,DW.
+    #[arg(long, default_value = "1")]
+    pub dilation: String,
+    /// One JSON object per problem and line (the schema of kernels/bench/).
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -149,6 +186,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Replknet(args) => model::replknet(&args),
         Command::Classify(args) => model::classify(&args),
+        Command::Plan(args) => plan::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
