@@ -168,23 +168,5 @@ fn into_variants_reject_wrong_buffer_lengths() {
 /// instruction set (`LKCONV_CPU_ISA`), so AVX-512, AVX2 and portable code are all tested here.
 #[test]
 fn every_instruction_set_matches_reference() {
-    if std::env::var_os("LKCONV_CPU_ISA").is_some() {
-        return; // this is a child run
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    for isa in ["portable", "avx2"] {
-        for test in ["fast_f32_matches_reference", "fast_bf16_matches_reference"] {
-            let out = std::process::Command::new(&exe)
-                .args(["--exact", test])
-                .env("LKCONV_CPU_ISA", isa)
-                .output()
-                .expect("rerun the test binary");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.contains("1 passed"),
-                "{test} with LKCONV_CPU_ISA={isa} failed:\n{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    common::rerun_with_each_isa(&["fast_f32_matches_reference", "fast_bf16_matches_reference"]);
 }

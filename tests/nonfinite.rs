@@ -1,17 +1,17 @@
 //! NaN and +-Inf in x, w, dy and bias: every implementation must agree with the f64 reference's
 //! IEEE semantics (an output is the sum over the taps whose input lies inside the image; padding
 //! contributes nothing, it is not 0 * w). An output is NaN exactly when the reference's is, +-Inf
-//! with the same sign, and finite values stay close.
+//! with the same sign, and finite values within the suite's bounds (tests/common's comparator).
 //! Paths: CPU fast (each instruction set, see `every_instruction_set_handles_nonfinite`), naive,
 //! im2col; the simulator's kernels; the CUDA device where present (skipped with a message
 //! otherwise).
 
 mod common;
 
-use common::{random, rng};
+use common::{assert_matches, random, rng, Inputs};
 use half::bf16;
 use lkconv::device::{self, Device, Impl};
-use lkconv::{cpu, DwConv2d, Element, Padding, Rng, Tensor};
+use lkconv::{DwConv2d, Element, Op, Padding, Rng, Tensor};
 
 const IMPLS: [Impl; 3] = [Impl::Fast, Impl::Naive, Impl::Im2col];
 
@@ -61,29 +61,6 @@ fn poison<T: Element>(t: &mut Tensor<T>, rng: &mut Rng, value: f32, corner: bool
     format!("{value} at {i}")
 }
 
-/// Asserts element-wise agreement in class (NaN, +Inf, -Inf, finite) and closeness of finite values.
-fn assert_same_class<T: Element>(what: &str, got: &Tensor<T>, want: &Tensor<T>) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
-    let scale = want
-        .data()
-        .iter()
-        .map(|v| v.to_f64())
-        .filter(|v| v.is_finite())
-        .fold(1.0f64, |m, v| m.max(v.abs()));
-    let tol = 64.0 * T::DTYPE.epsilon().max(f32::EPSILON as f64) * scale;
-    for (i, (g, r)) in got.data().iter().zip(want.data()).enumerate() {
-        let (g, r) = (g.to_f64(), r.to_f64());
-        let ok = if r.is_nan() {
-            g.is_nan()
-        } else if r.is_infinite() {
-            g == r
-        } else {
-            g.is_finite() && (g - r).abs() <= tol
-        };
-        assert!(ok, "{what}: element {i} is {g}, the reference says {r}");
-    }
-}
-
 /// Runs every op on `device` for every case and injection, against the reference.
 fn check_device<T: Element>(device: Device, impls: &[Impl]) {
     let mut rng = rng();
@@ -102,21 +79,28 @@ fn check_device<T: Element>(device: Device, impls: &[Impl]) {
                         "dy" => poison(&mut dy, &mut rng, special, corner),
                         _ => poison(&mut b, &mut rng, special, corner),
                     };
-                    let fwd = cpu::reference::forward(&conv, &x, &wt, Some(&b)).unwrap();
-                    let dgrad = cpu::reference::data_grad(&conv, &dy, &wt, (h, w)).unwrap();
-                    let wgrad = cpu::reference::weight_grad(&conv, &x, &dy).unwrap();
+                    let inputs = Inputs {
+                        x,
+                        w: wt,
+                        bias: Some(b),
+                        dy,
+                    };
+                    let fwd = inputs.expected(Op::Forward, &conv);
+                    let dgrad = inputs.expected(Op::DataGrad, &conv);
+                    let wgrad = inputs.expected(Op::WeightGrad, &conv);
+                    let (x, wt, b, dy) = (&inputs.x, &inputs.w, inputs.bias.as_ref(), &inputs.dy);
                     for &imp in impls {
                         let label = format!(
                             "{device} {} {} n{n} c{c} {h}x{w} {conv:?}, {target} {at}",
                             imp.name(),
                             T::DTYPE
                         );
-                        let got = device::forward(device, imp, &conv, &x, &wt, Some(&b)).unwrap();
-                        assert_same_class(&format!("fwd {label}"), &got, &fwd);
-                        let got = device::data_grad(device, imp, &conv, &dy, &wt, (h, w)).unwrap();
-                        assert_same_class(&format!("dgrad {label}"), &got, &dgrad);
-                        let got = device::weight_grad(device, imp, &conv, &x, &dy).unwrap();
-                        assert_same_class(&format!("wgrad {label}"), &got, &wgrad);
+                        let got = device::forward(device, imp, &conv, x, wt, b).unwrap();
+                        assert_matches(&format!("fwd {label}"), &got, &fwd);
+                        let got = device::data_grad(device, imp, &conv, dy, wt, (h, w)).unwrap();
+                        assert_matches(&format!("dgrad {label}"), &got, &dgrad);
+                        let got = device::weight_grad(device, imp, &conv, x, dy).unwrap();
+                        assert_matches(&format!("wgrad {label}"), &got, &wgrad);
                     }
                 }
             }
@@ -163,26 +147,8 @@ fn cuda_nonfinite_matches_reference() {
 /// The fast CPU checks again with the micro-kernels capped at each lower instruction set.
 #[test]
 fn every_instruction_set_handles_nonfinite() {
-    if std::env::var_os("LKCONV_CPU_ISA").is_some() {
-        return; // this is a child run
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    for isa in ["portable", "avx2"] {
-        for test in [
-            "cpu_f32_nonfinite_matches_reference",
-            "cpu_bf16_nonfinite_matches_reference",
-        ] {
-            let out = std::process::Command::new(&exe)
-                .args(["--exact", test])
-                .env("LKCONV_CPU_ISA", isa)
-                .output()
-                .expect("rerun the test binary");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.contains("1 passed"),
-                "{test} with LKCONV_CPU_ISA={isa} failed:\n{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    common::rerun_with_each_isa(&[
+        "cpu_f32_nonfinite_matches_reference",
+        "cpu_bf16_nonfinite_matches_reference",
+    ]);
 }

@@ -22,28 +22,22 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    sgemm_threads(m, k, n, a, a_transposed, b, beta, c, Threads::Single)
-}
-
-/// `sgemm` on the given threads.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_threads(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    a_transposed: bool,
-    b: &[f32],
-    beta: f32,
-    c: &mut [f32],
-    threads: Threads,
-) {
     let a_view = if a_transposed {
         MatRef::transposed(a, m)
     } else {
         MatRef::rows(a, k)
     };
-    sgemm_view(m, k, n, a_view, MatRef::rows(b, n), beta, c, n, threads)
+    sgemm_view(
+        m,
+        k,
+        n,
+        a_view,
+        MatRef::rows(b, n),
+        beta,
+        c,
+        n,
+        Threads::Single,
+    )
 }
 
 /// A read-only matrix in a slice: element (i, j) at `i * row_stride + j * col_stride`.

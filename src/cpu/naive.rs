@@ -86,19 +86,7 @@ pub(crate) fn forward_plain(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let (kh, kw) = conv.kernel;
-    let corr = Correlation::forward(conv, s);
-    y.par_chunks_mut(s.oh * s.ow)
-        .enumerate()
-        .for_each(|(plane, out)| {
-            let c = plane % s.c;
-            let xp = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
-            let wc = &w[c * kh * kw..(c + 1) * kh * kw];
-            let b = bias.map_or(0.0, |b| b[c]);
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = corr.point(xp, wc, i / s.ow, i % s.ow) + b;
-            }
-        });
+    forward_exact(conv, s, x, w, bias, y, false);
 }
 
 /// Repairs the non-finite values of a forward result computed by a kernel that reads padding.
@@ -110,6 +98,19 @@ pub(crate) fn repair_forward(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    forward_exact(conv, s, x, w, bias, y, true);
+}
+
+/// Computes every output exactly, or with `only_nonfinite` only those that are not finite.
+fn forward_exact(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    only_nonfinite: bool,
+) {
     let (kh, kw) = conv.kernel;
     let corr = Correlation::forward(conv, s);
     y.par_chunks_mut(s.oh * s.ow)
@@ -119,7 +120,12 @@ pub(crate) fn repair_forward(
             let xp = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
             let wc = &w[c * kh * kw..(c + 1) * kh * kw];
             let b = bias.map_or(0.0, |b| b[c]);
-            repair_nonfinite(out, |i| corr.point(xp, wc, i / s.ow, i % s.ow) + b);
+            let exact = |i: usize| corr.point(xp, wc, i / s.ow, i % s.ow) + b;
+            if only_nonfinite {
+                repair_nonfinite(out, exact);
+            } else {
+                out.iter_mut().enumerate().for_each(|(i, o)| *o = exact(i));
+            }
         });
 }
 

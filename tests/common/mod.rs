@@ -320,6 +320,31 @@ pub fn have_gpu() -> bool {
     false
 }
 
+/// Reruns the named tests of this test binary with the CPU micro-kernels capped at each lower
+/// instruction set (`LKCONV_CPU_ISA`; read once per process, hence the child processes), so that
+/// AVX-512, AVX2 and portable code are all checked on one machine. Returns at once in a child.
+pub fn rerun_with_each_isa(tests: &[&str]) {
+    if std::env::var_os("LKCONV_CPU_ISA").is_some() {
+        return; // this is a child run
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    for isa in ["portable", "avx2"] {
+        for test in tests {
+            let out = std::process::Command::new(&exe)
+                .args(["--exact", test])
+                .env("LKCONV_CPU_ISA", isa)
+                .output()
+                .expect("rerun the test binary");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{test} with LKCONV_CPU_ISA={isa} failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 /// One problem: N, C, H, W and the convolution.
 #[derive(Clone, Copy, Debug)]
 pub struct Case {
