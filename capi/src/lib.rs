@@ -110,7 +110,7 @@ impl From<Error> for Failure {
             | Error::InvalidArgument(_) => LK_STATUS_INVALID_ARGUMENT,
             Error::Unsupported(_) => LK_STATUS_UNSUPPORTED,
             Error::CudaUnavailable(_) => LK_STATUS_CUDA_UNAVAILABLE,
-            _ if e.is_out_of_memory() => LK_STATUS_OUT_OF_MEMORY,
+            e @ Error::Cuda { .. } if e.is_out_of_memory() => LK_STATUS_OUT_OF_MEMORY,
             Error::Cuda { .. } => LK_STATUS_CUDA_ERROR,
             _ => LK_STATUS_INTERNAL,
         };
@@ -464,16 +464,16 @@ unsafe fn run(handle: *const lk_handle, desc: *const lk_conv_desc, op: Op, a: Ar
             // alive while the queued work runs (lk_set_stream's contract).
             let stream = unsafe { device.context().wrap_borrowed_stream(stream.cast()) };
             let addr = |p: *const c_void| p as usize as u64;
-            let mut ex = lkconv_core::cuda::CudaExec::on_stream(device.clone(), stream)?;
             let problem = lkconv_core::Problem::new(op, Impl::Fast, p.dtype, &p.conv, &p.shape)?;
             let operands = lkconv_core::cuda::RawOperands {
                 in0: addr(a.in0),
                 in1: addr(a.in1),
-                bias: if op == Op::Forward { addr(a.bias) } else { 0 },
+                bias: addr(a.bias),
                 out: addr(a.out),
                 workspace: addr(a.workspace),
                 workspace_bytes: a.workspace_bytes,
             };
+            let mut ex = lkconv_core::cuda::CudaExec::on_stream(device.clone(), stream)?;
             // SAFETY: device pointers of the tensors `desc` describes (the entry points'
             // contract), valid until the work on the caller's stream completes.
             unsafe { lkconv_core::cuda::run_raw(&mut ex, &problem, operands) }?;
@@ -683,6 +683,7 @@ pub extern "C" fn lk_test_internal_error() -> lk_status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cudarc::driver::sys::CUresult;
 
     fn last_error() -> String {
         // SAFETY: lk_last_error returns a NUL-terminated string owned by this thread.
@@ -697,7 +698,12 @@ mod tests {
         assert!(last_error().contains("lk_test_internal_error was called"));
     }
 
-    use lkconv_core::cuda::{CUresult, DriverError};
+    fn driver_error(code: CUresult) -> Error {
+        Error::Cuda {
+            what: "a test launch".into(),
+            source: lkconv_core::CudaFailure::Driver(cudarc::driver::DriverError(code)),
+        }
+    }
 
     #[test]
     fn errors_map_to_their_status() {
@@ -709,11 +715,11 @@ mod tests {
                 LK_STATUS_CUDA_UNAVAILABLE,
             ),
             (
-                Error::driver("launch", DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED)),
+                driver_error(CUresult::CUDA_ERROR_LAUNCH_FAILED),
                 LK_STATUS_CUDA_ERROR,
             ),
             (
-                Error::driver("alloc", DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)),
+                driver_error(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
                 LK_STATUS_OUT_OF_MEMORY,
             ),
             (Error::Simulator("s".into()), LK_STATUS_INTERNAL),
