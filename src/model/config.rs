@@ -297,6 +297,7 @@ impl ReplknetConfig {
         let in_channels = dim("stem.0.conv.weight", 4, 1)?;
         // Stages and blocks present, from the names.
         let mut max_block: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut blocks_named = std::collections::BTreeSet::new();
         for name in tensors.keys() {
             let Some(rest) = name.strip_prefix("stages.") else {
                 continue;
@@ -309,10 +310,18 @@ impl ReplknetConfig {
             if let (Ok(s), Ok(j)) = (s.parse::<usize>(), j.parse::<usize>()) {
                 let e = max_block.entry(s).or_insert(0);
                 *e = (*e).max(j);
+                blocks_named.insert((s, j));
             }
         }
         let num_stages = match max_block.keys().next_back() {
-            Some(&s) => s + 1,
+            // a stage index must be smaller than the number of tensors (each stage has some)
+            Some(&s) if s < tensors.len() => s + 1,
+            Some(&s) => {
+                return Err(Error::Weights(format!(
+                    "cannot infer the RepLKNet config: stage index {s} but only {} tensors",
+                    tensors.len()
+                )))
+            }
             None => {
                 return Err(Error::Weights(
                     "cannot infer the RepLKNet config: no 'stages.{s}.blocks.{j}.*' tensors (is this a RepLKNet checkpoint?)".into(),
@@ -335,6 +344,14 @@ impl ReplknetConfig {
                     "cannot infer the RepLKNet config: stage {s} has no blocks"
                 ))
             })?;
+            // Every block up to the highest index must have tensors: a lone huge index must not
+            // size the model (and the list of tensors it expects) beyond what the file holds.
+            let named = blocks_named.range((s, 0)..=(s, jmax)).count();
+            if named != jmax + 1 {
+                return Err(Error::Weights(format!(
+                    "cannot infer the RepLKNet config: stage {s} names block {jmax} but has tensors for only {named} blocks"
+                )));
+            }
             cfg.layers.push(jmax / 2 + 1);
             let p = format!("stages.{s}.blocks.0");
             cfg.channels

@@ -98,26 +98,27 @@ impl Expected {
     /// `value` within `tol * max(max |value|, 1)` everywhere (for whole-network results, whose
     /// error is not a single sum's).
     pub fn scaled<T: Element>(value: &Tensor<T>, tol: f64) -> Self {
-        let shape = value.shape().to_vec();
-        let value: Vec<f64> = value.data().iter().map(|v| v.to_f64()).collect();
         let scale = value
+            .data()
             .iter()
+            .map(|v| v.to_f64())
             .filter(|v| v.is_finite())
             .fold(1.0f64, |m, v| m.max(v.abs()));
+        Self::within(value, tol * scale)
+    }
+
+    /// `value` within the absolute `bound` everywhere.
+    pub fn within<T: Element>(value: &Tensor<T>, bound: f64) -> Self {
         Expected {
-            shape,
-            bound: vec![tol * scale; value.len()],
-            value,
+            shape: value.shape().to_vec(),
+            value: value.data().iter().map(|v| v.to_f64()).collect(),
+            bound: vec![bound; value.len()],
         }
     }
 
     /// Exactly `value`, bit for bit up to the sign of zero and NaN payloads.
     pub fn exact<T: Element>(value: &Tensor<T>) -> Self {
-        Expected {
-            shape: value.shape().to_vec(),
-            value: value.data().iter().map(|v| v.to_f64()).collect(),
-            bound: vec![0.0; value.len()],
-        }
+        Self::within(value, 0.0)
     }
 
     /// Forward `conv(x, w) + bias` as computed by an implementation storing T.
