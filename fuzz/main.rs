@@ -275,7 +275,9 @@ fn run_checkpoint(bytes: &[u8]) -> Result<(), String> {
         return Ok(());
     }
     let hw = 16;
-    allow(64 * widest * hw * hw + (1 << 20));
+    // plus the 1x1 GEMM's packing buffers, sized by the CPU's caches (the gemm crate: 2 MiB
+    // here), not by the model
+    allow(64 * widest * hw * hw + (4 << 20));
     reached(3);
     let mut rng = Rng::new(bytes.len() as u64);
     let x = Tensor::<f32>::random(&[1, cfg.in_channels, hw, hw], &mut rng).unwrap();
