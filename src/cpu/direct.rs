@@ -990,7 +990,7 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    super::tensor_forward(conv, x, w, bias, forward_kernel)
+    super::wrap::tensor_forward(conv, x, w, bias, forward_kernel)
 }
 
 /// Data gradient on the fast path.
@@ -1000,7 +1000,7 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
+    super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
 }
 
 /// Weight gradient on the fast path (deterministic).
@@ -1009,5 +1009,5 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    super::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
+    super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
 }

@@ -45,7 +45,7 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    super::tensor_forward(conv, x, w, bias, forward_kernel)
+    super::wrap::tensor_forward(conv, x, w, bias, forward_kernel)
 }
 
 fn forward_kernel(
@@ -88,7 +88,7 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    super::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
+    super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
 }
 
 fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, xf: &[f32], dyf: &[f32], dw: &mut [f32]) {
@@ -133,7 +133,7 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
+    super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
 }
 
 fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dyf: &[f32], wf: &[f32], dx: &mut [f32]) {

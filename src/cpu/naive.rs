@@ -266,7 +266,7 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    super::tensor_forward(conv, x, w, bias, forward_plain)
+    super::wrap::tensor_forward(conv, x, w, bias, forward_plain)
 }
 
 /// Data gradient by the plain gather loop.
@@ -276,7 +276,7 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    super::tensor_data_grad(conv, dy, w, input_hw, data_grad_plain)
+    super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_plain)
 }
 
 /// Weight gradient by plain loops.
@@ -285,5 +285,5 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    super::tensor_weight_grad(conv, x, dy, weight_grad_plain)
+    super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_plain)
 }
