@@ -106,32 +106,6 @@ fn draw(rng: &mut Rng, index: usize) -> Problem {
     }
 }
 
-/// Whether an implementation's answer for non-finite values in input `poisoned` is IEEE-correct
-/// today, with the reference's semantics: a tap outside the image contributes nothing (it is not
-/// `0 * value`). Known to differ, to be enabled when fixed or when the semantics are settled:
-/// - TODO(issue 9 item 1, engineer "cpu"): the fast CPU path spreads NaN beyond the window, and
-///   the simulator's (GPU's) weight-gradient kernel adds NaN taps.
-/// - TODO(issue 9): implementations that multiply explicit zero padding (im2col on the CPU and in
-///   the simulator, the simulator's tiled fwd/dgrad kernels) turn a non-finite value of the
-///   operand that meets the padding (w in fwd/dgrad, dy in wgrad) into NaN (0 * Inf, as
-///   PyTorch's zero padding would) where the reference skips the tap. Non-finite data (x in
-///   fwd/wgrad, dy in dgrad) and bias are handled right by them.
-fn handles_nonfinite(device: Device, imp: Impl, op: Op, poisoned: &str) -> bool {
-    let zero_padded = matches!(
-        (device, imp, op),
-        (_, Impl::Im2col, _) | (Device::Sim, Impl::Fast, Op::Forward | Op::DataGrad)
-    );
-    let meets_padding = match op {
-        Op::Forward | Op::DataGrad => poisoned == "w",
-        Op::WeightGrad => poisoned == "dy",
-    };
-    match (device, imp, op) {
-        (Device::Cpu, Impl::Fast, _) => false,
-        (Device::Sim, Impl::Fast, Op::WeightGrad) => false,
-        _ => !(zero_padded && meets_padding),
-    }
-}
-
 fn inputs<T: Element>(p: &Problem, rng: &mut Rng) -> Inputs<T> {
     let s = p.conv.resolve(p.n, p.c, p.h, p.w).expect("valid problem");
     let mut t = Inputs {
@@ -214,13 +188,6 @@ fn check_problem<T: Element>(
     for op in Op::ALL {
         let want = t.expected(op, &p.conv);
         for &(device, imp) in impls {
-            if let Poison::In(what, _) = p.poison {
-                if std::env::var_os("LKCONV_PROPTEST_ALL_NONFINITE").is_none()
-                    && !handles_nonfinite(device, imp, op, what)
-                {
-                    continue;
-                }
-            }
             let got = run(device, imp, op, &p.conv, &t)
                 .unwrap_or_else(|e| panic!("{label} {device} {} {op:?}: {e}", imp.name()));
             assert_matches(
