@@ -54,6 +54,7 @@ struct WarpLane {
 struct WarpSlot {
     unsigned arrived = 0;  // members arrived at the pending point (0: none pending)
     unsigned mask = 0;
+    uint64_t completed = 0;  // rendezvous completed so far (a waiting lane's is done once it moves)
     WarpOp op = WarpOp::Sync;
     void* site = nullptr;
     WarpLane lanes[kWarpSize];
@@ -212,7 +213,8 @@ inline bool warp_complete(WarpSlot& s, size_t warp) {
             const uint64_t r = s.op == WarpOp::Ballot ? ballot
                                : s.op == WarpOp::Any  ? (uint64_t)(ballot != 0)
                                                       : (uint64_t)(ballot == mask);
-            for (unsigned l = 0; l < kWarpSize; ++l) s.lanes[l].out = r;
+            for (unsigned l = 0; l < kWarpSize; ++l)
+                if (mask >> l & 1u) s.lanes[l].out = r;  // a non-member may hold an earlier result
             break;
         }
         case WarpOp::MmaF16:
@@ -262,14 +264,21 @@ inline WarpLane warp_arrive(WarpOp op, unsigned mask, void* site, const WarpLane
         s.arrived |= 1u << lane;
         if (s.arrived == mask) {  // the last member: everyone's result, and go on
             s.arrived = 0;
+            ++s.completed;
             if (warp_complete(s, warp)) return s.lanes[lane];
         }
     }
-    // wait (or, after a fault, stop here: the scheduler reports the fault after this pass)
+    // wait (or, after a fault, stop here: the scheduler reports the fault after this pass).
+    // A warp round resumes every fiber waiting at a warp point, including one whose rendezvous
+    // is still pending (its last member has not arrived yet): such a fiber yields again, so that
+    // no lane leaves a rendezvous before all members have arrived, whatever the visiting order.
+    const uint64_t ticket = s.completed;
     t_warps.waiting[fiber] = 1;
     ++t_warps.waiting_count;
     Fiber& f = b->fibers[fiber];
-    swapcontext(&f.ctx, &b->sched);
+    do {
+        swapcontext(&f.ctx, &b->sched);
+    } while (ok && s.completed == ticket && (!t_block || t_block->fault.empty()));
     t_warps.waiting[fiber] = 0;
     --t_warps.waiting_count;
     return s.lanes[lane];
