@@ -7,6 +7,8 @@ pub mod gemm;
 pub mod im2col;
 pub mod naive;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod small;
 mod wrap;
 
 pub use direct::{
