@@ -72,23 +72,60 @@ impl Geom {
     }
 }
 
-/// Per-task buffers, reused from group to group (the filter's padding columns stay zero: only
-/// the interior is ever written).
+/// A thread's buffers, kept from call to call so that the many short tasks of a call neither
+/// allocate nor clear memory. Every task writes all it reads, except the filter's padding
+/// columns, which are cleared whenever the filter size changes and never written otherwise.
+#[derive(Default)]
 struct Scratch {
     input: Vec<f32>,
     filter: Vec<f32>,
+    /// The filter size (kh, kw) whose padding columns are zero in `filter`.
+    filter_size: (usize, usize),
     out: Vec<f32>,
     total: Vec<f64>,
 }
 
+/// One task's view of the buffers, the f32 ones aligned to cache lines (a 16-lane load that
+/// straddles two lines costs two).
+struct Buffers<'a> {
+    input: &'a mut [f32],
+    filter: &'a mut [f32],
+    out: &'a mut [f32],
+    total: &'a mut [f64],
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// `len` floats of `v` starting at a 64-byte boundary (`v` grown as needed).
+fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len + LANES {
+        v.resize(len + LANES, 0.0);
+    }
+    let first = v.as_ptr().align_offset(64);
+    &mut v[first..first + len]
+}
+
 impl Scratch {
-    fn new(g: &Geom, reduce: bool) -> Self {
-        Scratch {
-            input: vec![0.0; g.h * g.w * LANES],
-            filter: vec![0.0; g.filter_len()],
-            out: vec![0.0; g.oh * g.ow * LANES],
-            total: vec![0.0; if reduce { g.oh * g.ow * LANES } else { 0 }],
-        }
+    /// Runs `task` with this thread's buffers, sized for `g` (`total`: for a batch reduction).
+    fn with<R>(g: &Geom, total: bool, task: impl FnOnce(Buffers) -> R) -> R {
+        SCRATCH.with_borrow_mut(|scr| {
+            if scr.filter_size != (g.kh, g.kw) {
+                scr.filter.clear();
+                scr.filter_size = (g.kh, g.kw);
+            }
+            let out_len = g.oh * g.ow * LANES;
+            if total && scr.total.len() < out_len {
+                scr.total.resize(out_len, 0.0);
+            }
+            task(Buffers {
+                input: aligned(&mut scr.input, g.h * g.w * LANES),
+                filter: aligned(&mut scr.filter, g.filter_len()),
+                out: aligned(&mut scr.out, out_len),
+                total: &mut scr.total[..if total { out_len } else { 0 }],
+            })
+        })
     }
 }
 
@@ -114,9 +151,8 @@ pub(super) fn correlate(
         .chunks_mut(c * ohw)
         .flat_map(|y_img| y_img.chunks_mut(LANES * ohw))
         .collect();
-    tasks.into_par_iter().enumerate().for_each_init(
-        || Scratch::new(g, false),
-        |scr, (task, y_grp)| {
+    tasks.into_par_iter().enumerate().for_each(|(task, y_grp)| {
+        Scratch::with(g, false, |scr| {
             let (img, c0) = (task / groups, task % groups * LANES);
             let lanes = y_grp.len() / ohw;
             let mut init = [0.0f32; LANES];
@@ -127,17 +163,10 @@ pub(super) fn correlate(
             // SAFETY (whole block): only called when AVX-512F was detected; each call asserts
             // the extents its unchecked loads and stores rely on.
             let finite = unsafe {
-                to_lanes(
-                    &x[p0 * hw..],
-                    hw,
-                    lanes,
-                    hw,
-                    &mut scr.input,
-                    Layout::dense(hw),
-                );
-                filter_to_lanes(g, &w[c0 * kk..], kk, lanes, rotate, &mut scr.filter);
-                let finite = correlate_lanes(g, &scr.input, &scr.filter, &init, &mut scr.out);
-                from_lanes(&scr.out, lanes, ohw, y_grp, ohw);
+                to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
+                filter_to_lanes(g, &w[c0 * kk..], kk, lanes, rotate, scr.filter);
+                let finite = correlate_lanes(g, scr.input, scr.filter, &init, scr.out);
+                from_lanes(scr.out, lanes, ohw, y_grp, ohw);
                 finite
             };
             if !finite {
@@ -145,8 +174,8 @@ pub(super) fn correlate(
                     repair(p0 + l, y_plane);
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// Weight gradient of every channel: `dw[c][ky][kx] = sum over images and outputs of
@@ -167,57 +196,45 @@ pub(super) fn weight_grad(
     let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     assert!(x.len() == n * c * hw && dy.len() == n * c * ohw && dw.len() == c * kk);
     let pairs = all_pairs_width(&t);
-    dw.par_chunks_mut(LANES * kk).enumerate().for_each_init(
-        || Scratch::new(&t, n > 1),
-        |scr, (group, dw_grp)| {
-            let c0 = group * LANES;
-            let lanes = dw_grp.len() / kk;
-            let mut finite = true;
-            for img in 0..n {
-                let p0 = img * c + c0;
-                // SAFETY (whole block): only called when AVX-512F was detected; each call
-                // asserts the extents its unchecked loads and stores rely on.
-                unsafe {
-                    to_lanes(
-                        &x[p0 * hw..],
-                        hw,
-                        lanes,
-                        hw,
-                        &mut scr.input,
-                        Layout::dense(hw),
-                    );
-                    filter_to_lanes(&t, &dy[p0 * ohw..], ohw, lanes, false, &mut scr.filter);
-                    finite &= match pairs {
-                        Some(width) => {
-                            wgrad_pairs(&t, width, &scr.input, &scr.filter, &mut scr.out)
+    dw.par_chunks_mut(LANES * kk)
+        .enumerate()
+        .for_each(|(group, dw_grp)| {
+            Scratch::with(&t, n > 1, |scr| {
+                let c0 = group * LANES;
+                let lanes = dw_grp.len() / kk;
+                let mut finite = true;
+                for img in 0..n {
+                    let p0 = img * c + c0;
+                    // SAFETY (whole block): only called when AVX-512F was detected; each call
+                    // asserts the extents its unchecked loads and stores rely on.
+                    unsafe {
+                        to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
+                        filter_to_lanes(&t, &dy[p0 * ohw..], ohw, lanes, false, scr.filter);
+                        finite &= match pairs {
+                            Some(width) => wgrad_pairs(&t, width, scr.input, scr.filter, scr.out),
+                            None => {
+                                correlate_lanes(&t, scr.input, scr.filter, &[0.0; LANES], scr.out)
+                            }
+                        };
+                        if n > 1 {
+                            accumulate(scr.total, scr.out, img == 0);
                         }
-                        None => correlate_lanes(
-                            &t,
-                            &scr.input,
-                            &scr.filter,
-                            &[0.0; LANES],
-                            &mut scr.out,
-                        ),
-                    };
-                    if n > 1 {
-                        accumulate(&mut scr.total, &scr.out, img == 0);
                     }
                 }
-            }
-            if n > 1 {
-                for (o, t) in scr.out.iter_mut().zip(&scr.total) {
-                    *o = *t as f32;
+                if n > 1 {
+                    for (o, t) in scr.out.iter_mut().zip(&*scr.total) {
+                        *o = *t as f32;
+                    }
                 }
-            }
-            // SAFETY: AVX-512F was detected; `from_lanes` asserts its extents.
-            unsafe { from_lanes(&scr.out, lanes, kk, dw_grp, kk) };
-            if !finite {
-                for (l, dw_c) in dw_grp.chunks_mut(kk).enumerate() {
-                    repair(c0 + l, dw_c);
+                // SAFETY: AVX-512F was detected; `from_lanes` asserts its extents.
+                unsafe { from_lanes(scr.out, lanes, kk, dw_grp, kk) };
+                if !finite {
+                    for (l, dw_c) in dw_grp.chunks_mut(kk).enumerate() {
+                        repair(c0 + l, dw_c);
+                    }
                 }
-            }
-        },
-    );
+            })
+        });
 }
 
 /// `total (+)= part` in f64 (`first`: overwrite), in a fixed order.
@@ -372,7 +389,8 @@ unsafe fn from_lanes(src: &[f32], lanes: usize, len: usize, dst: &mut [f32], str
 }
 
 /// The filters of `lanes` channels (channel l at `src[l * stride..]`, `g.kh x g.kw`), rotated
-/// by 180 degrees when `rotate`, into the transposed, zero-padded layout `[ky][PAD + kx][lane]`.
+/// by 180 degrees when `rotate`, into the transposed layout `[ky][PAD + kx][lane]` (only the
+/// interior is written: the PAD columns on both sides of every row stay as they are, zero).
 ///
 /// # Safety
 /// AVX-512F must be present.
