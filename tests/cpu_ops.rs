@@ -88,6 +88,9 @@ fn cases() -> Vec<Case> {
         }),
     ));
     v.push(case(1, 17, 6, 9, DwConv2d::new(3, 5).with_padding(4, 6))); // dgrad crops
+                                                                       // Larger planes with 16+ channels: lanes up to 28x28 (forward) and 64x64 (weight gradient).
+    v.push(case(1, 16, 20, 30, DwConv2d::new(9, 9)));
+    v.push(case(2, 17, 36, 30, DwConv2d::new(15, 14)));
     v
 }
 
@@ -194,6 +197,7 @@ fn weight_grad_is_bit_identical_across_thread_counts() {
         (3, 40, 7, 7, 13),
         (2, 24, 14, 14, 27),
         (5, 17, 6, 9, 5),
+        (2, 16, 36, 30, 15),
     ] {
         let conv = DwConv2d::new(k, k);
         let x: Tensor<f32> = random(&[n, c, h, w], &mut rng);

@@ -339,7 +339,7 @@ fn correlate_unit(
     y: &mut [f32],
 ) {
     let isa = detect_isa();
-    if lane_per_channel(isa, s) {
+    if lane_per_channel(isa, Op::Forward, s) {
         return correlate_lanes(s, kh, kw, top, left, x, w, rotate, bias, y);
     }
     // Column blocks of a row, the same for every row.
@@ -448,19 +448,28 @@ fn correlate_unit(
 // Which kernel a stride-1 pass takes.
 
 /// Planes (input and output) up to this many pixels (16 x 16) take the lane-per-channel kernels
-/// of `small.rs` (AVX-512 only): there most of a large filter falls outside the image and a row
-/// is narrower than a vector, which the row kernels pay for. Measured against the row kernels
-/// (BENCHMARKS.md, 2026-12-01): C1024 7x7 K13 and C512 14x14 K27 faster in every pass (14x14:
-/// 2-3x; weight gradient 3-6x); C256 28x28 K29 slower in the forward pass, so it keeps the rows.
+/// of `small.rs` (AVX-512 only) whatever the channel count: there most of a large filter falls
+/// outside the image and a row is narrower than a vector, which the row kernels pay for.
 const SMALL_PLANE: usize = 256;
+/// With at least `LANE_CHANNELS` channels (so that few lanes idle), larger planes take them too:
+/// up to this many pixels (28 x 28) in the forward pass and the data gradient ...
+const LANE_PLANE: usize = 784;
+/// ... and up to this many (64 x 64) in the weight gradient, whose row kernel computes every
+/// padded tap and reduces in registers (measured, BENCHMARKS.md 2026-12-01: the lane kernels
+/// win every pass up to 14x14, the weight gradient and about even the forward at 28x28, the
+/// weight gradient at 56x56; the forward at 56x56 is faster on rows).
+const LANE_PLANE_WGRAD: usize = 4096;
+const LANE_CHANNELS: usize = 16;
 
-/// Which kernel a stride-1, dilation-1 pass on planes of `s` takes.
-fn lane_per_channel(isa: Isa, s: &ConvShape) -> bool {
+/// Whether a stride-1, dilation-1 pass on planes of `s` takes the lane-per-channel kernels.
+fn lane_per_channel(isa: Isa, op: Op, s: &ConvShape) -> bool {
     let (inp, out) = (s.h * s.w, s.oh * s.ow);
-    cfg!(target_arch = "x86_64")
-        && isa == Isa::Avx512
-        && inp.max(out) <= SMALL_PLANE
-        && inp.min(out) > 0
+    let limit = match op {
+        _ if s.c < LANE_CHANNELS => SMALL_PLANE,
+        Op::Forward | Op::DataGrad => LANE_PLANE,
+        Op::WeightGrad => LANE_PLANE_WGRAD,
+    };
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && inp.max(out) <= limit && inp.min(out) > 0
 }
 
 /// The kernel a pass of the fast path takes on this machine.
@@ -484,7 +493,7 @@ pub fn kernel_path(op: Op, conv: &DwConv2d, s: &ConvShape) -> KernelPath {
     if !conv.is_unit() {
         return KernelPath::Plain;
     }
-    if !lane_per_channel(detect_isa(), s) {
+    if !lane_per_channel(detect_isa(), op, s) {
         return KernelPath::Rows;
     }
     #[cfg(target_arch = "x86_64")]
@@ -782,7 +791,7 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
     let (kh, kw) = conv.kernel;
     let (top, left) = (conv.padding.top, conv.padding.left);
     let isa = detect_isa();
-    if lane_per_channel(isa, s) {
+    if lane_per_channel(isa, Op::WeightGrad, s) {
         return weight_grad_lanes(conv, s, x, dy, dw);
     }
     let (ra, rb) = (WG_ROWS, WG_COLS);
