@@ -81,6 +81,8 @@ struct Scratch {
     filter: Vec<f32>,
     /// The filter size (kh, kw) whose padding columns are zero in `filter`.
     filter_size: (usize, usize),
+    /// Which filters `filter` holds: (call, channel group) of a forward-form call.
+    filter_key: Option<(u64, usize)>,
     out: Vec<f32>,
     total: Vec<f64>,
 }
@@ -90,9 +92,24 @@ struct Scratch {
 struct Buffers<'a> {
     input: &'a mut [f32],
     filter: &'a mut [f32],
+    filter_key: &'a mut Option<(u64, usize)>,
     out: &'a mut [f32],
     total: &'a mut [f64],
 }
+
+impl Buffers<'_> {
+    /// Fills the filter buffer by `fill` unless it already holds the filters of `key` (a task of
+    /// the same call and channel group ran last on this thread); `None`: always fill.
+    fn filter_for(&mut self, key: Option<(u64, usize)>, fill: impl FnOnce(&mut [f32])) {
+        if key.is_none() || *self.filter_key != key {
+            fill(self.filter);
+            *self.filter_key = key;
+        }
+    }
+}
+
+/// Numbers the forward-form calls, so that a thread's filter buffer is known to be current.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
@@ -114,6 +131,7 @@ impl Scratch {
             if scr.filter_size != (g.kh, g.kw) {
                 scr.filter.clear();
                 scr.filter_size = (g.kh, g.kw);
+                scr.filter_key = None;
             }
             let out_len = g.oh * g.ow * LANES;
             if total && scr.total.len() < out_len {
@@ -122,6 +140,7 @@ impl Scratch {
             task(Buffers {
                 input: aligned(&mut scr.input, g.h * g.w * LANES),
                 filter: aligned(&mut scr.filter, g.filter_len()),
+                filter_key: &mut scr.filter_key,
                 out: aligned(&mut scr.out, out_len),
                 total: &mut scr.total[..if total { out_len } else { 0 }],
             })
@@ -146,14 +165,27 @@ pub(super) fn correlate(
     let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     assert!(x.len() / hw == y.len() / ohw && w.len() >= c * kk);
     let groups = c.div_ceil(LANES);
-    // One task per (image, group of 16 channels).
-    let tasks: Vec<&mut [f32]> = y
-        .chunks_mut(c * ohw)
-        .flat_map(|y_img| y_img.chunks_mut(LANES * ohw))
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One task per (group of 16 channels, image), the images of a group next to each other:
+    // a thread that runs them in a row transposes the group's filters once.
+    let mut by_group: Vec<Vec<&mut [f32]>> = (0..groups).map(|_| Vec::new()).collect();
+    for y_img in y.chunks_mut(c * ohw) {
+        for (group, y_grp) in y_img.chunks_mut(LANES * ohw).enumerate() {
+            by_group[group].push(y_grp);
+        }
+    }
+    let tasks: Vec<(usize, usize, &mut [f32])> = by_group
+        .into_iter()
+        .enumerate()
+        .flat_map(|(group, ys)| {
+            ys.into_iter()
+                .enumerate()
+                .map(move |(img, y)| (group, img, y))
+        })
         .collect();
-    tasks.into_par_iter().enumerate().for_each(|(task, y_grp)| {
-        Scratch::with(g, false, |scr| {
-            let (img, c0) = (task / groups, task % groups * LANES);
+    tasks.into_par_iter().for_each(|(group, img, y_grp)| {
+        Scratch::with(g, false, |mut scr| {
+            let c0 = group * LANES;
             let lanes = y_grp.len() / ohw;
             let mut init = [0.0f32; LANES];
             if let Some(b) = bias {
@@ -164,7 +196,9 @@ pub(super) fn correlate(
             // the extents its unchecked loads and stores rely on.
             let finite = unsafe {
                 to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
-                filter_to_lanes(g, &w[c0 * kk..], kk, lanes, rotate, scr.filter);
+                scr.filter_for(Some((call, group)), |f| {
+                    filter_to_lanes(g, &w[c0 * kk..], kk, lanes, rotate, f)
+                });
                 let finite = correlate_lanes(g, scr.input, scr.filter, &init, scr.out);
                 from_lanes(scr.out, lanes, ohw, y_grp, ohw);
                 finite
@@ -199,7 +233,7 @@ pub(super) fn weight_grad(
     dw.par_chunks_mut(LANES * kk)
         .enumerate()
         .for_each(|(group, dw_grp)| {
-            Scratch::with(&t, n > 1, |scr| {
+            Scratch::with(&t, n > 1, |mut scr| {
                 let c0 = group * LANES;
                 let lanes = dw_grp.len() / kk;
                 let mut finite = true;
@@ -209,7 +243,9 @@ pub(super) fn weight_grad(
                     // asserts the extents its unchecked loads and stores rely on.
                     unsafe {
                         to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
-                        filter_to_lanes(&t, &dy[p0 * ohw..], ohw, lanes, false, scr.filter);
+                        scr.filter_for(None, |f| {
+                            filter_to_lanes(&t, &dy[p0 * ohw..], ohw, lanes, false, f)
+                        });
                         finite &= match pairs {
                             Some(width) => wgrad_pairs(&t, width, scr.input, scr.filter, scr.out),
                             None => {
