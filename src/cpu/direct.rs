@@ -14,6 +14,8 @@
 //! Weight gradient: per channel, blocks of `WG_ROWS x WG_COLS` taps accumulated over the plane
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
 //! bit-identical run after run. Other strides and dilations take a simple direct loop.
+//! Small planes (and, with 16+ channels, mid-size ones; `lane_per_channel` decides) take the
+//! lane-per-channel kernels of `small.rs` on AVX-512 instead, for all three passes.
 //! Non-finite values: the blocks read zero padding, so a NaN/Inf operand can add a spurious
 //! NaN; every non-finite result is recomputed exactly (`naive::repair_nonfinite`).
 
