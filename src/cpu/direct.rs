@@ -324,16 +324,12 @@ impl BlockShape {
 /// Output rows per parallel task (a multiple of every block's row count).
 const BAND: usize = 16;
 
-/// Stride-1, dilation-1 correlation of every plane, with signed padding (negative values crop):
-/// `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w'[c, ky, kx] + bias[c]`, where
-/// `w'` is `w` rotated by 180 degrees when `rotate` (the data gradient), else `w`.
-#[allow(clippy::too_many_arguments)]
+/// The stride-1, dilation-1 correlation `corr` (signed padding: negative values crop) of every
+/// plane: `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w'[c, ky, kx] + bias[c]`,
+/// where `w'` is `w` rotated by 180 degrees when `rotate` (the data gradient), else `w`.
 fn correlate_unit(
     s: &ConvShape,
-    kh: usize,
-    kw: usize,
-    top: isize,
-    left: isize,
+    corr: &Correlation,
     x: &[f32],
     w: &[f32],
     rotate: bool,
@@ -342,8 +338,9 @@ fn correlate_unit(
 ) {
     let isa = detect_isa();
     if lane_per_channel(isa, Op::Forward, s) {
-        return correlate_lanes(s, kh, kw, top, left, x, w, rotate, bias, y);
+        return correlate_lanes(s, corr, x, w, rotate, bias, y);
     }
+    let (kh, kw, top, left) = (corr.kh, corr.kw, corr.top, corr.left);
     // Column blocks of a row, the same for every row.
     let mut blocks = Vec::new();
     let mut c0 = 0;
@@ -431,16 +428,6 @@ fn correlate_unit(
                         }
                     }
                 });
-            let corr = Correlation {
-                kh,
-                kw,
-                stride: (1, 1),
-                dilation: (1, 1),
-                top,
-                left,
-                h: s.h,
-                w: s.w,
-            };
             let w_c = &w_c[FILTER_PAD * kw..][..kh * kw];
             repair_nonfinite(y_plane, |i| corr.point(x_plane, w_c, i / ow, i % ow) + b);
         });
@@ -499,21 +486,23 @@ pub fn kernel_path(op: Op, conv: &DwConv2d, s: &ConvShape) -> KernelPath {
         return KernelPath::Rows;
     }
     #[cfg(target_arch = "x86_64")]
-    if op == Op::WeightGrad && super::small::weight_grad_takes_pairs(&lanes_geom(conv, s)) {
+    if op == Op::WeightGrad
+        && super::small::weight_grad_takes_pairs(&lanes_geom(&Correlation::forward(conv, s), s))
+    {
         return KernelPath::LanesPairs;
     }
     let _ = op;
     KernelPath::Lanes
 }
 
-/// The lane-per-channel kernels' geometry of the forward pass of `conv` on `s`.
+/// The lane-per-channel kernels' geometry of the unit correlation `corr` on planes of `s`.
 #[cfg(target_arch = "x86_64")]
-fn lanes_geom(conv: &DwConv2d, s: &ConvShape) -> super::small::Geom {
+fn lanes_geom(corr: &Correlation, s: &ConvShape) -> super::small::Geom {
     super::small::Geom {
-        kh: conv.kernel.0,
-        kw: conv.kernel.1,
-        top: conv.padding.top as isize,
-        left: conv.padding.left as isize,
+        kh: corr.kh,
+        kw: corr.kw,
+        top: corr.top,
+        left: corr.left,
         h: s.h,
         w: s.w,
         oh: s.oh,
@@ -522,30 +511,16 @@ fn lanes_geom(conv: &DwConv2d, s: &ConvShape) -> super::small::Geom {
 }
 
 /// The lane-per-channel correlation (AVX-512): `correlate_unit`'s contract.
-#[allow(clippy::too_many_arguments)]
 fn correlate_lanes(
     s: &ConvShape,
-    kh: usize,
-    kw: usize,
-    top: isize,
-    left: isize,
+    corr: &Correlation,
     x: &[f32],
     w: &[f32],
     rotate: bool,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let corr = Correlation {
-        kh,
-        kw,
-        stride: (1, 1),
-        dilation: (1, 1),
-        top,
-        left,
-        h: s.h,
-        w: s.w,
-    };
-    let (hw, kk, ow) = (s.h * s.w, kh * kw, s.ow);
+    let (hw, kk, ow) = (s.h * s.w, corr.kh * corr.kw, s.ow);
     let repair = |plane: usize, y_plane: &mut [f32]| {
         let c = plane % s.c;
         if y_plane.iter().all(|v| v.is_finite()) {
@@ -560,16 +535,7 @@ fn correlate_lanes(
     };
     #[cfg(target_arch = "x86_64")]
     {
-        let g = super::small::Geom {
-            kh,
-            kw,
-            top,
-            left,
-            h: s.h,
-            w: s.w,
-            oh: s.oh,
-            ow: s.ow,
-        };
+        let g = lanes_geom(corr, s);
         super::small::correlate(&g, s.c, x, w, rotate, bias, y, &repair);
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -836,7 +802,15 @@ fn weight_grad_lanes(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: 
         repair_nonfinite(dw_c, |tap| weight_grad_exact(conv, s, x, dy, c, tap));
     };
     #[cfg(target_arch = "x86_64")]
-    super::small::weight_grad(&lanes_geom(conv, s), s.n, s.c, x, dy, dw, &repair);
+    super::small::weight_grad(
+        &lanes_geom(&Correlation::forward(conv, s), s),
+        s.n,
+        s.c,
+        x,
+        dy,
+        dw,
+        &repair,
+    );
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (repair, dw);
@@ -857,19 +831,7 @@ fn forward_kernel(
     y: &mut [f32],
 ) {
     if conv.is_unit() {
-        let (kh, kw) = conv.kernel;
-        correlate_unit(
-            s,
-            kh,
-            kw,
-            conv.padding.top as isize,
-            conv.padding.left as isize,
-            x,
-            w,
-            false,
-            bias,
-            y,
-        );
+        correlate_unit(s, &Correlation::forward(conv, s), x, w, false, bias, y);
     } else {
         super::naive::forward_plain(conv, s, x, w, bias, y);
     }
@@ -911,7 +873,17 @@ fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dy: &[f32], w: &[f32], dx: &
         };
         let top = kh as isize - 1 - conv.padding.top as isize;
         let left = kw as isize - 1 - conv.padding.left as isize;
-        correlate_unit(&t, kh, kw, top, left, dy, w, true, None, dx);
+        let corr = Correlation {
+            kh,
+            kw,
+            stride: (1, 1),
+            dilation: (1, 1),
+            top,
+            left,
+            h: t.h,
+            w: t.w,
+        };
+        correlate_unit(&t, &corr, dy, w, true, None, dx);
     } else {
         super::naive::data_grad_plain(conv, s, dy, w, dx);
     }
