@@ -70,6 +70,7 @@ fn cases() -> Vec<Case> {
     v.push(case(2, 20, 7, 7, DwConv2d::new(13, 13)));
     v.push(case(1, 17, 9, 6, DwConv2d::new(5, 3)));
     v.push(case(3, 33, 5, 5, DwConv2d::new(9, 9)));
+    v.push(case(2, 70, 5, 5, DwConv2d::new(9, 9))); // 5 groups: batch reduced per group
     v.push(case(2, 18, 3, 6, DwConv2d::new(7, 11)));
     v.push(case(1, 16, 7, 7, DwConv2d::new(31, 31)));
     v.push(case(4, 3, 14, 14, DwConv2d::new(27, 27)));
