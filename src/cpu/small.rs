@@ -1,4 +1,5 @@
-//! Small planes (RepLKNet's 7x7 and 14x14 stages): one channel per AVX-512 lane.
+//! Small planes (RepLKNet's 7x7 and 14x14 stages, and with enough channels larger ones; see
+//! `direct.rs`'s `lane_per_channel`): one channel per AVX-512 lane.
 //!
 //! On small planes most of a large filter falls outside the image and a row is narrower than a
 //! vector, so the row kernels of `direct.rs` waste most of their lanes and FMAs. Here 16
