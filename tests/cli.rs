@@ -468,3 +468,46 @@ fn bench_plot_bad_targets_exit_2_and_leave_nothing() {
         .collect();
     assert_eq!(names, ["taken.png"], "something was written");
 }
+
+#[test]
+fn bench_model_plot_draws_the_profile_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("model.png");
+    let args = [
+        "bench",
+        "--model",
+        "31b",
+        "--device",
+        "cpu",
+        "--size",
+        "64",
+        "--reps",
+        "1",
+        "--plot",
+        path(&png),
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_lkconv"))
+        .args(args)
+        .env_remove("LKCONV_PROFILE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no chart written") && err.contains("LKCONV_PROFILE=1"),
+        "{err}"
+    );
+    assert!(!png.exists());
+
+    let o = Command::new(env!("CARGO_BIN_EXE_lkconv"))
+        .args(args)
+        .env("LKCONV_PROFILE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).expect("a PNG that decodes").to_rgb8();
+    let (colours, ink) = colours_and_ink(&img);
+    assert!(colours >= 4 && ink > 0.01, "{colours} colours, ink {ink}");
+    // the bars are the first series' colour
+    assert!(img.pixels().filter(|p| p.0 == [31, 119, 180]).count() > 1000);
+}
