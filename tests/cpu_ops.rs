@@ -4,24 +4,11 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{assert_matches, random, rng, Inputs};
+use common::{assert_matches, case, random, rng, Case};
 use half::{bf16, f16};
 use lkconv::cpu::direct::{kernel_path, KernelPath};
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::{cpu, DwConv2d, Element, Padding, Tensor};
-
-/// One case: N, C, H, W and the convolution.
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-}
-
-fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
-    Case { n, c, h, w, conv }
-}
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
@@ -88,8 +75,9 @@ fn cases() -> Vec<Case> {
             right: 3,
         }),
     ));
-    v.push(case(1, 17, 6, 9, DwConv2d::new(3, 5).with_padding(4, 6))); // dgrad crops
-                                                                       // Larger planes with 16+ channels: lanes up to 28x28 (forward) and 64x64 (weight gradient).
+    // The data gradient crops (padding > kernel - 1).
+    v.push(case(1, 17, 6, 9, DwConv2d::new(3, 5).with_padding(4, 6)));
+    // Larger planes with 16+ channels: lanes up to 28x28 (forward) and 64x64 (weight gradient).
     v.push(case(1, 16, 20, 30, DwConv2d::new(9, 9)));
     v.push(case(2, 17, 36, 30, DwConv2d::new(15, 14)));
     v
@@ -100,13 +88,8 @@ fn check_all<T: Element>(device: Device, imp: Impl) {
     for cs in cases() {
         let conv = cs.conv;
         let (kh, kw) = conv.kernel;
-        let s = conv.resolve(cs.n, cs.c, cs.h, cs.w).expect("valid case");
-        let t = Inputs::<T> {
-            x: random(&s.input_dims(), &mut rng),
-            w: random(&conv.weight_dims(s.c), &mut rng),
-            bias: Some(random(&[s.c], &mut rng)),
-            dy: random(&s.output_dims(), &mut rng),
-        };
+        let s = cs.shape();
+        let t = cs.inputs::<T>(&mut rng);
         let label = format!(
             "{:?} {} n{} c{} {}x{} k{kh}x{kw} {conv:?}",
             device,
@@ -168,7 +151,7 @@ fn im2col_matches_reference() {
 fn cases_reach_every_fast_kernel() {
     let mut seen = HashSet::new();
     for cs in cases() {
-        let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
+        let s = cs.shape();
         for op in Op::ALL {
             seen.insert((op, kernel_path(op, &cs.conv, &s)));
         }
