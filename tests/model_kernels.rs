@@ -165,6 +165,7 @@ fn activations_on_every_isa() {
         "bias_act_adds_bias_and_keeps_nan_in_every_lane",
         "small_convs_match_reference",
         "small_convs_propagate_non_finite_like_reference",
+        "sgemm_matches_f64_with_narrow_column_tails",
     ]);
 }
 
@@ -362,4 +363,76 @@ fn small_conv_bad_sizes_are_errors() {
         ..dense(3, 4, 9, 1)
     };
     assert!(too_big.out_hw(3, 3).is_err());
+}
+
+/// The 1x1 convolutions' GEMM (`cpu::gemm`), including the narrow column remainders that
+/// take the dot-product kernel on AVX-512 (n % 16 != 0, n > 16), against f64 sums.
+#[test]
+fn sgemm_matches_f64_with_narrow_column_tails() {
+    use lkconv::cpu::gemm::{sgemm_view, MatRef, Threads};
+    let mut r = rng();
+    for &(m, k, n) in &[
+        (1, 1, 17),
+        (3, 5, 31),
+        (8, 33, 49),
+        (7, 64, 196),
+        (16, 130, 20),
+        (5, 17, 16),
+        (2, 3, 5),
+    ] {
+        for beta in [0.0f32, 1.0] {
+            // Strided views: B's rows and C's rows wider than n.
+            let (ldb, ldc) = (n + 3, n + 5);
+            let a = r.vec_pm1(m * k);
+            let b = r.vec_pm1(k * ldb);
+            let c0: Vec<f32> = if beta == 0.0 {
+                vec![f32::NAN; m * ldc] // must be overwritten, never read
+            } else {
+                r.vec_pm1(m * ldc)
+            };
+            let mut c = c0.clone();
+            sgemm_view(
+                m,
+                k,
+                n,
+                MatRef::rows(&a, k),
+                MatRef::rows(&b, ldb),
+                beta,
+                &mut c,
+                ldc,
+                Threads::Single,
+            );
+            let (mut value, mut bound) = (Vec::new(), Vec::new());
+            for i in 0..m {
+                for j in 0..ldc {
+                    if j >= n {
+                        // Outside the block: untouched (NaN stays NaN).
+                        value.push(c0[i * ldc + j] as f64);
+                        bound.push(0.0);
+                        continue;
+                    }
+                    let (mut v, mut mag) = (0.0f64, 0.0f64);
+                    for kk in 0..k {
+                        let t = a[i * k + kk] as f64 * b[kk * ldb + j] as f64;
+                        v += t;
+                        mag += t.abs();
+                    }
+                    if beta != 0.0 {
+                        let old = c0[i * ldc + j] as f64;
+                        v += old;
+                        mag += old.abs();
+                    }
+                    value.push(v);
+                    bound.push(sum_bound(DType::F32, k + 1, v, mag));
+                }
+            }
+            let want = Expected {
+                shape: vec![m, ldc],
+                value,
+                bound,
+            };
+            let got = Tensor::from_vec(&[m, ldc], c).unwrap();
+            assert_matches(&format!("sgemm {m}x{k}x{n} beta {beta}"), &got, &want);
+        }
+    }
 }

@@ -126,6 +126,18 @@ pub unsafe fn sgemm_view_raw(
         }
         return;
     }
+    let tail = n % NARROW_LANES;
+    if tail != 0 && n > NARROW_LANES && a.col_stride == 1 && narrow_supported() {
+        // The gemm crate's micro-kernels vectorise along n; a remainder of a few columns
+        // (RepLKNet's 14x14 = 196 = 12 * 16 + 4 pixels) would take a whole 16-lane pass of its
+        // one-vector kernel. Those columns go to dot products along k instead.
+        let main = n - tail;
+        // SAFETY: columns [0, main) of the caller's block (same contract).
+        unsafe { sgemm_view_raw(m, k, main, a, b, beta, c, ldc, threads) };
+        // SAFETY: columns [main, n) of the caller's block; AVX-512F detected.
+        unsafe { sgemm_narrow(m, k, main, tail, a, b, beta, c, ldc) };
+        return;
+    }
     let parallelism = match threads {
         Threads::Single => gemm::Parallelism::None,
         Threads::Pool => gemm::Parallelism::Rayon(rayon::current_num_threads()),
@@ -155,4 +167,127 @@ pub unsafe fn sgemm_view_raw(
             parallelism,
         );
     }
+}
+
+/// Columns are split off for [`sgemm_narrow`] when n is not a multiple of this.
+const NARROW_LANES: usize = 16;
+
+fn narrow_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::direct::detect_isa() == super::direct::Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Columns [j0, j0 + cols) (cols < 16) of C = A * B + beta * C as dot products along k: those
+/// columns of B are copied into rows of a small buffer, then each block of 2 rows of A x 4
+/// columns keeps 8 accumulators, one A load and one B load per FMA pair.
+///
+/// # Safety
+/// As `sgemm_view_raw` for columns [j0, j0 + cols); AVX-512F must be present.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_narrow(
+    m: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // B's columns as rows, padded with zero rows to a multiple of 4.
+    let padded = cols.div_ceil(4) * 4;
+    let mut bt = vec![0.0f32; padded * k];
+    for (j, row) in bt.chunks_exact_mut(k).take(cols).enumerate() {
+        for (kk, v) in row.iter_mut().enumerate() {
+            *v = b.data[kk * b.row_stride + (j0 + j) * b.col_stride];
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; AVX-512F present (the caller checked).
+    unsafe {
+        narrow_avx512(m, k, j0, cols, a, &bt, beta, c, ldc)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "narrow_supported is false off x86-64: {m} {j0} {beta} {ldc} {:?}",
+        (a, c)
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_avx512(
+    m: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    a: MatRef,
+    bt: &[f32],
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut i = 0;
+    while i < m {
+        let rows = (m - i).min(2);
+        for jb in (0..cols).step_by(4) {
+            let sums = if rows == 2 {
+                narrow_block::<2>(k, &a.data[i * a.row_stride..], a.row_stride, &bt[jb * k..])
+            } else {
+                let s =
+                    narrow_block::<1>(k, &a.data[i * a.row_stride..], a.row_stride, &bt[jb * k..]);
+                [s[0], [0.0; 4]]
+            };
+            for (r, row) in sums.iter().enumerate().take(rows) {
+                for (q, &v) in row.iter().enumerate().take((cols - jb).min(4)) {
+                    // SAFETY: row i + r < m, column j0 + jb + q < j0 + cols of the caller's
+                    // block (read only when beta != 0, as the gemm crate does).
+                    unsafe {
+                        let dst = c.add((i + r) * ldc + j0 + jb + q);
+                        *dst = if beta == 0.0 { v } else { v + beta * *dst };
+                    }
+                }
+            }
+        }
+        i += rows;
+    }
+}
+
+/// R rows of A (from `a`, `lda` apart, k values each) dotted with 4 rows of `bt` (k apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn narrow_block<const R: usize>(k: usize, a: &[f32], lda: usize, bt: &[f32]) -> [[f32; 4]; R] {
+    use std::arch::x86_64::*;
+    assert!(a.len() >= (R - 1) * lda + k && bt.len() >= 4 * k);
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let mut kk = 0;
+    while kk < k {
+        let mask: __mmask16 = if k - kk >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << (k - kk)) - 1) as u16
+        };
+        let mut bv = [_mm512_setzero_ps(); 4];
+        for (q, v) in bv.iter_mut().enumerate() {
+            // SAFETY: lanes kk..kk + 16 masked to < k of row q (bt holds 4 rows of k).
+            *v = unsafe { _mm512_maskz_loadu_ps(mask, bt.as_ptr().add(q * k + kk)) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: lanes masked to < k of row r (checked above).
+            let av = unsafe { _mm512_maskz_loadu_ps(mask, a.as_ptr().add(r * lda + kk)) };
+            for (s, &b) in acc_r.iter_mut().zip(&bv) {
+                *s = _mm512_fmadd_ps(av, b, *s);
+            }
+        }
+        kk += 16;
+    }
+    acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
 }
