@@ -184,8 +184,8 @@ fn narrow_supported() -> bool {
 }
 
 /// Columns [j0, j0 + cols) (cols < 16) of C = A * B + beta * C as dot products along k: those
-/// columns of B are copied into rows of a small buffer, then each block of 2 rows of A x 4
-/// columns keeps 8 accumulators, one A load and one B load per FMA pair.
+/// columns of B are copied into rows of a small buffer, then each block of 4 rows of A x 4
+/// columns keeps 16 accumulators (8 loads per 16 FMAs), a leftover column 8 rows.
 ///
 /// # Safety
 /// As `sgemm_view_raw` for columns [j0, j0 + cols); AVX-512F must be present.
@@ -201,9 +201,8 @@ unsafe fn sgemm_narrow(
     c: *mut f32,
     ldc: usize,
 ) {
-    // B's columns as rows, padded with zero rows to a multiple of 4.
-    let padded = cols.div_ceil(4) * 4;
-    let mut bt = vec![0.0f32; padded * k];
+    // B's columns as rows.
+    let mut bt = vec![0.0f32; cols * k];
     for (j, row) in bt.chunks_exact_mut(k).take(cols).enumerate() {
         for (kk, v) in row.iter_mut().enumerate() {
             *v = b.data[kk * b.row_stride + (j0 + j) * b.col_stride];
@@ -235,39 +234,56 @@ unsafe fn narrow_avx512(
     c: *mut f32,
     ldc: usize,
 ) {
-    let mut i = 0;
-    while i < m {
-        let rows = (m - i).min(2);
-        for jb in (0..cols).step_by(4) {
-            let sums = if rows == 2 {
-                narrow_block::<2>(k, &a.data[i * a.row_stride..], a.row_stride, &bt[jb * k..])
-            } else {
-                let s =
-                    narrow_block::<1>(k, &a.data[i * a.row_stride..], a.row_stride, &bt[jb * k..]);
-                [s[0], [0.0; 4]]
-            };
-            for (r, row) in sums.iter().enumerate().take(rows) {
-                for (q, &v) in row.iter().enumerate().take((cols - jb).min(4)) {
-                    // SAFETY: row i + r < m, column j0 + jb + q < j0 + cols of the caller's
+    // Blocks of 4 columns x 4 rows (16 accumulators, FMA-bound), single leftover columns
+    // x 8 rows; rows past m are computed on row 0 again and dropped.
+    let mut jb = 0;
+    while jb < cols {
+        let q = if cols - jb >= 4 { 4 } else { 1 };
+        let step = if q == 4 { 4 } else { 8 };
+        for i in (0..m).step_by(step) {
+            let rows: [&[f32]; 8] = std::array::from_fn(|r| {
+                let row = if i + r < m { i + r } else { 0 };
+                &a.data[row * a.row_stride..row * a.row_stride + k]
+            });
+            let put = |r: usize, jq: usize, v: f32| {
+                if i + r < m {
+                    // SAFETY: row i + r < m, column j0 + jb + jq < j0 + cols of the caller's
                     // block (read only when beta != 0, as the gemm crate does).
                     unsafe {
-                        let dst = c.add((i + r) * ldc + j0 + jb + q);
+                        let dst = c.add((i + r) * ldc + j0 + jb + jq);
                         *dst = if beta == 0.0 { v } else { v + beta * *dst };
                     }
                 }
+            };
+            if q == 4 {
+                let sums = narrow_block::<4, 4>(k, rows[..4].try_into().unwrap(), &bt[jb * k..]);
+                for (r, row) in sums.iter().enumerate() {
+                    for (jq, &v) in row.iter().enumerate() {
+                        put(r, jq, v);
+                    }
+                }
+            } else {
+                let sums = narrow_block::<8, 1>(k, rows[..8].try_into().unwrap(), &bt[jb * k..]);
+                for (r, row) in sums.iter().enumerate() {
+                    put(r, 0, row[0]);
+                }
             }
         }
-        i += rows;
+        jb += q;
     }
 }
 
-/// R rows of A (from `a`, `lda` apart, k values each) dotted with 4 rows of `bt` (k apart).
+/// R rows of A (k values each) dotted with Q rows of `bt` (k apart).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn narrow_block<const R: usize>(k: usize, a: &[f32], lda: usize, bt: &[f32]) -> [[f32; 4]; R] {
+fn narrow_block<const R: usize, const Q: usize>(
+    k: usize,
+    a: [&[f32]; R],
+    bt: &[f32],
+) -> [[f32; Q]; R] {
     use std::arch::x86_64::*;
-    assert!(a.len() >= (R - 1) * lda + k && bt.len() >= 4 * k);
-    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    assert!(a.iter().all(|r| r.len() >= k) && bt.len() >= Q * k);
+    let mut acc = [[_mm512_setzero_ps(); Q]; R];
     let mut kk = 0;
     while kk < k {
         let mask: __mmask16 = if k - kk >= 16 {
@@ -275,14 +291,14 @@ fn narrow_block<const R: usize>(k: usize, a: &[f32], lda: usize, bt: &[f32]) -> 
         } else {
             ((1u32 << (k - kk)) - 1) as u16
         };
-        let mut bv = [_mm512_setzero_ps(); 4];
+        let mut bv = [_mm512_setzero_ps(); Q];
         for (q, v) in bv.iter_mut().enumerate() {
-            // SAFETY: lanes kk..kk + 16 masked to < k of row q (bt holds 4 rows of k).
+            // SAFETY: lanes kk..kk + 16 masked to < k of row q (bt holds Q rows of k).
             *v = unsafe { _mm512_maskz_loadu_ps(mask, bt.as_ptr().add(q * k + kk)) };
         }
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            // SAFETY: lanes masked to < k of row r (checked above).
-            let av = unsafe { _mm512_maskz_loadu_ps(mask, a.as_ptr().add(r * lda + kk)) };
+        for (row, acc_r) in a.iter().zip(acc.iter_mut()) {
+            // SAFETY: lanes masked to < k of this row (checked above).
+            let av = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(kk)) };
             for (s, &b) in acc_r.iter_mut().zip(&bv) {
                 *s = _mm512_fmadd_ps(av, b, *s);
             }
