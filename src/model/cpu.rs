@@ -9,6 +9,8 @@ use super::deploy::{
     dims_of, Affine, Backend, Block, DenseConv, DeployModel, Depthwise, Dims, FfnBlock, Head,
     Output, Pointwise, RepLkBlock, Stem, Transition,
 };
+use crate::cpu::activation::{bias_act, Activation as Act};
+use crate::cpu::small_conv::GroupedConv;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -109,9 +111,6 @@ fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     }
     &mut buf[..len]
 }
-
-use crate::cpu::activation::{bias_act, Activation as Act};
-use crate::cpu::small_conv::GroupedConv;
 
 const SQRT_PI_INV2: f64 = std::f64::consts::FRAC_2_SQRT_PI;
 
