@@ -358,6 +358,10 @@ fn small_conv_bad_sizes_are_errors() {
     assert!(bad_groups
         .forward_into(&x, [1, 5, 5], &w, &b, Activation::Relu, &mut y)
         .is_err());
+    let no_inputs = GroupedConv { cin: 0, ..g };
+    assert!(no_inputs
+        .forward_into(&[], [1, 5, 5], &[], &b, Activation::Relu, &mut y)
+        .is_err());
     let too_big = GroupedConv {
         pad: 0,
         ..dense(3, 4, 9, 1)

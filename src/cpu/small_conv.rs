@@ -139,11 +139,12 @@ impl GroupedConv {
         y: &mut [f32],
     ) -> Result<(usize, usize)> {
         if self.groups == 0
+            || self.cin == 0
             || !self.cin.is_multiple_of(self.groups)
             || !self.cout.is_multiple_of(self.groups)
         {
             return Err(Error::InvalidArgument(format!(
-                "grouped conv: {} groups do not divide {} input and {} output channels",
+                "grouped conv: {} groups must divide {} (>= 1) input and {} output channels",
                 self.groups, self.cin, self.cout
             )));
         }
