@@ -44,7 +44,7 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 
 /// The instruction set the micro-kernels use, detected once per call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Isa {
+pub(crate) enum Isa {
     Portable,
     Avx2,
     /// AVX-512F: 16-lane FMAs, half the instructions of AVX2 for the same work.
@@ -53,7 +53,7 @@ enum Isa {
 
 /// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
 /// the tests use the cap to check every micro-kernel on one machine.
-fn detect_isa() -> Isa {
+pub(crate) fn detect_isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         let cap = match std::env::var("LKCONV_CPU_ISA").as_deref() {
