@@ -1,6 +1,9 @@
 //! The CPU engine: the f64 reference (the oracle), the fast direct path, and the two baselines
 //! the benchmarks compare against (naive loop, im2col + GEMM).
 
+pub mod bf16;
+mod bf16_amx;
+pub mod bf16_dw;
 pub mod ceiling;
 pub mod direct;
 pub mod gemm;

@@ -1,0 +1,212 @@
+//! bf16 CPU kernels beside their f32 counterparts, in one run (ratios are what to read on a
+//! shared machine): the depthwise forward and data gradient at RepLKNet-31B's four large-kernel
+//! layers, and the 1x1-convolution GEMM at the ConvFFN / RepLK-block shapes (single-threaded
+//! per task, as the model runs them, here over the pool in 128-row x 512-column tasks).
+//! `cargo bench --bench bf16` (`-- --reps N`).
+
+use lkconv::cpu::bf16::{self as b16, Bf16Input, Bf16Isa, Bf16Weights};
+use lkconv::cpu::bf16_dw::DwKernel;
+use lkconv::cpu::gemm::{sgemm_view_raw, MatRef, Threads};
+use lkconv::{cpu, DwConv2d, Rng, Tensor};
+use rayon::prelude::*;
+use std::time::Instant;
+
+fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    (t[0], t[t.len() / 2])
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each task writes a disjoint block through it.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// y[cout x hw] = W x over the pool in 128 x 512 tasks: f32 SGEMM, or bf16 with `wb` (weights
+/// packed once, outside the timing; the activations are packed inside it).
+#[allow(clippy::too_many_arguments)]
+fn pointwise(
+    wb: Option<&Bf16Weights>,
+    cout: usize,
+    cin: usize,
+    hw: usize,
+    w: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    packed: &mut Bf16Input,
+) {
+    let (rows, cols) = (128.min(cout), 512.min(hw));
+    if let Some(wb) = wb {
+        packed.pack(wb.isa(), cin, hw, x, hw).unwrap();
+    }
+    let (rb, cb) = (cout.div_ceil(rows), hw.div_ceil(cols));
+    let yp = SendPtr(y.as_mut_ptr());
+    let packed = &*packed;
+    (0..rb * cb).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / cb) * rows, (t % cb) * cols);
+        let (m, nc) = (rows.min(cout - r0), cols.min(hw - c0));
+        // SAFETY: tasks write disjoint blocks of y ([cout x hw]).
+        unsafe {
+            let c = yp.get().add(r0 * hw + c0);
+            match wb {
+                Some(wb) => b16::gemm_raw(wb, r0, m, packed, c0, nc, 0.0, c, hw),
+                None => sgemm_view_raw(
+                    m,
+                    cin,
+                    nc,
+                    MatRef::rows(&w[r0 * cin..], cin),
+                    MatRef::rows(&x[c0..], hw),
+                    0.0,
+                    c,
+                    hw,
+                    Threads::Single,
+                ),
+            }
+        }
+    });
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let reps = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let isas = Bf16Isa::all_available();
+    let kernels = DwKernel::available();
+    println!(
+        "bf16 ISAs here: {isas:?}, depthwise kernels {kernels:?}; {} threads; {reps} reps; min / median ms",
+        rayon::current_num_threads()
+    );
+    let mut rng = Rng::new(7);
+    println!(
+        "| layer | pass | f32 fast | {} |",
+        kernels
+            .iter()
+            .map(|k| format!("bf16 {k:?}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---|---|{}", "---|".repeat(kernels.len()));
+    for (c, hw, k) in [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)] {
+        let conv = DwConv2d::new(k, k);
+        let s = conv.resolve(1, c, hw, hw).unwrap();
+        let x = Tensor::<f32>::random(&s.input_dims(), &mut rng).unwrap();
+        let w = Tensor::<f32>::random(&conv.weight_dims(c), &mut rng).unwrap();
+        let mut y = vec![0.0f32; s.output_len()];
+        for pass in ["fwd", "dgrad"] {
+            let mut run = |isa: Option<DwKernel>| {
+                time(reps, || match (pass, isa) {
+                    ("fwd", None) => {
+                        cpu::forward_f32_into(&conv, &s, x.data(), w.data(), None, &mut y).unwrap()
+                    }
+                    ("fwd", Some(i)) => cpu::bf16_dw::forward_f32_into(
+                        i,
+                        &conv,
+                        &s,
+                        x.data(),
+                        w.data(),
+                        None,
+                        &mut y,
+                    )
+                    .unwrap(),
+                    (_, None) => {
+                        cpu::data_grad_f32_into(&conv, &s, x.data(), w.data(), &mut y).unwrap()
+                    }
+                    (_, Some(i)) => {
+                        cpu::bf16_dw::data_grad_f32_into(i, &conv, &s, x.data(), w.data(), &mut y)
+                            .unwrap()
+                    }
+                })
+            };
+            let f = run(None);
+            let cells: Vec<String> = kernels
+                .iter()
+                .map(|&i| {
+                    let t = run(Some(i));
+                    format!("{:.3} / {:.3} ({:.2}x)", t.0, t.1, f.0 / t.0)
+                })
+                .collect();
+            println!(
+                "| C{c} {hw}x{hw} K{k} | {pass} | {:.3} / {:.3} | {} |",
+                f.0,
+                f.1,
+                cells.join(" | ")
+            );
+        }
+    }
+    println!();
+    println!(
+        "| 1x1 conv (cout x cin x pixels) | f32 SGEMM | {} |",
+        isas.iter()
+            .map(|i| format!("bf16 {}", i.name()))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---|{}", "---|".repeat(isas.len()));
+    let mut packed = Bf16Input::new();
+    for (cout, cin, hw) in [
+        (512, 128, 3136),
+        (128, 512, 3136),
+        (1024, 256, 784),
+        (256, 1024, 784),
+        (2048, 512, 196),
+        (512, 2048, 196),
+        (4096, 1024, 49),
+        (1024, 4096, 49),
+    ] {
+        let w = Tensor::<f32>::random(&[cout, cin], &mut rng).unwrap();
+        let x = Tensor::<f32>::random(&[cin, hw], &mut rng).unwrap();
+        let mut y = vec![0.0f32; cout * hw];
+        let gflop = 2.0 * (cout * cin * hw) as f64 / 1e9;
+        let f = time(reps, || {
+            pointwise(None, cout, cin, hw, w.data(), x.data(), &mut y, &mut packed)
+        });
+        let cells: Vec<String> = isas
+            .iter()
+            .map(|&i| {
+                let wb = Bf16Weights::new(i, cout, cin, w.data()).unwrap();
+                let t = time(reps, || {
+                    pointwise(
+                        Some(&wb),
+                        cout,
+                        cin,
+                        hw,
+                        w.data(),
+                        x.data(),
+                        &mut y,
+                        &mut packed,
+                    )
+                });
+                format!(
+                    "{:.3} ms, {:.0} GFLOP/s ({:.2}x)",
+                    t.0,
+                    gflop / t.0 * 1e3,
+                    f.0 / t.0
+                )
+            })
+            .collect();
+        println!(
+            "| {cout} x {cin} x {hw} | {:.3} ms, {:.0} GFLOP/s | {} |",
+            f.0,
+            gflop / f.0 * 1e3,
+            cells.join(" | ")
+        );
+    }
+}

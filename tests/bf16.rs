@@ -1,0 +1,333 @@
+//! The bf16 CPU kernels (1x1-convolution GEMM, depthwise forward and data gradient) against the
+//! f64 reference on the same bf16-rounded operands, on every instruction set this machine has
+//! (AMX, AVX-512 BF16, the f32 fallback), each called explicitly in this process.
+
+mod common;
+
+use common::{assert_matches, random, rng, Expected};
+use half::bf16;
+use lkconv::cpu::bf16::{self as b16, Bf16Input, Bf16Isa, Bf16Weights};
+use lkconv::cpu::bf16_dw::{self, DwKernel};
+use lkconv::{DType, DwConv2d, Padding, Rng, Tensor};
+
+/// A random matrix of bf16-exact values (as f32).
+fn bf16_values(shape: &[usize], rng: &mut Rng) -> Tensor<f32> {
+    random::<bf16>(shape, rng).cast::<f32>()
+}
+
+/// C = A * B (+ C0 when given) in f64, and the same over absolute values (the error scale).
+fn gemm_expected(a: &Tensor<f32>, b: &Tensor<f32>, c0: Option<&Tensor<f32>>) -> Expected {
+    let (m, k, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
+    let mut value = vec![0.0f32; m * n];
+    let mut mag = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut t) = (0.0f64, 0.0f64);
+            for p in 0..k {
+                let prod = a.data()[i * k + p] as f64 * b.data()[p * n + j] as f64;
+                s += prod;
+                t += prod.abs();
+            }
+            if let Some(c) = c0 {
+                s += c.data()[i * n + j] as f64;
+                t += (c.data()[i * n + j] as f64).abs();
+            }
+            value[i * n + j] = s as f32;
+            mag[i * n + j] = t as f32;
+        }
+    }
+    let v = Tensor::from_vec(&[m, n], value).unwrap();
+    let g = Tensor::from_vec(&[m, n], mag).unwrap();
+    Expected::of_sum(DType::F32, k + 1, &v, &g)
+}
+
+/// GEMM sizes: tile multiples, odd sizes, k and n of one, k not a multiple of 32, wide and tall.
+const GEMM_SIZES: [(usize, usize, usize); 12] = [
+    (1, 1, 1),
+    (16, 32, 16),
+    (32, 32, 32),
+    (33, 31, 17),
+    (7, 65, 3),
+    (128, 128, 196),
+    (5, 1, 50),
+    (40, 3, 1),
+    (64, 257, 49),
+    (17, 96, 100),
+    (130, 64, 33),
+    (3, 600, 70),
+];
+
+fn check_gemm(isa: Bf16Isa, rng: &mut Rng) {
+    for &(m, k, n) in &GEMM_SIZES {
+        let a = bf16_values(&[m, k], rng);
+        let b = bf16_values(&[k, n], rng);
+        let w = Bf16Weights::new(isa, m, k, a.data()).unwrap();
+        let mut x = Bf16Input::new();
+        x.pack(isa, k, n, b.data(), n).unwrap();
+        // beta = 0: C is poisoned first and must be fully overwritten.
+        let mut c = vec![f32::NAN; m * n];
+        b16::gemm(&w, &x, 0.0, &mut c, n).unwrap();
+        let got = Tensor::from_vec(&[m, n], c.clone()).unwrap();
+        assert_matches(
+            &format!("{isa:?} gemm {m}x{k}x{n}"),
+            &got,
+            &gemm_expected(&a, &b, None),
+        );
+        // beta = 1 into a block of a wider matrix (ldc > n); the columns beyond n are untouched.
+        let ldc = n + 3;
+        let c0 = bf16_values(&[m, n], rng);
+        let mut wide = vec![-7.0f32; m * ldc];
+        for i in 0..m {
+            wide[i * ldc..i * ldc + n].copy_from_slice(&c0.data()[i * n..(i + 1) * n]);
+        }
+        b16::gemm(&w, &x, 1.0, &mut wide, ldc).unwrap();
+        let block: Vec<f32> = (0..m)
+            .flat_map(|i| wide[i * ldc..i * ldc + n].to_vec())
+            .collect();
+        assert!((0..m).all(|i| wide[i * ldc + n..(i + 1) * ldc] == [-7.0; 3]));
+        let got = Tensor::from_vec(&[m, n], block).unwrap();
+        assert_matches(
+            &format!("{isa:?} gemm beta=1 {m}x{k}x{n}"),
+            &got,
+            &gemm_expected(&a, &b, Some(&c0)),
+        );
+    }
+}
+
+/// Blocks of the output computed separately (as RepLKNet's tasks do) equal the whole.
+fn check_gemm_blocks(isa: Bf16Isa, rng: &mut Rng) {
+    let (m, k, n) = (70, 45, 90);
+    let a = bf16_values(&[m, k], rng);
+    let b = bf16_values(&[k, n], rng);
+    let w = Bf16Weights::new(isa, m, k, a.data()).unwrap();
+    let mut x = Bf16Input::new();
+    x.pack(isa, k, n, b.data(), n).unwrap();
+    let mut c = vec![f32::NAN; m * n];
+    for (r0, rows) in [(0, 16), (16, 33), (49, 21)] {
+        for (c0, cols) in [(0, 7), (7, 48), (55, 35)] {
+            // SAFETY: the blocks are disjoint and inside c (m x n, row stride n).
+            unsafe {
+                b16::gemm_raw(
+                    &w,
+                    r0,
+                    rows,
+                    &x,
+                    c0,
+                    cols,
+                    0.0,
+                    c.as_mut_ptr().add(r0 * n + c0),
+                    n,
+                )
+            };
+        }
+    }
+    let got = Tensor::from_vec(&[m, n], c).unwrap();
+    assert_matches(
+        &format!("{isa:?} gemm in blocks"),
+        &got,
+        &gemm_expected(&a, &b, None),
+    );
+}
+
+/// NaN and infinities in the operands propagate as the f64 reference says (and padding adds
+/// none).
+fn check_gemm_nonfinite(isa: Bf16Isa, rng: &mut Rng) {
+    let (m, k, n) = (20, 37, 21);
+    let mut a = bf16_values(&[m, k], rng);
+    let mut b = bf16_values(&[k, n], rng);
+    a.data_mut()[3 * k + 36] = f32::INFINITY;
+    b.data_mut()[5 * n + 20] = f32::NAN;
+    b.data_mut()[36 * n] = f32::NEG_INFINITY;
+    let w = Bf16Weights::new(isa, m, k, a.data()).unwrap();
+    let mut x = Bf16Input::new();
+    x.pack(isa, k, n, b.data(), n).unwrap();
+    let mut c = vec![0.5f32; m * n];
+    b16::gemm(&w, &x, 0.0, &mut c, n).unwrap();
+    let got = Tensor::from_vec(&[m, n], c).unwrap();
+    assert_matches(
+        &format!("{isa:?} gemm non-finite"),
+        &got,
+        &gemm_expected(&a, &b, None),
+    );
+}
+
+#[test]
+fn gemm_every_isa_matches_reference() {
+    let mut rng = rng();
+    for isa in Bf16Isa::all_available() {
+        println!("checking {isa:?}");
+        check_gemm(isa, &mut rng);
+        check_gemm_blocks(isa, &mut rng);
+        check_gemm_nonfinite(isa, &mut rng);
+    }
+}
+
+#[test]
+fn packing_rounds_to_nearest_even() {
+    // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0);
+    // 1 + 3 * 2^-8 goes up to 1 + 2^-6.
+    assert_eq!(b16::round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+    assert_eq!(
+        b16::round_bf16(1.0 + 3.0 * 2f32.powi(-8)),
+        1.0 + 2f32.powi(-6)
+    );
+    assert!(b16::round_bf16(f32::NAN).is_nan());
+    assert_eq!(b16::round_bf16(f32::MAX), f32::INFINITY);
+    for v in [0.1f32, -3.7, 1e-20, 6.5e4] {
+        assert_eq!(b16::round_bf16(v), bf16::from_f32(v).to_f32());
+    }
+}
+
+#[test]
+fn mismatched_operands_are_errors() {
+    let isa = Bf16Isa::Fallback;
+    let w = Bf16Weights::new(isa, 4, 3, &[1.0; 12]).unwrap();
+    assert!(Bf16Weights::new(isa, 4, 3, &[1.0; 11]).is_err());
+    let mut x = Bf16Input::new();
+    assert!(x.pack(isa, 5, 2, &[1.0; 10], 2).is_ok());
+    let mut c = vec![0.0; 8];
+    assert!(b16::gemm(&w, &x, 0.0, &mut c, 2).is_err()); // k 3 vs 5
+    assert!(x.pack(isa, 3, 2, &[1.0; 5], 2).is_err()); // input too short
+    x.pack(isa, 3, 2, &[1.0; 6], 2).unwrap();
+    assert!(b16::gemm(&w, &x, 0.0, &mut c[..7], 2).is_err()); // output too short
+    for other in Bf16Isa::all_available().into_iter().filter(|&i| i != isa) {
+        let mut y = Bf16Input::new();
+        y.pack(other, 3, 2, &[1.0; 6], 2).unwrap();
+        assert!(b16::gemm(&w, &y, 0.0, &mut c, 2).is_err()); // packed for another ISA
+    }
+}
+
+/// Where the CPU reports the instructions, the fast paths must be used: fails if AMX or AVX-512
+/// BF16 were silently skipped on a machine that has them.
+#[test]
+fn best_isa_is_used_where_present() {
+    let amx = b16::cpu_has_amx();
+    let dp =
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16");
+    println!(
+        "CPU: AMX-BF16 {amx}, AVX-512 BF16 {dp}; available {:?}; picked {:?}",
+        Bf16Isa::all_available(),
+        b16::detect()
+    );
+    assert_eq!(Bf16Isa::Avx512Bf16.available(), dp);
+    assert_eq!(DwKernel::available().contains(&DwKernel::PairedDot), dp);
+    if amx && dp {
+        // Linux grants the tile state on request unless it is too old or forbids it.
+        assert!(Bf16Isa::Amx.available(), "AMX present but not enabled");
+    }
+    if std::env::var_os("LKCONV_CPU_ISA").is_none() {
+        let best = Bf16Isa::all_available().into_iter().max().unwrap();
+        assert_eq!(b16::detect(), best);
+    }
+}
+
+/// Depthwise cases: odd and even kernels, K > image, batch 1, one channel, non-square images and
+/// kernels, asymmetric and zero padding, and RepLKNet-like sizes.
+fn dw_cases() -> Vec<(usize, usize, usize, usize, DwConv2d)> {
+    let mut v = vec![
+        (1, 3, 56, 56, DwConv2d::new(31, 31)),
+        (2, 2, 28, 28, DwConv2d::new(29, 29)),
+        (1, 4, 14, 14, DwConv2d::new(27, 27)), // K > image
+        (1, 20, 7, 7, DwConv2d::new(13, 13)),  // small planes (fallback kernel)
+        (1, 1, 5, 5, DwConv2d::new(13, 13)),   // one channel, K >> image
+        (2, 2, 20, 40, DwConv2d::new(31, 5)),
+        (1, 2, 40, 20, DwConv2d::new(5, 31)),
+        (1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0)),
+        (1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5)),
+        (1, 3, 17, 19, DwConv2d::new(7, 7).with_stride(2, 2)),
+        (
+            1,
+            2,
+            15,
+            22,
+            DwConv2d::new(9, 8).with_padding_sides(Padding {
+                top: 1,
+                bottom: 6,
+                left: 7,
+                right: 0,
+            }),
+        ),
+    ];
+    for k in 1..=12 {
+        let (h, w) = [(9, 13), (16, 16), (23, 7), (40, 33)][k % 4];
+        v.push((1 + k % 2, 1 + k % 3, h, w, DwConv2d::new(k, k)));
+    }
+    v
+}
+
+fn check_depthwise(isa: DwKernel, rng: &mut Rng, nonfinite: bool) {
+    for (n, c, h, w, conv) in dw_cases() {
+        let s = conv.resolve(n, c, h, w).unwrap();
+        let mut x = bf16_values(&s.input_dims(), rng);
+        let wt = bf16_values(&conv.weight_dims(c), rng);
+        let bias = random::<f32>(&[c], rng);
+        let mut dy = bf16_values(&s.output_dims(), rng);
+        if nonfinite {
+            let (xl, dl) = (x.len(), dy.len());
+            x.data_mut()[xl / 2] = f32::INFINITY;
+            x.data_mut()[xl / 3] = f32::NAN;
+            dy.data_mut()[dl / 2] = f32::NEG_INFINITY;
+        }
+        let what = format!("{isa:?} n{n} c{c} {h}x{w} {:?}", conv.kernel);
+        let mut y = vec![f32::NAN; s.output_len()];
+        bf16_dw::forward_f32_into(
+            isa,
+            &conv,
+            &s,
+            x.data(),
+            wt.data(),
+            Some(bias.data()),
+            &mut y,
+        )
+        .unwrap();
+        let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
+        assert_matches(
+            &format!("{what} forward"),
+            &got,
+            &Expected::forward(&conv, &x, &wt, Some(&bias)),
+        );
+        let mut dx = vec![f32::NAN; s.input_len()];
+        bf16_dw::data_grad_f32_into(isa, &conv, &s, dy.data(), wt.data(), &mut dx).unwrap();
+        let got = Tensor::from_vec(&s.input_dims(), dx).unwrap();
+        assert_matches(
+            &format!("{what} data grad"),
+            &got,
+            &Expected::data_grad(&conv, &dy, &wt, (h, w)),
+        );
+    }
+}
+
+#[test]
+fn depthwise_every_isa_matches_reference() {
+    let mut rng = rng();
+    for isa in DwKernel::available() {
+        println!("checking {isa:?}");
+        check_depthwise(isa, &mut rng, false);
+        check_depthwise(isa, &mut rng, true);
+    }
+}
+
+/// The kernel rounds f32 operands itself: unrounded inputs give the result on rounded ones.
+#[test]
+fn depthwise_rounds_f32_operands() {
+    let mut rng = rng();
+    let conv = DwConv2d::new(7, 7);
+    let s = conv.resolve(1, 2, 19, 21).unwrap();
+    let x = random::<f32>(&s.input_dims(), &mut rng);
+    let w = random::<f32>(&conv.weight_dims(2), &mut rng);
+    let (xr, wr) = (
+        x.cast::<bf16>().cast::<f32>(),
+        w.cast::<bf16>().cast::<f32>(),
+    );
+    let want = Expected::forward(&conv, &xr, &wr, None);
+    for isa in DwKernel::available() {
+        let mut y = vec![f32::NAN; s.output_len()];
+        bf16_dw::forward_f32_into(isa, &conv, &s, x.data(), w.data(), None, &mut y).unwrap();
+        let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
+        assert_matches(&format!("{isa:?} rounding"), &got, &want);
+    }
+    // and bad sizes are errors, not panics
+    let mut y = vec![0.0; s.output_len() - 1];
+    let isa = DwKernel::best();
+    assert!(bf16_dw::forward_f32_into(isa, &conv, &s, x.data(), w.data(), None, &mut y).is_err());
+}
