@@ -331,3 +331,131 @@ fn depthwise_rounds_f32_operands() {
     let isa = DwKernel::best();
     assert!(bf16_dw::forward_f32_into(isa, &conv, &s, x.data(), w.data(), None, &mut y).is_err());
 }
+
+/// Logits of the bf16 model against the f64 reference: (max |error|, max |error| / max |logit|,
+/// top-1 agreement over the batch).
+fn logit_error(got: &Tensor<f32>, want: &Tensor<f32>) -> (f64, f64, usize) {
+    let classes = want.shape()[1];
+    let max_err = got
+        .data()
+        .iter()
+        .zip(want.data())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    let scale = want.data().iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    let agree = got
+        .data()
+        .chunks(classes)
+        .zip(want.data().chunks(classes))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    (max_err, max_err / scale, agree)
+}
+
+/// The golden RepLKNet (kernels 31/29/27/13) in bf16 on every ISA: logits and stage outputs
+/// within bf16's error of the f64 reference, and the same top-1 class.
+#[test]
+fn model_in_bf16_matches_reference_on_every_isa() {
+    use lkconv::model::{reference, Checkpoint, Replknet, Workspace};
+    use lkconv::safetensors_io::TensorFile;
+    let file = TensorFile::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/replknet_small31.safetensors"
+    ))
+    .unwrap();
+    let ck = Checkpoint::from_tensors(file.tensors.clone()).unwrap();
+    let x = file.get("input").unwrap();
+    let (logits64, stages64) = reference::forward(&ck, x).unwrap();
+    let logits64 = logits64.unwrap();
+    let f32_model = Replknet::from_checkpoint(&ck).unwrap();
+    let f32_logits = f32_model.forward(x).unwrap();
+    let (e32, r32, _) = logit_error(&f32_logits, &logits64);
+    println!("f32 vs f64 reference: max |err| {e32:.2e} ({r32:.2e} of max |logit|)");
+    for isa in Bf16Isa::all_available() {
+        let model = f32_model.deploy.clone().into_cpu_bf16(isa).unwrap();
+        assert_eq!(model.cpu_dtype(), DType::Bf16);
+        let out = model
+            .run(x, Some(&[0, 1, 2, 3]), true, &mut Workspace::new())
+            .unwrap();
+        let logits = out.logits.unwrap();
+        let (err, rel, agree) = logit_error(&logits, &logits64);
+        let (err32, rel32, agree32) = logit_error(&logits, &f32_logits);
+        println!(
+            "{isa:?}: logits vs f64 max |err| {err:.2e} ({rel:.2e} of max |logit|), top-1 {agree}/{}; \
+             vs f32 model {err32:.2e} ({rel32:.2e}), top-1 {agree32}/{}",
+            x.shape()[0],
+            x.shape()[0]
+        );
+        // bf16 keeps 8 significant bits; measured ~1e-3 of the largest logit here.
+        assert_matches(
+            &format!("{isa:?} logits"),
+            &logits,
+            &Expected::scaled(&logits64, 0.01),
+        );
+        for (i, t) in &out.stages {
+            assert_matches(
+                &format!("{isa:?} stage{i}"),
+                t,
+                &Expected::scaled(&stages64[*i], 0.01),
+            );
+        }
+        assert_eq!(
+            agree,
+            x.shape()[0],
+            "{isa:?}: top-1 differs from the reference"
+        );
+        // and not the f32 engine in disguise: bf16 rounding must show
+        assert!(rel32 > 1e-5, "{isa:?}: bf16 logits equal the f32 ones");
+    }
+}
+
+/// A wider random model at batch 2 (1x1 convs in several row and column blocks, odd channel
+/// counts) in bf16 on every ISA against the f64 reference; a bf16 model refuses the GPU engines.
+#[test]
+fn wide_model_in_bf16_matches_reference() {
+    use lkconv::model::{
+        reference, Backend, Checkpoint, Form, Replknet, ReplknetConfig, Workspace,
+    };
+    let cfg = ReplknetConfig {
+        large_kernel_sizes: vec![9, 5],
+        layers: vec![1, 1],
+        channels: vec![45, 131],
+        small_kernel: Some(3),
+        dw_ratio: 1.0,
+        ffn_ratio: 3.0,
+        num_classes: 7,
+        in_channels: 3,
+    };
+    let ck =
+        Checkpoint::from_tensors(lkconv::model::random_weights(&cfg, Form::Training, 21).unwrap())
+            .unwrap();
+    let model = Replknet::from_checkpoint(&ck).unwrap();
+    let mut rng = rng();
+    let x = Tensor::<f32>::random(&[2, 3, 70, 61], &mut rng).unwrap();
+    let (logits, stages) = reference::forward(&ck, &x).unwrap();
+    let logits = logits.unwrap();
+    for isa in Bf16Isa::all_available() {
+        let m = model.deploy.clone().into_cpu_bf16(isa).unwrap();
+        let out = m
+            .run(&x, Some(&[0, 1]), true, &mut Workspace::new())
+            .unwrap();
+        let got = out.logits.unwrap();
+        println!("{isa:?}: {:?}", logit_error(&got, &logits));
+        assert_matches(
+            &format!("{isa:?} logits"),
+            &got,
+            &Expected::scaled(&logits, 0.01),
+        );
+        for (i, t) in &out.stages {
+            assert_matches(
+                &format!("{isa:?} stage{i}"),
+                t,
+                &Expected::scaled(&stages[*i], 0.01),
+            );
+        }
+    }
+    let m = model.deploy.into_cpu_bf16(Bf16Isa::Fallback).unwrap();
+    let mut ws = Workspace::with_backend(Backend::Sim);
+    assert!(m.run(&x, None, true, &mut ws).is_err());
+}

@@ -14,6 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub use super::bf16_amx::cpu_has_amx;
+use super::bf16_amx::{BlockOut, Blocks};
 use super::gemm::{sgemm_view_raw, MatRef, Threads};
 use crate::error::{Error, Result};
 
@@ -357,65 +358,6 @@ pub fn gemm(a: &Bf16Weights, b: &Bf16Input, beta: f32, c: &mut [f32], ldc: usize
     // exclusively borrowed.
     unsafe { gemm_raw(a, 0, a.m, b, 0, b.n, beta, c.as_mut_ptr(), ldc) };
     Ok(())
-}
-
-/// The packed operands as the micro-kernels see them (pair words, row strides in words).
-pub(crate) struct Blocks<'a> {
-    pub a: &'a [u32],
-    pub lda: usize,
-    pub b: &'a [u32],
-    pub ldb: usize,
-    /// Pair rows of k (k padded to K_STEP, halved).
-    pub kp: usize,
-}
-
-impl Blocks<'_> {
-    /// Asserts that a block of `rows x cols` at (r, c) lies inside the packed operands.
-    pub fn check(&self, r: usize, rows: usize, c: usize, cols: usize) {
-        assert!((r + rows) * self.lda <= self.a.len(), "packed A too short");
-        assert!(
-            self.kp == 0 || (self.kp - 1) * self.ldb + c + cols <= self.b.len(),
-            "packed B too short"
-        );
-    }
-}
-
-/// Where a block's f32 results go.
-pub(crate) struct BlockOut {
-    pub c: *mut f32,
-    pub ldc: usize,
-    pub beta: f32,
-}
-
-impl BlockOut {
-    /// C[r.., col..] = acc[..rows][..cols] + beta * C (C not read when beta is 0).
-    ///
-    /// # Safety
-    /// The rows x cols block at (r, col) must be valid and ours (`gemm_raw`'s contract).
-    pub unsafe fn merge(
-        &self,
-        r: usize,
-        col: usize,
-        acc: &[f32],
-        ld_acc: usize,
-        rows: usize,
-        cols: usize,
-    ) {
-        for i in 0..rows {
-            // SAFETY: row r + i, columns col..col + cols of the caller's block.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(self.c.add((r + i) * self.ldc + col), cols)
-            };
-            let src = &acc[i * ld_acc..i * ld_acc + cols];
-            if self.beta == 0.0 {
-                dst.copy_from_slice(src);
-            } else {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s + self.beta * *d;
-                }
-            }
-        }
-    }
 }
 
 /// The AVX-512 BF16 GEMM: register blocks of DP_ROWS x DP_COLS; each pair-row of B is two

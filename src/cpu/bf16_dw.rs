@@ -11,7 +11,8 @@
 //! (R output rows x Z 16-lane vectors, filters padded with zero rows). On this project's Xeon
 //! (AMX, AVX-512 BF16) `vdpbf16ps` issues at about half the rate of the f32 FMA, and the paired
 //! kernel measured 0.3-0.55x the f32 kernel's speed (BENCHMARKS.md, "CPU bf16"), so `F32` is
-//! the default; `PairedDot` stays for CPUs where `vdpbf16ps` issues as fast as an FMA.
+//! the default; `PairedDot` stays for CPUs where `vdpbf16ps` issues as fast as an FMA. (For
+//! bf16 tensors the fast path's f32 kernels on the exactly converted values are `F32` already.)
 
 #![allow(clippy::needless_range_loop)]
 
@@ -21,9 +22,7 @@ use super::bf16::{round_slice, to_bf16_bits, Bf16Isa};
 use super::direct::check_len;
 use super::naive::Correlation;
 use crate::conv::{ConvShape, DwConv2d};
-use crate::dtype::Element;
 use crate::error::Result;
-use crate::tensor::Tensor;
 
 /// Planes up to this many pixels take the f32 lane-per-plane kernel (as in `direct.rs`).
 const SMALL_PLANE: usize = 100;
@@ -137,32 +136,6 @@ fn rounded(v: &[f32]) -> Vec<f32> {
     let mut r = vec![0.0; v.len()];
     round_slice(v, &mut r);
     r
-}
-
-/// Forward on bf16 tensors (the fast path for `T = bf16`), with the best kernel.
-pub fn forward<T: Element>(
-    conv: &DwConv2d,
-    x: &Tensor<T>,
-    w: &Tensor<T>,
-    bias: Option<&Tensor<T>>,
-) -> Result<Tensor<T>> {
-    super::wrap::tensor_forward(conv, x, w, bias, |conv, s, x, w, b, y| {
-        forward_f32_into(DwKernel::best(), conv, s, x, w, b, y)
-            .expect("sizes validated by the wrapper")
-    })
-}
-
-/// Data gradient on bf16 tensors.
-pub fn data_grad<T: Element>(
-    conv: &DwConv2d,
-    dy: &Tensor<T>,
-    w: &Tensor<T>,
-    input_hw: (usize, usize),
-) -> Result<Tensor<T>> {
-    super::wrap::tensor_data_grad(conv, dy, w, input_hw, |conv, s, dy, w, dx| {
-        data_grad_f32_into(DwKernel::best(), conv, s, dy, w, dx)
-            .expect("sizes validated by the wrapper")
-    })
 }
 
 /// A block shape: R rows x Z vectors of 16 columns.

@@ -983,16 +983,13 @@ pub fn weight_grad_f32_into(
     Ok(())
 }
 
-/// Forward on the fast path (f16 computed in f32; bf16 by `bf16_dw`).
+/// Forward on the fast path (f16/bf16 computed in f32).
 pub fn forward<T: Element>(
     conv: &DwConv2d,
     x: &Tensor<T>,
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    if T::DTYPE == crate::dtype::DType::Bf16 {
-        return super::bf16_dw::forward(conv, x, w, bias);
-    }
     super::wrap::tensor_forward(conv, x, w, bias, forward_kernel)
 }
 
@@ -1003,9 +1000,6 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    if T::DTYPE == crate::dtype::DType::Bf16 {
-        return super::bf16_dw::data_grad(conv, dy, w, input_hw);
-    }
     super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
 }
 

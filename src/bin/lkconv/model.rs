@@ -257,10 +257,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ));
     }
     let dtype = lkconv::DType::from_str(&args.dtype)?;
-    if dtype != lkconv::DType::F32 && !matches!(dev, Device::Cuda(_) | Device::Sim) {
-        return Err(Error::Unsupported(format!(
-            "bench --model --dtype {dtype} runs on --device cuda or sim only (the CPU engine is f32 only)"
-        )));
+    if dtype == lkconv::DType::F16 && !matches!(dev, Device::Cuda(_) | Device::Sim) {
+        return Err(Error::Unsupported(
+            "bench --model --dtype f16 runs on --device cuda or sim only (the CPU engine runs f32 or bf16)".into(),
+        ));
     }
     if args.batch == 0 {
         return Err(Error::ZeroSize {
@@ -301,6 +301,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             (times, what, timer)
         }
         _ => {
+            let bf16_isa = lkconv::cpu::bf16::detect();
+            let model = match dtype {
+                lkconv::DType::Bf16 => Replknet {
+                    deploy: model.deploy.into_cpu_bf16(bf16_isa)?,
+                },
+                _ => model,
+            };
             let mut ws = lkconv::model::Workspace::new();
             // the warm-up run inside time_reps grows the workspace
             let (timing, times) = crate::bench::time_reps(reps, f64::INFINITY, || {
@@ -308,9 +315,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 Ok(())
             })?;
             cpu_ms = timing.cpu_ms;
+            let bf16_note = match dtype {
+                lkconv::DType::Bf16 => format!(", bf16 on {}", bf16_isa.name()),
+                _ => String::new(),
+            };
             (
                 times,
-                format!("cpu ({} threads)", rayon::current_num_threads()),
+                format!("cpu ({} threads{bf16_note})", rayon::current_num_threads()),
                 "wall clock".to_string(),
             )
         }
