@@ -209,4 +209,37 @@ fn main() {
             cells.join(" | ")
         );
     }
+    println!();
+    println!("One task on one core (128 rows x up to 512 pixels; activations packed outside the timing):");
+    for (cout, cin, hw) in [
+        (512, 128, 512),
+        (128, 512, 512),
+        (2048, 512, 196),
+        (512, 2048, 196),
+    ] {
+        let m = 128;
+        let w = Tensor::<f32>::random(&[cout, cin], &mut rng).unwrap();
+        let x = Tensor::<f32>::random(&[cin, hw], &mut rng).unwrap();
+        let mut y = vec![0.0f32; m * hw];
+        let gflop = 2.0 * (m * cin * hw) as f64 / 1e9;
+        let cells: Vec<String> = isas
+            .iter()
+            .map(|&i| {
+                let wb = Bf16Weights::new(i, cout, cin, w.data()).unwrap();
+                packed.pack(i, cin, hw, x.data(), hw).unwrap();
+                let tp = time(reps, || packed.pack(i, cin, hw, x.data(), hw).unwrap());
+                let t = time(reps, || {
+                    // SAFETY: y holds m x hw floats.
+                    unsafe { b16::gemm_raw(&wb, 0, m, &packed, 0, hw, 0.0, y.as_mut_ptr(), hw) }
+                });
+                format!(
+                    "{}: {:.0} GFLOP/s (packing the input {:.3} ms)",
+                    i.name(),
+                    gflop / t.0 * 1e3,
+                    tp.0
+                )
+            })
+            .collect();
+        println!("  {m} x {cin} x {hw}: {}", cells.join("; "));
+    }
 }

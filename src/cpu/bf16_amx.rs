@@ -97,16 +97,45 @@ pub(crate) fn gemm(p: &Blocks, r0: usize, m: usize, c0: usize, nc: usize, out: &
                 p.check(row, BLOCK, col, BLOCK);
                 let a0 = p.a[row * p.lda..].as_ptr();
                 let b0 = p.b[col..].as_ptr();
-                // SAFETY: tiles are configured (above); tilezero touches no memory.
-                unsafe {
-                    std::arch::asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    )
+                // A whole block with beta 0 or 1 accumulates in C itself (no scratch, no merge).
+                let direct =
+                    ib + BLOCK <= m && jb + BLOCK <= nc && (out.beta == 0.0 || out.beta == 1.0);
+                // SAFETY: rows ib..ib + 32, columns jb..jb + 32 of the caller's block when
+                // `direct` (`gemm_raw`'s contract); `acc` (32 x 32 floats) otherwise.
+                let (base, ld) = if direct {
+                    (unsafe { out.c.add(ib * out.ldc + jb) }, out.ldc)
+                } else {
+                    (acc.as_mut_ptr(), BLOCK)
                 };
+                if direct && out.beta == 1.0 {
+                    // SAFETY: each load reads 16 rows of 64 bytes, `ld` floats apart, of the
+                    // block above (valid for reads when beta != 0).
+                    unsafe {
+                        std::arch::asm!(
+                            "tileloadd tmm0, [{p0} + {s} * 1]",
+                            "tileloadd tmm1, [{p1} + {s} * 1]",
+                            "tileloadd tmm2, [{p2} + {s} * 1]",
+                            "tileloadd tmm3, [{p3} + {s} * 1]",
+                            p0 = in(reg) base,
+                            p1 = in(reg) base.add(TILE),
+                            p2 = in(reg) base.add(TILE * ld),
+                            p3 = in(reg) base.add(TILE * ld + TILE),
+                            s = in(reg) ld * 4,
+                            options(nostack, readonly)
+                        )
+                    };
+                } else {
+                    // SAFETY: tiles are configured (above); tilezero touches no memory.
+                    unsafe {
+                        std::arch::asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack)
+                        )
+                    };
+                }
                 for ks in 0..p.kp / TILE {
                     // SAFETY: each tile load reads 16 rows of 64 bytes: A rows row..row + 32,
                     // pair words 16ks..16ks + 16 (< lda); B pair rows 16ks..16ks + 16, columns
@@ -135,9 +164,8 @@ pub(crate) fn gemm(p: &Blocks, r0: usize, m: usize, c0: usize, nc: usize, out: &
                         )
                     };
                 }
-                let base = acc.as_mut_ptr();
-                // SAFETY: each store writes 16 rows of 64 bytes, 128 bytes apart, inside the
-                // 32 x 32 floats of `acc`.
+                // SAFETY: each store writes 16 rows of 64 bytes, `ld` floats apart, inside the
+                // block chosen above (C's, or the 32 x 32 floats of `acc`).
                 unsafe {
                     std::arch::asm!(
                         "tilestored [{p0} + {s} * 1], tmm0",
@@ -146,14 +174,19 @@ pub(crate) fn gemm(p: &Blocks, r0: usize, m: usize, c0: usize, nc: usize, out: &
                         "tilestored [{p3} + {s} * 1], tmm3",
                         p0 = in(reg) base,
                         p1 = in(reg) base.add(TILE),
-                        p2 = in(reg) base.add(TILE * BLOCK),
-                        p3 = in(reg) base.add(TILE * BLOCK + TILE),
-                        s = in(reg) BLOCK * 4,
+                        p2 = in(reg) base.add(TILE * ld),
+                        p3 = in(reg) base.add(TILE * ld + TILE),
+                        s = in(reg) ld * 4,
                         options(nostack)
                     )
                 };
-                // SAFETY: rows ib.., columns jb.. of the caller's block (`gemm_raw`'s contract).
-                unsafe { out.merge(ib, jb, &acc, BLOCK, BLOCK.min(m - ib), BLOCK.min(nc - jb)) };
+                if !direct {
+                    // SAFETY: rows ib.., columns jb.. of the caller's block (`gemm_raw`'s
+                    // contract).
+                    unsafe {
+                        out.merge(ib, jb, &acc, BLOCK, BLOCK.min(m - ib), BLOCK.min(nc - jb))
+                    };
+                }
             }
         }
         // SAFETY: releases the tile state configured above.
