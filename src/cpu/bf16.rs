@@ -99,10 +99,14 @@ pub fn detect() -> Bf16Isa {
 #[inline(always)]
 pub fn to_bf16_bits(v: f32) -> u16 {
     let b = v.to_bits();
+    // Both computed, one selected: the loops over this vectorise.
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((b >> 16) | 0x40) as u16;
     if v.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
+        quiet_nan
+    } else {
+        rounded
     }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// bf16 bits -> f32 (exact).
@@ -119,9 +123,53 @@ pub fn round_bf16(v: f32) -> f32 {
 
 /// Rounds every element to bf16 (as f32 values).
 pub fn round_slice(src: &[f32], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = round_bf16(*s);
+    #[inline(always)]
+    fn body(src: &[f32], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = round_bf16(*s);
+        }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn avx512(src: &[f32], dst: &mut [f32]) {
+        body(src, dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected just above.
+        return unsafe { avx512(src, dst) };
+    }
+    body(src, dst)
+}
+
+/// `out[j]` = the pair word of (`lo[j]`, `hi[j]`) (`hi` zero when absent): one row of pairs.
+fn pack_pairs(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
+    #[inline(always)]
+    fn body(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
+        match hi {
+            Some(hi) => {
+                for ((o, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
+                    *o = pair(a, b);
+                }
+            }
+            None => {
+                for (o, &a) in out.iter_mut().zip(lo) {
+                    *o = pair(a, 0.0);
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn avx512(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
+        body(out, lo, hi)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected just above.
+        return unsafe { avx512(out, lo, hi) };
+    }
+    body(out, lo, hi)
 }
 
 /// One pair word: `lo` in the low half (the even k), `hi` in the high half.
@@ -246,16 +294,8 @@ impl Bf16Input {
             .enumerate()
             .for_each(|(p, out)| {
                 let lo = &x[2 * p * ldx..2 * p * ldx + n];
-                if 2 * p + 1 < k {
-                    let hi = &x[(2 * p + 1) * ldx..(2 * p + 1) * ldx + n];
-                    for ((o, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
-                        *o = pair(a, b);
-                    }
-                } else {
-                    for (o, &a) in out.iter_mut().zip(lo) {
-                        *o = pair(a, 0.0);
-                    }
-                }
+                let hi = (2 * p + 1 < k).then(|| &x[(2 * p + 1) * ldx..(2 * p + 1) * ldx + n]);
+                pack_pairs(out, lo, hi);
             });
         Ok(())
     }

@@ -82,8 +82,9 @@ pub fn forward_f32_into(
         correlate_dp(&s, kh, kw, top, left, x, w, bias, y);
         Ok(())
     } else {
-        let (xr, wr) = (rounded(x), rounded(w));
-        super::direct::forward_f32_into(conv, &s, &xr, &wr, bias, y)
+        with_rounded(x, w, |xr, wr| {
+            super::direct::forward_f32_into(conv, &s, xr, wr, bias, y)
+        })
     }
 }
 
@@ -119,8 +120,9 @@ pub fn data_grad_f32_into(
         correlate_dp(&t, kh, kw, top, left, dy, &flipped, None, dx);
         Ok(())
     } else {
-        let (dyr, wr) = (rounded(dy), rounded(w));
-        super::direct::data_grad_f32_into(conv, &s, &dyr, &wr, dx)
+        with_rounded(dy, w, |dyr, wr| {
+            super::direct::data_grad_f32_into(conv, &s, dyr, wr, dx)
+        })
     }
 }
 
@@ -130,6 +132,27 @@ fn uses_dp(kernel: DwKernel, conv: &DwConv2d, s: &ConvShape) -> bool {
         && Bf16Isa::Avx512Bf16.available()
         && conv.is_unit()
         && !(s.oh * s.ow <= SMALL_PLANE && s.h * s.w <= SMALL_PLANE)
+}
+
+thread_local! {
+    /// The rounded copies of the last call on this thread, kept so that the next call (the next
+    /// layer) reuses their memory instead of faulting in fresh pages.
+    static ROUNDED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+}
+
+/// Runs `f` on bf16-rounded copies of `a` and `b` (buffers reused per thread).
+fn with_rounded<R>(a: &[f32], b: &[f32], f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
+    // Taken out of the cell for the call, so that a nested call finds it empty, not borrowed.
+    let (mut ra, mut rb) = ROUNDED.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    ra.resize(a.len(), 0.0);
+    rb.resize(b.len(), 0.0);
+    ra.par_chunks_mut(1 << 16)
+        .zip(a.par_chunks(1 << 16))
+        .for_each(|(d, s)| round_slice(s, d));
+    round_slice(b, &mut rb);
+    let r = f(&ra[..a.len()], &rb[..b.len()]);
+    ROUNDED.with(|c| *c.borrow_mut() = (ra, rb));
+    r
 }
 
 fn rounded(v: &[f32]) -> Vec<f32> {

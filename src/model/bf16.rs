@@ -58,10 +58,23 @@ impl DeployModel {
 }
 
 /// The bf16 operands of one 1x1-conv call: the layer's packed weights and each image's packed
-/// input.
+/// input (buffers reused per thread: handed back on drop).
 pub(crate) struct PointwiseBf16<'a> {
     w: &'a Bf16Weights,
     x: Vec<Bf16Input>,
+}
+
+thread_local! {
+    /// The packed inputs of the last 1x1 conv run from this thread, kept so that the next layer
+    /// reuses their memory instead of faulting in fresh pages.
+    static PACKED: std::cell::RefCell<Vec<Bf16Input>> = Default::default();
+}
+
+impl Drop for PointwiseBf16<'_> {
+    fn drop(&mut self) {
+        let x = std::mem::take(&mut self.x);
+        PACKED.with(|p| *p.borrow_mut() = x);
+    }
 }
 
 impl Pointwise {
@@ -73,21 +86,14 @@ impl Pointwise {
         hw: usize,
     ) -> Option<PointwiseBf16<'_>> {
         let w = self.bf16.as_deref()?;
-        let x = (0..n)
-            .map(|img| {
-                let mut p = Bf16Input::new();
-                p.pack(
-                    w.isa(),
-                    self.cin,
-                    hw,
-                    &x[img * self.cin * hw..(img + 1) * self.cin * hw],
-                    hw,
-                )
+        let mut packed = PACKED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        packed.resize_with(n, Bf16Input::new);
+        for (img, p) in packed.iter_mut().enumerate() {
+            let xi = &x[img * self.cin * hw..(img + 1) * self.cin * hw];
+            p.pack(w.isa(), self.cin, hw, xi, hw)
                 .expect("the weights were packed for an available ISA; sizes from the layer");
-                p
-            })
-            .collect();
-        Some(PointwiseBf16 { w, x })
+        }
+        Some(PointwiseBf16 { w, x: packed })
     }
 }
 
