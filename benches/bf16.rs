@@ -242,4 +242,75 @@ fn main() {
             .collect();
         println!("  {m} x {cin} x {hw}: {}", cells.join("; "));
     }
+    println!();
+    model_error(reps.min(5));
+}
+
+/// RepLKNet-31B (random weights, deploy form) at 1x3x224x224 on 4 random images: bf16 on each
+/// ISA against the f32 engine (logit error, top-1 agreement), and batch-1 times, the engines
+/// interleaved run by run (min / median).
+fn model_error(reps: usize) {
+    use lkconv::model::{DeployModel, Replknet, ReplknetConfig, Workspace};
+    let model = Replknet::random(&ReplknetConfig::by_name("31b").unwrap(), 1).unwrap();
+    let mut rng = Rng::new(2);
+    let x = Tensor::<f32>::random(&[4, 3, 224, 224], &mut rng).unwrap();
+    let mut ws = Workspace::new();
+    let want = model
+        .deploy
+        .run(&x, None, true, &mut ws)
+        .unwrap()
+        .logits
+        .unwrap();
+    let x1 = Tensor::from_vec(&[1, 3, 224, 224], x.data()[..3 * 224 * 224].to_vec()).unwrap();
+    let isas = Bf16Isa::all_available();
+    let models: Vec<DeployModel> = isas
+        .iter()
+        .map(|&i| model.deploy.clone().into_cpu_bf16(i).unwrap())
+        .collect();
+    let engines: Vec<&DeployModel> = std::iter::once(&model.deploy).chain(&models).collect();
+    let mut times = vec![Vec::new(); engines.len()];
+    for _ in 0..reps + 1 {
+        for (e, t) in engines.iter().zip(&mut times) {
+            let s = Instant::now();
+            e.run(&x1, None, true, &mut ws).unwrap();
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let stats = |t: &mut Vec<f64>| {
+        t.remove(0); // warm-up
+        t.sort_by(f64::total_cmp);
+        (t[0], t[t.len() / 2])
+    };
+    let f32_ms = stats(&mut times[0]);
+    println!(
+        "RepLKNet-31B 1x3x224x224: f32 {:.1} / {:.1} ms (min / median of {reps}, interleaved)",
+        f32_ms.0, f32_ms.1
+    );
+    let classes = want.shape()[1];
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    for ((isa, m), t) in isas.iter().zip(&models).zip(times.iter_mut().skip(1)) {
+        let got = m.run(&x, None, true, &mut ws).unwrap().logits.unwrap();
+        let err = got
+            .data()
+            .iter()
+            .zip(want.data())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let scale = want.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let agree = got
+            .data()
+            .chunks(classes)
+            .zip(want.data().chunks(classes))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        let t = stats(t);
+        println!(
+            "  bf16 {}: {:.1} / {:.1} ms ({:.2}x f32 by min); 4 random images: logits max |bf16 - f32| {err:.3e} ({:.2e} of max |logit| {scale:.3}), top-1 agrees on {agree}/4",
+            isa.name(),
+            t.0,
+            t.1,
+            f32_ms.0 / t.0,
+            err / scale,
+        );
+    }
 }

@@ -459,3 +459,29 @@ fn wide_model_in_bf16_matches_reference() {
     let mut ws = Workspace::with_backend(Backend::Sim);
     assert!(m.run(&x, None, true, &mut ws).is_err());
 }
+
+/// `LKCONV_CPU_ISA` caps the bf16 ISA the model runs on (`bench --model --dtype bf16` names it).
+#[test]
+fn cpu_isa_override_reaches_the_model() {
+    let run = |isa: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lkconv"))
+            .args([
+                "bench", "--model", "31b", "--device", "cpu", "--dtype", "bf16",
+            ])
+            .args(["--size", "32", "--reps", "1"])
+            .env("LKCONV_CPU_ISA", isa)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(run("portable").contains("bf16 on f32 fallback"));
+    let want = if Bf16Isa::Avx512Bf16.available() {
+        "bf16 on AVX-512 BF16"
+    } else {
+        "bf16 on f32 fallback"
+    };
+    assert!(run("avx512bf16").contains(want));
+    let best = Bf16Isa::all_available().into_iter().max().unwrap();
+    assert!(run("amx").contains(&format!("bf16 on {}", best.name())));
+}
