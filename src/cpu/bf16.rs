@@ -143,7 +143,7 @@ pub fn round_slice(src: &[f32], dst: &mut [f32]) {
 }
 
 /// `out[j]` = the pair word of (`lo[j]`, `hi[j]`) (`hi` zero when absent): one row of pairs.
-fn pack_pairs(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
+pub(crate) fn pack_pairs(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
     #[inline(always)]
     fn body(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
         match hi {

@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::bf16::{round_slice, to_bf16_bits, Bf16Isa};
+use super::bf16::{pack_pairs, round_slice, to_bf16_bits, Bf16Isa};
 use super::direct::check_len;
 use super::naive::Correlation;
 use crate::conv::{ConvShape, DwConv2d};
@@ -301,6 +301,8 @@ fn correlate_dp(
             }
             let w_c = &w_c;
             let b = bias.map_or(0.0, |b| b[c]);
+            // The plane's rows as pair words, once (the bands' row ranges overlap).
+            let pbuf = &pair_rows(x_plane, s.w, 0, s.h, left, p_stride);
             y_plane
                 .par_chunks_mut(BAND * ow)
                 .enumerate()
@@ -315,7 +317,7 @@ fn correlate_dp(
                         return;
                     }
                     let n_rows = (r_last - r_first + 1) as usize;
-                    let pbuf = pair_rows(x_plane, s.w, r_first as usize, n_rows, left, p_stride);
+                    let pbuf = &pbuf[r_first as usize * p_stride..][..n_rows * p_stride];
                     let mut acc = [[0.0f32; 64]; MAX_ROWS];
                     for &(c0, shape) in &blocks {
                         for rb in (0..band_rows).step_by(shape.rows) {
@@ -333,7 +335,7 @@ fn correlate_dp(
                                 )
                             };
                             let blk = Block {
-                                p: &pbuf,
+                                p: pbuf,
                                 p_stride,
                                 r_lo,
                                 r_hi,
@@ -387,9 +389,7 @@ fn pair_rows(x: &[f32], w: usize, r0: usize, n: usize, left: isize, stride: usiz
             .iter_mut()
             .zip(&src[ix0..ix0 + count])
             .for_each(|(d, s)| *d = *s);
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = (to_bf16_bits(padded[j]) as u32) | (to_bf16_bits(padded[j + 1]) as u32) << 16;
-        }
+        pack_pairs(row, &padded[..stride], Some(&padded[1..]));
     }
     out
 }
