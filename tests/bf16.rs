@@ -1,13 +1,14 @@
-//! The bf16 CPU kernels (1x1-convolution GEMM, depthwise forward and data gradient) against the
-//! f64 reference on the same bf16-rounded operands, on every instruction set this machine has
-//! (AMX, AVX-512 BF16, the f32 fallback), each called explicitly in this process.
+//! The bf16 CPU paths against the f64 reference on the same bf16-rounded operands: the
+//! 1x1-convolution GEMM on every instruction set this machine has (AMX, AVX-512 BF16, the f32
+//! fallback; each called explicitly in this process), the depthwise forward and data gradient,
+//! and the whole RepLKNet.
 
 mod common;
 
 use common::{assert_matches, random, rng, Expected};
 use half::bf16;
 use lkconv::cpu::bf16::{self as b16, Bf16Input, Bf16Isa, Bf16Weights};
-use lkconv::cpu::bf16_dw::{self, DwKernel};
+use lkconv::cpu::bf16_dw;
 use lkconv::{DType, DwConv2d, Padding, Rng, Tensor};
 
 /// A random matrix of bf16-exact values (as f32).
@@ -210,8 +211,7 @@ fn best_isa_is_used_where_present() {
         b16::detect()
     );
     assert_eq!(Bf16Isa::Avx512Bf16.available(), dp);
-    assert_eq!(DwKernel::available().contains(&DwKernel::PairedDot), dp);
-    if amx && dp {
+    if amx && cfg!(target_os = "linux") {
         // Linux grants the tile state on request unless it is too old or forbids it.
         assert!(Bf16Isa::Amx.available(), "AMX present but not enabled");
     }
@@ -255,7 +255,7 @@ fn dw_cases() -> Vec<(usize, usize, usize, usize, DwConv2d)> {
     v
 }
 
-fn check_depthwise(isa: DwKernel, rng: &mut Rng, nonfinite: bool) {
+fn check_depthwise(rng: &mut Rng, nonfinite: bool) {
     for (n, c, h, w, conv) in dw_cases() {
         let s = conv.resolve(n, c, h, w).unwrap();
         let mut x = bf16_values(&s.input_dims(), rng);
@@ -268,18 +268,10 @@ fn check_depthwise(isa: DwKernel, rng: &mut Rng, nonfinite: bool) {
             x.data_mut()[xl / 3] = f32::NAN;
             dy.data_mut()[dl / 2] = f32::NEG_INFINITY;
         }
-        let what = format!("{isa:?} n{n} c{c} {h}x{w} {:?}", conv.kernel);
+        let what = format!("n{n} c{c} {h}x{w} {:?}", conv.kernel);
         let mut y = vec![f32::NAN; s.output_len()];
-        bf16_dw::forward_f32_into(
-            isa,
-            &conv,
-            &s,
-            x.data(),
-            wt.data(),
-            Some(bias.data()),
-            &mut y,
-        )
-        .unwrap();
+        bf16_dw::forward_f32_into(&conv, &s, x.data(), wt.data(), Some(bias.data()), &mut y)
+            .unwrap();
         let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
         assert_matches(
             &format!("{what} forward"),
@@ -287,7 +279,7 @@ fn check_depthwise(isa: DwKernel, rng: &mut Rng, nonfinite: bool) {
             &Expected::forward(&conv, &x, &wt, Some(&bias)),
         );
         let mut dx = vec![f32::NAN; s.input_len()];
-        bf16_dw::data_grad_f32_into(isa, &conv, &s, dy.data(), wt.data(), &mut dx).unwrap();
+        bf16_dw::data_grad_f32_into(&conv, &s, dy.data(), wt.data(), &mut dx).unwrap();
         let got = Tensor::from_vec(&s.input_dims(), dx).unwrap();
         assert_matches(
             &format!("{what} data grad"),
@@ -298,13 +290,10 @@ fn check_depthwise(isa: DwKernel, rng: &mut Rng, nonfinite: bool) {
 }
 
 #[test]
-fn depthwise_every_isa_matches_reference() {
+fn depthwise_matches_reference() {
     let mut rng = rng();
-    for isa in DwKernel::available() {
-        println!("checking {isa:?}");
-        check_depthwise(isa, &mut rng, false);
-        check_depthwise(isa, &mut rng, true);
-    }
+    check_depthwise(&mut rng, false);
+    check_depthwise(&mut rng, true);
 }
 
 /// The kernel rounds f32 operands itself: unrounded inputs give the result on rounded ones.
@@ -320,16 +309,21 @@ fn depthwise_rounds_f32_operands() {
         w.cast::<bf16>().cast::<f32>(),
     );
     let want = Expected::forward(&conv, &xr, &wr, None);
-    for isa in DwKernel::available() {
-        let mut y = vec![f32::NAN; s.output_len()];
-        bf16_dw::forward_f32_into(isa, &conv, &s, x.data(), w.data(), None, &mut y).unwrap();
-        let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
-        assert_matches(&format!("{isa:?} rounding"), &got, &want);
-    }
+    let mut y = vec![f32::NAN; s.output_len()];
+    bf16_dw::forward_f32_into(&conv, &s, x.data(), w.data(), None, &mut y).unwrap();
+    let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
+    assert_matches("rounding", &got, &want);
+    let mut dx = vec![f32::NAN; s.input_len()];
+    bf16_dw::data_grad_f32_into(&conv, &s, x.data(), w.data(), &mut dx).unwrap();
+    let got = Tensor::from_vec(&s.input_dims(), dx).unwrap();
+    assert_matches(
+        "rounding",
+        &got,
+        &Expected::data_grad(&conv, &xr, &wr, (19, 21)),
+    );
     // and bad sizes are errors, not panics
     let mut y = vec![0.0; s.output_len() - 1];
-    let isa = DwKernel::best();
-    assert!(bf16_dw::forward_f32_into(isa, &conv, &s, x.data(), w.data(), None, &mut y).is_err());
+    assert!(bf16_dw::forward_f32_into(&conv, &s, x.data(), w.data(), None, &mut y).is_err());
 }
 
 /// Logits of the bf16 model against the f64 reference: (max |error|, max |error| / max |logit|,

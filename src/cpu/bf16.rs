@@ -4,6 +4,9 @@
 //! `bf16_amx.rs`), AVX-512 BF16 (`vdpbf16ps`, two products per f32 lane) and a fallback that
 //! runs the f32 kernels on the bf16-rounded values. All three compute the same products (a
 //! product of two bf16 values is exact in f32); only the order of the f32 sums differs.
+//! Measured on this project's Xeon (BENCHMARKS.md, "CPU bf16"): AMX 2-4x the f32 SGEMM on
+//! RepLKNet's 1x1 shapes; the `vdpbf16ps` GEMM 0.5-0.7x (it issues at half the FMA rate there),
+//! so it only helps where that instruction is as fast as an FMA (not measured).
 //!
 //! The GEMM here serves the 1x1 convolutions: `C[m x n] = A[m x k] * B[k x n] + beta * C` with A
 //! the weights (packed once, [`Bf16Weights`]) and B the activations (packed per call,
@@ -25,7 +28,7 @@ pub enum Bf16Isa {
     Fallback,
     /// AVX-512F + AVX-512 BF16 (`vdpbf16ps`).
     Avx512Bf16,
-    /// AMX-TILE + AMX-BF16 (`tdpbf16ps`), with AVX-512 BF16 for the depthwise passes.
+    /// AMX-TILE + AMX-BF16 (`tdpbf16ps`).
     Amx,
 }
 
@@ -45,7 +48,7 @@ impl Bf16Isa {
         match self {
             Bf16Isa::Fallback => true,
             Bf16Isa::Avx512Bf16 => has_avx512_bf16(),
-            Bf16Isa::Amx => has_avx512_bf16() && super::bf16_amx::enabled(),
+            Bf16Isa::Amx => super::bf16_amx::enabled(),
         }
     }
 

@@ -328,15 +328,9 @@ impl Depthwise {
         let conv = self.conv();
         let shape = conv.resolve(d.n, d.c, d.h, d.w)?;
         match be {
-            Backend::Cpu if self.bf16 => crate::cpu::bf16_dw::forward_f32_into(
-                crate::cpu::bf16_dw::DwKernel::best(),
-                &conv,
-                &shape,
-                x,
-                &self.w,
-                Some(&self.b),
-                y,
-            )?,
+            Backend::Cpu if self.bf16 => {
+                crate::cpu::bf16_dw::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?
+            }
             Backend::Cpu => {
                 crate::cpu::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?
             }
