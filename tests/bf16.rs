@@ -347,6 +347,29 @@ fn logit_error(got: &Tensor<f32>, want: &Tensor<f32>) -> (f64, f64, usize) {
     (max_err, max_err / scale, agree)
 }
 
+/// Logits and stage outputs within 1% of the largest reference value (bf16 keeps 8 significant
+/// bits; measured ~1e-3 of the largest logit).
+fn check_model_output(
+    isa: Bf16Isa,
+    out: &lkconv::model::Output,
+    logits: &Tensor<f32>,
+    stages: &[Tensor<f32>],
+) {
+    let got = out.logits.as_ref().unwrap();
+    assert_matches(
+        &format!("{isa:?} logits"),
+        got,
+        &Expected::scaled(logits, 0.01),
+    );
+    for (i, t) in &out.stages {
+        assert_matches(
+            &format!("{isa:?} stage{i}"),
+            t,
+            &Expected::scaled(&stages[*i], 0.01),
+        );
+    }
+}
+
 /// The golden RepLKNet (kernels 31/29/27/13) in bf16 on every ISA: logits and stage outputs
 /// within bf16's error of the f64 reference, and the same top-1 class.
 #[test]
@@ -372,7 +395,7 @@ fn model_in_bf16_matches_reference_on_every_isa() {
         let out = model
             .run(x, Some(&[0, 1, 2, 3]), true, &mut Workspace::new())
             .unwrap();
-        let logits = out.logits.unwrap();
+        let logits = out.logits.clone().unwrap();
         let (err, rel, agree) = logit_error(&logits, &logits64);
         let (err32, rel32, agree32) = logit_error(&logits, &f32_logits);
         println!(
@@ -381,19 +404,7 @@ fn model_in_bf16_matches_reference_on_every_isa() {
             x.shape()[0],
             x.shape()[0]
         );
-        // bf16 keeps 8 significant bits; measured ~1e-3 of the largest logit here.
-        assert_matches(
-            &format!("{isa:?} logits"),
-            &logits,
-            &Expected::scaled(&logits64, 0.01),
-        );
-        for (i, t) in &out.stages {
-            assert_matches(
-                &format!("{isa:?} stage{i}"),
-                t,
-                &Expected::scaled(&stages64[*i], 0.01),
-            );
-        }
+        check_model_output(isa, &out, &logits64, &stages64);
         assert_eq!(
             agree,
             x.shape()[0],
@@ -434,20 +445,11 @@ fn wide_model_in_bf16_matches_reference() {
         let out = m
             .run(&x, Some(&[0, 1]), true, &mut Workspace::new())
             .unwrap();
-        let got = out.logits.unwrap();
-        println!("{isa:?}: {:?}", logit_error(&got, &logits));
-        assert_matches(
-            &format!("{isa:?} logits"),
-            &got,
-            &Expected::scaled(&logits, 0.01),
+        println!(
+            "{isa:?}: {:?}",
+            logit_error(out.logits.as_ref().unwrap(), &logits)
         );
-        for (i, t) in &out.stages {
-            assert_matches(
-                &format!("{isa:?} stage{i}"),
-                t,
-                &Expected::scaled(&stages[*i], 0.01),
-            );
-        }
+        check_model_output(isa, &out, &logits, &stages);
     }
     let m = model.deploy.into_cpu_bf16(Bf16Isa::Fallback).unwrap();
     let mut ws = Workspace::with_backend(Backend::Sim);
