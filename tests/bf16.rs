@@ -42,9 +42,11 @@ fn gemm_expected(a: &Tensor<f32>, b: &Tensor<f32>, c0: Option<&Tensor<f32>>) -> 
     Expected::of_sum(DType::F32, k + 1, &v, &g)
 }
 
-/// GEMM sizes: tile multiples, odd sizes, k and n of one, k not a multiple of 32, wide and tall.
-const GEMM_SIZES: [(usize, usize, usize); 12] = [
+/// GEMM sizes: tile multiples, odd sizes, k of zero, k and n of one, k not a multiple of 32, wide
+/// and tall.
+const GEMM_SIZES: [(usize, usize, usize); 13] = [
     (1, 1, 1),
+    (3, 0, 5),
     (16, 32, 16),
     (32, 32, 32),
     (33, 31, 17),
@@ -480,4 +482,44 @@ fn cpu_isa_override_reaches_the_model() {
     assert!(run("avx512bf16").contains(want));
     let best = Bf16Isa::all_available().into_iter().max().unwrap();
     assert!(run("amx").contains(&format!("bf16 on {}", best.name())));
+}
+
+/// `lkconv replknet --dtype bf16` runs the CPU engine in bf16 (logits within bf16's error of the
+/// golden ones, not equal to the f32 engine's); elsewhere the option is refused.
+#[test]
+fn cli_replknet_in_bf16() {
+    use lkconv::safetensors_io::TensorFile;
+    let golden = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/replknet_small31.safetensors"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("y.safetensors");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lkconv"))
+            .args(["replknet", "--weights", golden, "--input", golden])
+            .args(["--output", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--dtype", "bf16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = TensorFile::read(&out).unwrap();
+    let got = got.get("logits").unwrap();
+    let file = TensorFile::read(golden).unwrap();
+    let want = file.get("logits").unwrap();
+    assert_matches("cli bf16 logits", got, &Expected::scaled(want, 0.01));
+    assert!(got
+        .data()
+        .iter()
+        .zip(want.data())
+        .any(|(a, b)| (a - b).abs() > 1e-6 * b.abs().max(1.0)));
+    for bad in [
+        &["--dtype", "f16"][..],
+        &["--dtype", "bf16", "--device", "cpu-ref"],
+    ] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?} should be refused");
+    }
 }

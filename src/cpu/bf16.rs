@@ -3,7 +3,8 @@
 //! Three instruction sets, picked at run time (best first): AMX (`tdpbf16ps`, 16x16 f32 tiles,
 //! `bf16_amx.rs`), AVX-512 BF16 (`vdpbf16ps`, two products per f32 lane) and a fallback that
 //! runs the f32 kernels on the bf16-rounded values. All three compute the same products (a
-//! product of two bf16 values is exact in f32); only the order of the f32 sums differs.
+//! product of two bf16 values is exact in f32); only the order of the f32 sums differs, and
+//! `tdpbf16ps` / `vdpbf16ps` treat subnormal inputs and results as zero.
 //! Measured on this project's Xeon (BENCHMARKS.md, "CPU bf16"): AMX 2-4x the f32 SGEMM on
 //! RepLKNet's 1x1 shapes; the `vdpbf16ps` GEMM 0.5-0.7x (it issues at half the FMA rate there),
 //! so it only helps where that instruction is as fast as an FMA (not measured).
