@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{assert_matches, random, rng, Expected};
+use common::{assert_matches, case, random, rng, Case, Expected, Inputs};
 use half::bf16;
 use lkconv::cpu::bf16::{self as b16, Bf16Input, Bf16Isa, Bf16Weights};
 use lkconv::cpu::bf16_dw;
-use lkconv::{DType, DwConv2d, Padding, Rng, Tensor};
+use lkconv::{DType, DwConv2d, Op, Padding, Rng, Tensor};
 
 /// A random matrix of bf16-exact values (as f32).
 fn bf16_values(shape: &[usize], rng: &mut Rng) -> Tensor<f32> {
@@ -224,20 +224,20 @@ fn best_isa_is_used_where_present() {
 }
 
 /// Depthwise cases: odd and even kernels, K > image, batch 1, one channel, non-square images and
-/// kernels, asymmetric and zero padding, and RepLKNet-like sizes.
-fn dw_cases() -> Vec<(usize, usize, usize, usize, DwConv2d)> {
+/// kernels, asymmetric and zero padding, stride 2, and RepLKNet-like sizes.
+fn dw_cases() -> Vec<Case> {
     let mut v = vec![
-        (1, 3, 56, 56, DwConv2d::new(31, 31)),
-        (2, 2, 28, 28, DwConv2d::new(29, 29)),
-        (1, 4, 14, 14, DwConv2d::new(27, 27)), // K > image
-        (1, 20, 7, 7, DwConv2d::new(13, 13)),  // small planes (fallback kernel)
-        (1, 1, 5, 5, DwConv2d::new(13, 13)),   // one channel, K >> image
-        (2, 2, 20, 40, DwConv2d::new(31, 5)),
-        (1, 2, 40, 20, DwConv2d::new(5, 31)),
-        (1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0)),
-        (1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5)),
-        (1, 3, 17, 19, DwConv2d::new(7, 7).with_stride(2, 2)),
-        (
+        case(1, 3, 56, 56, DwConv2d::new(31, 31)),
+        case(2, 2, 28, 28, DwConv2d::new(29, 29)),
+        case(1, 4, 14, 14, DwConv2d::new(27, 27)), // K > image
+        case(1, 20, 7, 7, DwConv2d::new(13, 13)),  // small planes
+        case(1, 1, 5, 5, DwConv2d::new(13, 13)),   // one channel, K >> image
+        case(2, 2, 20, 40, DwConv2d::new(31, 5)),
+        case(1, 2, 40, 20, DwConv2d::new(5, 31)),
+        case(1, 2, 12, 12, DwConv2d::new(5, 5).with_padding(0, 0)),
+        case(1, 2, 10, 11, DwConv2d::new(3, 3).with_padding(4, 5)),
+        case(1, 3, 17, 19, DwConv2d::new(7, 7).with_stride(2, 2)),
+        case(
             1,
             2,
             15,
@@ -252,41 +252,49 @@ fn dw_cases() -> Vec<(usize, usize, usize, usize, DwConv2d)> {
     ];
     for k in 1..=12 {
         let (h, w) = [(9, 13), (16, 16), (23, 7), (40, 33)][k % 4];
-        v.push((1 + k % 2, 1 + k % 3, h, w, DwConv2d::new(k, k)));
+        v.push(case(1 + k % 2, 1 + k % 3, h, w, DwConv2d::new(k, k)));
     }
     v
 }
 
+/// bf16-exact random inputs of a case, as f32 (the values the kernels see after rounding).
+fn bf16_inputs(cs: &Case, rng: &mut Rng) -> Inputs<f32> {
+    let t = cs.inputs::<bf16>(rng);
+    Inputs {
+        x: t.x.cast(),
+        w: t.w.cast(),
+        bias: t.bias.map(|b| b.cast()),
+        dy: t.dy.cast(),
+    }
+}
+
 fn check_depthwise(rng: &mut Rng, nonfinite: bool) {
-    for (n, c, h, w, conv) in dw_cases() {
-        let s = conv.resolve(n, c, h, w).unwrap();
-        let mut x = bf16_values(&s.input_dims(), rng);
-        let wt = bf16_values(&conv.weight_dims(c), rng);
-        let bias = random::<f32>(&[c], rng);
-        let mut dy = bf16_values(&s.output_dims(), rng);
+    for cs in dw_cases() {
+        let (conv, s) = (cs.conv, cs.shape());
+        let mut t = bf16_inputs(&cs, rng);
         if nonfinite {
-            let (xl, dl) = (x.len(), dy.len());
-            x.data_mut()[xl / 2] = f32::INFINITY;
-            x.data_mut()[xl / 3] = f32::NAN;
-            dy.data_mut()[dl / 2] = f32::NEG_INFINITY;
+            let (xl, dl) = (t.x.len(), t.dy.len());
+            t.x.data_mut()[xl / 2] = f32::INFINITY;
+            t.x.data_mut()[xl / 3] = f32::NAN;
+            t.dy.data_mut()[dl / 2] = f32::NEG_INFINITY;
         }
-        let what = format!("n{n} c{c} {h}x{w} {:?}", conv.kernel);
+        let what = format!("{cs:?}");
         let mut y = vec![f32::NAN; s.output_len()];
-        bf16_dw::forward_f32_into(&conv, &s, x.data(), wt.data(), Some(bias.data()), &mut y)
-            .unwrap();
+        let bias = t.bias.as_ref().map(|b| b.data());
+        bf16_dw::forward_f32_into(&conv, &s, t.x.data(), t.w.data(), bias, &mut y).unwrap();
         let got = Tensor::from_vec(&s.output_dims(), y).unwrap();
         assert_matches(
             &format!("{what} forward"),
             &got,
-            &Expected::forward(&conv, &x, &wt, Some(&bias)),
+            &t.expected(Op::Forward, &conv),
         );
         let mut dx = vec![f32::NAN; s.input_len()];
-        bf16_dw::data_grad_f32_into(&conv, &s, dy.data(), wt.data(), &mut dx).unwrap();
+        bf16_dw::data_grad_f32_into(&conv, &s, t.dy.data(), t.w.data(), &mut dx).unwrap();
         let got = Tensor::from_vec(&s.input_dims(), dx).unwrap();
         assert_matches(
             &format!("{what} data grad"),
             &got,
-            &Expected::data_grad(&conv, &dy, &wt, (h, w)),
+            &t.expected(Op::DataGrad, &conv),
         );
     }
 }
