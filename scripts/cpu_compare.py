@@ -18,6 +18,7 @@ Installs nothing: uses onnxruntime + onnx (required; `pip install onnxruntime on
 
 Usage: python3 scripts/cpu_compare.py [--lkconv target/release/lkconv] [--threads 2]
                                       [--rounds 3] [--reps 20] [--model-reps 5] [--no-model]
+                                      [--model-dtype f32,bf16]
 """
 
 import argparse
@@ -183,18 +184,22 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--model-reps", type=int, default=5)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--model-dtype", default="f32",
+                    help="lkconv's model dtypes, comma-separated (f32, bf16); ORT runs f32")
     a = ap.parse_args()
     if not os.path.exists(a.lkconv):
         sys.exit(f"{a.lkconv} not found: cargo build --release first (or pass --lkconv)")
     if torch is not None:
         torch.set_num_threads(a.threads)
 
-    cases = [((f"N{n} " if n > 1 else "") + f"C{c} {hw}x{hw} K{k}", layer_model(n, c, hw, k), (n, c, hw, k))
+    cases = [((f"N{n} " if n > 1 else "") + f"C{c} {hw}x{hw} K{k}", layer_model(n, c, hw, k), (n, c, hw, k), "f32")
              for n, c, hw, k in LAYERS]
     if not a.no_model:
-        cases.append(("RepLKNet-31B 1x3x224x224", replknet_model(CFG_31B), None))
+        for dt in a.model_dtype.split(","):
+            label = "RepLKNet-31B 1x3x224x224" + ("" if dt == "f32" else f" (lkconv {dt})")
+            cases.append((label, replknet_model(CFG_31B), None, dt))
     rows = []
-    for label, model, layer in cases:
+    for label, model, layer, dtype in cases:
         sess = ort_session(model, a.threads)
         inp = sess.get_inputs()[0]
         x = np.random.default_rng(1).standard_normal(inp.shape).astype(np.float32)
@@ -220,7 +225,8 @@ def main():
                             xt, wt, padding=k // 2, groups=c), reps)
                     tor.add(walls, cpu)
             else:
-                r = lkconv_json(a.lkconv, ["--model", "31b", "--reps", str(reps)], a.threads)
+                r = lkconv_json(a.lkconv, ["--model", "31b", "--dtype", dtype, "--reps", str(reps)],
+                                a.threads)
                 ours.add([r["min_ms"], r["median_ms"]], r.get("cpu_ms_per_run"))
                 peak = r.get("peak_rss_mib")
         rows.append((label, ours, theirs, tor if tor.walls else None, peak))

@@ -749,10 +749,16 @@ fn cli_bench_model_runs() {
         assert!(String::from_utf8_lossy(&o.stdout).contains("images/s"));
     }
     let o = lkconv_cli(&[
-        "bench", "--model", "31b", "--device", "cpu", "--dtype", "bf16", "--reps", "1",
+        "bench", "--model", "31b", "--device", "cpu", "--dtype", "bf16", "--size", "32", "--reps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(") bf16: median"));
+    let o = lkconv_cli(&[
+        "bench", "--model", "31b", "--device", "cpu", "--dtype", "f16", "--reps", "1",
     ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("f32 only"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("f32 or bf16"));
     if lkconv::sim::available() {
         let o = lkconv_cli(&[
             "bench", "--model", "31b", "--device", "sim", "--dtype", "bf16", "--size", "32",

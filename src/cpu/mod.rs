@@ -2,6 +2,9 @@
 //! the benchmarks compare against (naive loop, im2col + GEMM).
 
 pub mod activation;
+pub mod bf16;
+mod bf16_amx;
+pub mod bf16_dw;
 pub mod ceiling;
 pub mod direct;
 pub mod gemm;

@@ -226,6 +226,7 @@ impl Pointwise {
         let cols = (PW_BLOCK_FLOATS / rows).max(16).min(hw);
         let (row_blocks, col_blocks) = (cout.div_ceil(rows), hw.div_ceil(cols));
         let beta = if accumulate { 1.0 } else { 0.0 };
+        let bf16 = self.bf16_operands(x, n, hw);
         let y_ptr = SendPtr(y[..n * cout * hw].as_mut_ptr());
         (0..n * row_blocks * col_blocks)
             .into_par_iter()
@@ -241,20 +242,25 @@ impl Pointwise {
                 // SAFETY: task blocks are disjoint (rows [r0, r0 + m) x columns [c0, c0 + nc) of
                 // image `img`) and lie inside y (sliced to n * cout * hw above).
                 let yb = unsafe { y_ptr.get().add((img * cout + r0) * hw + c0) };
-                // SAFETY: as above; the block's rows are hw >= nc floats apart.
-                unsafe {
-                    sgemm_view_raw(
-                        m,
-                        cin,
-                        nc,
-                        MatRef::rows(&self.w[r0 * cin..(r0 + m) * cin], cin),
-                        MatRef::rows(xb, hw),
-                        beta,
-                        yb,
-                        hw,
-                        Threads::Single,
-                    )
-                };
+                if let Some(op) = &bf16 {
+                    // SAFETY: as above; the block's rows are hw >= nc floats apart.
+                    unsafe { op.gemm(img, r0, m, c0, nc, beta, yb, hw) }
+                } else {
+                    // SAFETY: as above; the block's rows are hw >= nc floats apart.
+                    unsafe {
+                        sgemm_view_raw(
+                            m,
+                            cin,
+                            nc,
+                            MatRef::rows(&self.w[r0 * cin..(r0 + m) * cin], cin),
+                            MatRef::rows(xb, hw),
+                            beta,
+                            yb,
+                            hw,
+                            Threads::Single,
+                        )
+                    };
+                }
                 for (i, &b) in self.b[r0..r0 + m].iter().enumerate() {
                     // SAFETY: row i of this task's block: nc floats, written by no other task.
                     let row = unsafe { std::slice::from_raw_parts_mut(yb.add(i * hw), nc) };
@@ -317,6 +323,9 @@ impl Depthwise {
                     w: shape.ow,
                     ..d
                 });
+            }
+            Backend::Cpu if self.bf16 => {
+                crate::cpu::bf16_dw::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?
             }
             Backend::Cpu => {
                 crate::cpu::forward_f32_into(&conv, &shape, x, &self.w, Some(&self.b), y)?

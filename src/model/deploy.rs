@@ -15,6 +15,9 @@ pub struct Pointwise {
     pub cout: usize,
     pub w: Vec<f32>,
     pub b: Vec<f32>,
+    /// `w` rounded to bf16 and packed: the CPU engine then runs this layer in bf16
+    /// ([`DeployModel::into_cpu_bf16`]).
+    pub bf16: Option<std::sync::Arc<crate::cpu::bf16::Bf16Weights>>,
 }
 
 /// A depthwise KxK conv with bias, padding K/2: weight `[c, k, k]`.
@@ -25,6 +28,8 @@ pub struct Depthwise {
     pub stride: usize,
     pub w: Vec<f32>,
     pub b: Vec<f32>,
+    /// The CPU engine rounds input and filter to bf16 (f32 sums) ([`DeployModel::into_cpu_bf16`]).
+    pub bf16: bool,
 }
 
 /// A dense conv with bias: weight `[cout, cin * k * k]`.

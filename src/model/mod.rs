@@ -12,6 +12,7 @@
 //! # Ok::<(), lkconv::Error>(())
 //! ```
 
+mod bf16;
 pub mod config;
 pub mod cpu;
 pub mod deploy;
@@ -91,6 +92,11 @@ impl DeployModel {
     ) -> Result<Output> {
         let indices = out_indices.unwrap_or(&[]);
         let d = self.check_request(x.shape(), indices, want_logits)?;
+        if self.cpu_dtype() != DType::F32 && !matches!(ws.backend(), Backend::Cpu) {
+            return Err(Error::Unsupported(
+                "a bf16 model (into_cpu_bf16) runs on the CPU engine only".into(),
+            ));
+        }
         let target = match ws.backend() {
             Backend::Sim => GpuTarget::Sim,
             Backend::Cuda(i) => GpuTarget::Cuda(i),

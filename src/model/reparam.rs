@@ -170,6 +170,7 @@ fn pointwise(conv: &Conv64) -> Pointwise {
         cout: conv.cout,
         w,
         b,
+        bf16: None,
     }
 }
 
@@ -181,6 +182,7 @@ fn depthwise(conv: &Conv64, k: usize, stride: usize) -> Depthwise {
         stride,
         w,
         b,
+        bf16: false,
     }
 }
 

@@ -131,6 +131,9 @@ pub struct ReplknetArgs {
     /// Comma-separated stage indices: write stage{i} instead of logits.
     #[arg(long)]
     pub out_indices: Option<String>,
+    /// f32, or bf16 (CPU engine: bf16 operands, f32 sums; AMX / AVX-512 BF16 where present).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +151,9 @@ pub struct ClassifyArgs {
     /// Input resolution.
     #[arg(long, default_value_t = 224)]
     pub size: usize,
+    /// f32, or bf16 (CPU engine: bf16 operands, f32 sums; AMX / AVX-512 BF16 where present).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]

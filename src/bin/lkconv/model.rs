@@ -31,6 +31,19 @@ fn model_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The model in the requested compute type: bf16 runs on the CPU engine only.
+fn with_dtype(model: Replknet, dtype: &str, dev: Device) -> Result<Replknet> {
+    match lkconv::DType::from_str(dtype)? {
+        lkconv::DType::F32 => Ok(model),
+        lkconv::DType::Bf16 if dev == Device::Cpu => Ok(Replknet {
+            deploy: model.deploy.into_cpu_bf16(lkconv::cpu::bf16::detect())?,
+        }),
+        other => Err(Error::Unsupported(format!(
+            "--dtype {other} (this command runs f32, or bf16 on --device cpu)"
+        ))),
+    }
+}
+
 fn parse_indices(s: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
         .split(',')
@@ -57,6 +70,11 @@ fn parse_indices(s: &str) -> Result<Vec<usize>> {
 
 pub fn replknet(args: &ReplknetArgs) -> Result<()> {
     let dev = model_device(&args.device)?;
+    if dev == Device::CpuRef && lkconv::DType::from_str(&args.dtype)? != lkconv::DType::F32 {
+        return Err(Error::Unsupported(
+            "--device cpu-ref is the f64 reference (no --dtype)".into(),
+        ));
+    }
     let indices = args.out_indices.as_deref().map(parse_indices).transpose()?;
     let ck = Checkpoint::read(&args.weights)?;
     let mut input_file = TensorFile::read(&args.input)?;
@@ -90,7 +108,7 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
             }
         }
         _ => {
-            let model = Replknet::from_checkpoint(&ck)?;
+            let model = with_dtype(Replknet::from_checkpoint(&ck)?, &args.dtype, dev)?;
             let mut ws = lkconv::model::Workspace::with_backend(backend_of(dev));
             match &indices {
                 Some(idx) => {
@@ -214,7 +232,7 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", args.image.display())))?
         .to_rgb8();
     let x = preprocess(&img, args.size, mean, std)?;
-    let model = Replknet::load(&args.weights)?;
+    let model = with_dtype(Replknet::load(&args.weights)?, &args.dtype, dev)?;
     let t0 = Instant::now();
     let mut ws = lkconv::model::Workspace::with_backend(backend_of(dev));
     let logits = model
@@ -260,10 +278,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ));
     }
     let dtype = lkconv::DType::from_str(&args.dtype)?;
-    if dtype != lkconv::DType::F32 && !matches!(dev, Device::Cuda(_) | Device::Sim) {
-        return Err(Error::Unsupported(format!(
-            "bench --model --dtype {dtype} runs on --device cuda or sim only (the CPU engine is f32 only)"
-        )));
+    if dtype == lkconv::DType::F16 && !matches!(dev, Device::Cuda(_) | Device::Sim) {
+        return Err(Error::Unsupported(
+            "bench --model --dtype f16 runs on --device cuda or sim only (the CPU engine runs f32 or bf16)".into(),
+        ));
     }
     if args.batch == 0 {
         return Err(Error::ZeroSize {
@@ -304,6 +322,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             (times, what, timer)
         }
         _ => {
+            let bf16_isa = lkconv::cpu::bf16::detect();
+            let model = match dtype {
+                lkconv::DType::Bf16 => Replknet {
+                    deploy: model.deploy.into_cpu_bf16(bf16_isa)?,
+                },
+                _ => model,
+            };
             let mut ws = lkconv::model::Workspace::new();
             // the warm-up run inside time_reps grows the workspace
             let (timing, times) = crate::bench::time_reps(reps, f64::INFINITY, || {
@@ -311,9 +336,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 Ok(())
             })?;
             cpu_ms = timing.cpu_ms;
+            let bf16_note = match dtype {
+                lkconv::DType::Bf16 => format!(", bf16 on {}", bf16_isa.name()),
+                _ => String::new(),
+            };
             (
                 times,
-                format!("cpu ({} threads)", rayon::current_num_threads()),
+                format!("cpu ({} threads{bf16_note})", rayon::current_num_threads()),
                 "wall clock".to_string(),
             )
         }
