@@ -19,12 +19,18 @@ use crate::error::{Error, Result};
 use crate::problem::Problem;
 
 /// Blocks both weight-gradient grids aim for (4 per SM of a 132-SM H100).
-const WGRAD_TARGET_BLOCKS: usize = 528;
+pub(crate) const WGRAD_TARGET_BLOCKS: usize = 528;
 /// Output positions a strided weight-gradient block gets at least (when there are enough).
 const WGRAD_MIN_POSITIONS: usize = 1024;
 
-/// The partial kernel (its own args) followed by the reduction over `blocks` slices.
-fn two_kernel_plan(p: &Problem, partial: Launch, mut args: DwArgs, blocks: usize) -> Result<Plan> {
+/// The partial kernel (its own args) followed by the reduction over `blocks` slices (also the
+/// tensor-core weight gradient's, `plan/tensor_core.rs`).
+pub(crate) fn two_kernel_plan(
+    p: &Problem,
+    partial: Launch,
+    mut args: DwArgs,
+    blocks: usize,
+) -> Result<Plan> {
     let (kh, kw) = p.conv().kernel;
     let kk = kh * kw;
     let c = p.shape().c;
