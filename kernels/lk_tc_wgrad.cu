@@ -127,53 +127,88 @@ __device__ __forceinline__ void wgrad_tc(const DwArgs& a) {
         // X rows inside the image that meet a dY row of the tile for one of the unit's ky
         const int i_lo = max(kyl, -sy0);
         const int i_hi = min(min(rows_valid - 1 + kyh - 1, H - 1 - sy0), xrows - 1);
-        int i = i_lo + ((gi - i_lo % G) + G) % G;
-        for (; i <= i_hi; i += G) {
-            const uint16_t* xrow = xcopy + i * XW;
-            // A blocks of the chunk (relative to column 16 (ch + mt0)); chunk ch + 1 starts 2 blocks
-            // later, so blocks 2.. of a chunk are blocks 0.. of the next: only the rest is loaded
-            uint32_t blk[5] = {0u, 0u, 0u, 0u, 0u};
+        // Row sets s = 8 m + rho: X rows base + 8 j, j = 0..3, base = i_lo + 32 m + rho; set s
+        // goes to group s % G. Row j's n-tile nl needs the B fragment of dY rows
+        // base + 8 (j - nl) - 8 nt0 - g, so the 4 rows share 7 B fragments (d = j - nl + 3) for up
+        // to 32 mma, where one row at a time needs 4 for 8.
+        for (int s = gi;; s += G) {
+            const int base = i_lo + 32 * (s / 8) + s % 8;
+            if (base > i_hi) break;
+            bool row_ok[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) row_ok[j] = base + 8 * j <= i_hi;
+            // A blocks of each row for the chunk (relative to column 16 (ch + mt0)); chunk ch + 1
+            // starts 2 blocks later, so blocks 2.. of a chunk are blocks 0.. of the next
+            uint32_t blk[4][5];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int q = 0; q < 5; ++q) blk[j][q] = 0u;
             int carried = 0;
 #pragma unroll 1
             for (int ch = 0; ch < nc_valid; ++ch) {
                 const bool k8 = cols_valid - 16 * ch <= 8;
                 const int nb = 2 * mtn + (k8 ? 0 : 1);
-                const uint16_t* xr = xrow + 16 * (ch + mt0);
 #pragma unroll
-                for (int q = 0; q < 5; ++q)
-                    if (q >= carried && q < nb) blk[q] = lds32(xr + 8 * q);
+                for (int j = 0; j < 4; ++j) {
+                    if (row_ok[j]) {
+                        const uint16_t* xr = xcopy + (base + 8 * j) * XW + 16 * (ch + mt0);
 #pragma unroll
-                for (int nl = 0; nl < 4; ++nl) {
-                    const int r_top = i - 8 * (nt0 + nl);  // dY row of column n = 0
-                    if (nl < ntn && r_top >= 0 && r_top - 7 < rows_valid) {
-                        const int rr = r_top - g;
-                        uint32_t b0 = 0u, b1 = 0u;
-                        if (rr >= 0 && rr < rows_valid) {
-                            const uint16_t* dr = s_dy + rr * ldy + 16 * ch + 2 * t;
-                            b0 = lds32(dr);
-                            if (!k8) b1 = lds32(dr + 8);
-                        }
+                        for (int q = 0; q < 5; ++q)
+                            if (q >= carried && q < nb) blk[j][q] = lds32(xr + 8 * q);
+                    }
+                }
+                // B fragments: dY rows r_top(d) - g, r_top(d) = base - 8 nt0 + 8 (d - 3)
+                uint32_t bf[7][2];
+                bool b_ok[7];
 #pragma unroll
-                        for (int ml = 0; ml < 2; ++ml) {
-                            // skip m-tiles whose X columns (k + m < 31) all lie outside the image
-                            const int gx = sx0 + 16 * (ch + mt0 + ml);
-                            if (ml < mtn && gx + 31 > 0 && gx < W) {
-                                if (k8) {
-                                    const uint32_t fa[2] = {blk[2 * ml], blk[2 * ml + 1]};
-                                    const uint32_t fb[1] = {b0};
-                                    mma8<T>(acc[ml][nl], fa, fb);
-                                } else {
-                                    const uint32_t fa[4] = {blk[2 * ml], blk[2 * ml + 1], blk[2 * ml + 1],
-                                                            blk[2 * ml + (MUTANT == 1 ? 1 : 2)]};
-                                    const uint32_t fb[2] = {b0, b1};
-                                    mma<T>(acc[ml][nl], fa, fb);
+                for (int d = 0; d < 7; ++d) {
+                    const int r_top = base - 8 * nt0 + 8 * (d - 3);
+                    // used by a valid row j = d - 3 + nl with nl < ntn, and some row in the tile
+                    bool used = false;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+                        if (row_ok[j] && j - d + 3 >= 0 && j - d + 3 < ntn) used = true;
+                    b_ok[d] = used && r_top >= 0 && r_top - 7 < rows_valid;
+                    bf[d][0] = 0u;
+                    bf[d][1] = 0u;
+                    const int rr = r_top - g;
+                    if (b_ok[d] && rr >= 0 && rr < rows_valid) {
+                        const uint16_t* dr = s_dy + rr * ldy + 16 * ch + 2 * t;
+                        bf[d][0] = lds32(dr);
+                        if (!k8) bf[d][1] = lds32(dr + 8);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int nl = 0; nl < 4; ++nl) {
+                        const int d = j - nl + 3;
+                        if (row_ok[j] && nl < ntn && b_ok[d]) {
+#pragma unroll
+                            for (int ml = 0; ml < 2; ++ml) {
+                                // skip m-tiles whose X columns (k + m < 31) all lie outside the image
+                                const int gx = sx0 + 16 * (ch + mt0 + ml);
+                                if (ml < mtn && gx + 31 > 0 && gx < W) {
+                                    if (k8) {
+                                        const uint32_t fa[2] = {blk[j][2 * ml], blk[j][2 * ml + 1]};
+                                        const uint32_t fb[1] = {bf[d][0]};
+                                        mma8<T>(acc[ml][nl], fa, fb);
+                                    } else {
+                                        const uint32_t fa[4] = {blk[j][2 * ml], blk[j][2 * ml + 1], blk[j][2 * ml + 1],
+                                                                blk[j][2 * ml + (MUTANT == 1 ? 1 : 2)]};
+                                        const uint32_t fb[2] = {bf[d][0], bf[d][1]};
+                                        mma<T>(acc[ml][nl], fa, fb);
+                                    }
                                 }
                             }
                         }
                     }
                 }
 #pragma unroll
-                for (int q = 0; q < 3; ++q) blk[q] = blk[q + 2];
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int q = 0; q < 3; ++q) blk[j][q] = blk[j][q + 2];
                 carried = nb - 2;
             }
         }

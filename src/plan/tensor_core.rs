@@ -395,23 +395,42 @@ fn wgrad_work(p: &Problem, l: &Launch) -> (i64, i64) {
                     let (kyl, kyh) = (8 * nt0, (kh as i64).min(8 * nt0 + 32));
                     let i_lo = kyl.max(-sy0);
                     let i_hi = (rows_valid + kyh - 2).min(h - 1 - sy0).min(xrows - 1);
-                    for i in i_lo..=i_hi {
+                    // row sets: rows base + 8 j (j < 4) sharing 7 B fragments, as the kernel
+                    for s in 0.. {
+                        let base = i_lo + 32 * (s / 8) + s % 8;
+                        if base > i_hi {
+                            break;
+                        }
+                        let row_ok: Vec<bool> = (0..4).map(|j| base + 8 * j <= i_hi).collect();
                         let mut carried = 0;
                         for ch in 0..(cols_valid + 15) / 16 {
                             let k8 = cols_valid - 16 * ch <= 8;
                             let nb = 2 * mtn + i64::from(!k8);
-                            loads += nb - carried;
+                            let rows = row_ok.iter().filter(|&&ok| ok).count() as i64;
+                            loads += rows * (nb - carried);
                             carried = nb - 2;
-                            for nl in 0..ntn {
-                                let r_top = i - 8 * (nt0 + nl);
-                                if r_top < 0 || r_top - 7 >= rows_valid {
-                                    continue;
-                                }
-                                loads += if k8 { 1 } else { 2 };
-                                for ml in 0..mtn {
-                                    let gx = sx0 + 16 * (ch + mt0 + ml);
-                                    if gx + 31 > 0 && gx < w {
-                                        halves += if k8 { 1 } else { 2 };
+                            let b_ok: Vec<bool> = (0..7)
+                                .map(|d| {
+                                    let r_top = base - 8 * nt0 + 8 * (d - 3);
+                                    let used = (0..4).any(|j| {
+                                        row_ok[j as usize] && (0..ntn).contains(&(j - d + 3))
+                                    });
+                                    used && r_top >= 0 && r_top - 7 < rows_valid
+                                })
+                                .collect();
+                            loads += b_ok.iter().filter(|&&ok| ok).count() as i64
+                                * if k8 { 1 } else { 2 };
+                            for j in 0..4i64 {
+                                for nl in 0..ntn {
+                                    let d = j - nl + 3;
+                                    if !row_ok[j as usize] || !b_ok[d as usize] {
+                                        continue;
+                                    }
+                                    for ml in 0..mtn {
+                                        let gx = sx0 + 16 * (ch + mt0 + ml);
+                                        if gx + 31 > 0 && gx < w {
+                                            halves += if k8 { 1 } else { 2 };
+                                        }
                                     }
                                 }
                             }
