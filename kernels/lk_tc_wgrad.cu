@@ -19,7 +19,9 @@
 // k = 2t) and a2 (rows g, k = 2t + 8) are the same X pair, and m-tile mt + 1 starts 2 blocks
 // later, so a lane loads the pairs X[i][16 (ch + mt0) + g + 2t + 8 b], b = 0..4, for two
 // m-tiles, and the next chunk reuses b = 2..4 as its 0..2: 2 loads for A per chunk (5 for the
-// first), 2 per n-tile for B, 8 mma (K <= 32). The pair starts at an odd column
+// first). B is shared across X rows: row i's n-tile nt reads dY rows i - 8 nt - n, which is
+// row i + 8's n-tile nt + 1, so a warp takes X rows in sets {i, i + 8, i + 16, i + 24}: 7 B
+// fragments (2 loads each) and 4 x 2 A loads for up to 32 mma (K <= 32), 0.69 loads per mma. The pair starts at an odd column
 // when g is odd: those lanes read a second copy of the X tile shifted by one column (so every
 // fragment register is one aligned 32-bit shared load).
 //
@@ -158,48 +160,41 @@ __device__ __forceinline__ void wgrad_tc(const DwArgs& a) {
                             if (q >= carried && q < nb) blk[j][q] = lds32(xr + 8 * q);
                     }
                 }
-                // B fragments: dY rows r_top(d) - g, r_top(d) = base - 8 nt0 + 8 (d - 3)
-                uint32_t bf[7][2];
-                bool b_ok[7];
+                // B fragment d: dY rows r_top - g, r_top = base - 8 nt0 + 8 (d - 3), for row j's
+                // n-tile nl = j - d + 3 (one fragment live at a time: fewer registers)
 #pragma unroll
                 for (int d = 0; d < 7; ++d) {
                     const int r_top = base - 8 * nt0 + 8 * (d - 3);
-                    // used by a valid row j = d - 3 + nl with nl < ntn, and some row in the tile
                     bool used = false;
 #pragma unroll
                     for (int j = 0; j < 4; ++j)
                         if (row_ok[j] && j - d + 3 >= 0 && j - d + 3 < ntn) used = true;
-                    b_ok[d] = used && r_top >= 0 && r_top - 7 < rows_valid;
-                    bf[d][0] = 0u;
-                    bf[d][1] = 0u;
+                    if (!used || r_top < 0 || r_top - 7 >= rows_valid) continue;  // warp-uniform
+                    uint32_t b0 = 0u, b1 = 0u;
                     const int rr = r_top - g;
-                    if (b_ok[d] && rr >= 0 && rr < rows_valid) {
+                    if (rr >= 0 && rr < rows_valid) {
                         const uint16_t* dr = s_dy + rr * ldy + 16 * ch + 2 * t;
-                        bf[d][0] = lds32(dr);
-                        if (!k8) bf[d][1] = lds32(dr + 8);
+                        b0 = lds32(dr);
+                        if (!k8) b1 = lds32(dr + 8);
                     }
-                }
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                    for (int j = 0; j < 4; ++j) {
+                        const int nl = j - d + 3;
+                        if (nl < 0 || nl > 3 || nl >= ntn || !row_ok[j]) continue;
 #pragma unroll
-                    for (int nl = 0; nl < 4; ++nl) {
-                        const int d = j - nl + 3;
-                        if (row_ok[j] && nl < ntn && b_ok[d]) {
-#pragma unroll
-                            for (int ml = 0; ml < 2; ++ml) {
-                                // skip m-tiles whose X columns (k + m < 31) all lie outside the image
-                                const int gx = sx0 + 16 * (ch + mt0 + ml);
-                                if (ml < mtn && gx + 31 > 0 && gx < W) {
-                                    if (k8) {
-                                        const uint32_t fa[2] = {blk[j][2 * ml], blk[j][2 * ml + 1]};
-                                        const uint32_t fb[1] = {bf[d][0]};
-                                        mma8<T>(acc[ml][nl], fa, fb);
-                                    } else {
-                                        const uint32_t fa[4] = {blk[j][2 * ml], blk[j][2 * ml + 1], blk[j][2 * ml + 1],
-                                                                blk[j][2 * ml + (MUTANT == 1 ? 1 : 2)]};
-                                        const uint32_t fb[2] = {bf[d][0], bf[d][1]};
-                                        mma<T>(acc[ml][nl], fa, fb);
-                                    }
+                        for (int ml = 0; ml < 2; ++ml) {
+                            // skip m-tiles whose X columns (k + m < 31) all lie outside the image
+                            const int gx = sx0 + 16 * (ch + mt0 + ml);
+                            if (ml < mtn && gx + 31 > 0 && gx < W) {
+                                if (k8) {
+                                    const uint32_t fa[2] = {blk[j][2 * ml], blk[j][2 * ml + 1]};
+                                    const uint32_t fb[1] = {b0};
+                                    mma8<T>(acc[ml][nl], fa, fb);
+                                } else {
+                                    const uint32_t fa[4] = {blk[j][2 * ml], blk[j][2 * ml + 1], blk[j][2 * ml + 1],
+                                                            blk[j][2 * ml + (MUTANT == 1 ? 1 : 2)]};
+                                    const uint32_t fb[2] = {b0, b1};
+                                    mma<T>(acc[ml][nl], fa, fb);
                                 }
                             }
                         }
@@ -244,7 +239,8 @@ __device__ __forceinline__ void wgrad_tc(const DwArgs& a) {
 }  // namespace tc
 }  // namespace lk
 
-#define LK_TC_WGRAD_TYPE(TN, T) LK_KERNEL(lk_tc_wgrad_##TN, (lk::tc::wgrad_tc<T>(args)))
+// at most 8 warps (src/plan/tensor_core.rs), two blocks per SM: 128 registers, no spills
+#define LK_TC_WGRAD_TYPE(TN, T) LK_KERNEL_BOUNDED(lk_tc_wgrad_##TN, 256, 2, (lk::tc::wgrad_tc<T>(args)))
 
 LK_TC_WGRAD_TYPE(f16, __half)
 LK_TC_WGRAD_TYPE(bf16, __nv_bfloat16)
