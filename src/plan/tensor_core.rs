@@ -25,7 +25,7 @@
 
 use super::geometry::{SHARED_LIMIT_BYTES, SHARED_TARGET_BYTES};
 use super::launch::{base_args, DwArgs, Family, KernelId, Launch, Plan, TEMPLATE_SIZES};
-use super::wgrad::{two_kernel_plan, WGRAD_TARGET_BLOCKS};
+use super::wgrad::tiled_partial_plan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::op::Op;
@@ -214,23 +214,9 @@ fn wgrad_plan(p: &Problem, args: DwArgs) -> Result<Option<Plan>> {
     if smem > SHARED_LIMIT_BYTES {
         return Ok(None);
     }
-    let tiles = s.oh.div_ceil(th) * tiles_x;
-    let blocks = WGRAD_TARGET_BLOCKS
-        .div_ceil(s.c)
-        .clamp(1, (s.n * tiles).min(65535));
     let g = groups(th);
-    let mut a1 = args;
-    a1.aux0 = th as i32;
-    a1.aux1 = tw as i32;
-    a1.aux2 = g as i32;
-    let partial = Launch {
-        kernel: KernelId::new(Family::TcWgrad, p.dtype()),
-        grid: (s.c as u32, blocks as u32, 1),
-        block: ((32 * units * g) as u32, 1, 1),
-        shared_bytes: smem as u32,
-        args: a1,
-    };
-    two_kernel_plan(p, partial, args, blocks).map(Some)
+    let kernel = KernelId::new(Family::TcWgrad, p.dtype());
+    tiled_partial_plan(p, args, kernel, (th, tw), g, 32 * units * g, smem).map(Some)
 }
 
 /// A tensor-core plan's work and its bounds at the H100/H200 ceilings.
