@@ -26,6 +26,7 @@
 // copies of each row, copy e with 8 + e zero taps before kx = 0 and zeros after KW - 1 (the
 // band's edges read them), so that every B register is one aligned 32-bit load.
 // Templated K (square K x K, S constant, fully unrolled); K == 0: any KH x KW with KW <= 57.
+#include "lk_exact.cuh"
 #include "lk_tc.cuh"
 
 namespace lk {
@@ -162,7 +163,16 @@ __device__ __forceinline__ void conv_tc(const DwArgs& a) {
             for (int e = 0; e < 4; ++e) {
                 const int oy = wy0 + g + 8 * (e / 2);
                 const int ox = ox0 + 8 * q + 2 * t + (e % 2);
-                if (oy < OH && ox < OW) dst[(long long)oy * OW + ox] = from_f32<T>(acc[q][e] + bias);
+                if (oy < OH && ox < OW) {
+                    float v = acc[q][e] + bias;
+                    // a NaN/Inf times a zero of the band or the padding is a spurious NaN:
+                    // recompute exactly (lk_exact.cuh)
+                    if (!finite_f32(v))
+                        v = exact_correlate(reinterpret_cast<const T*>(src), SH, SW, reinterpret_cast<const T*>(wt),
+                                            KH, KW, 1, 1, 1, 1, pt, pl, DGRAD, oy, ox) +
+                            bias;
+                    dst[(long long)oy * OW + ox] = from_f32<T>(v);
+                }
             }
         }
     }
