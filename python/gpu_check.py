@@ -2,9 +2,10 @@
 of lkconv.torch.dwconv2d (forward, and forward + backward) against F.conv2d (cuDNN).
 
 Needs torch with CUDA and the lkconv wheel (on PYTHONPATH or installed); no pytest.
-Exits 1 when any check fails or CUDA is unusable (so a GPU run never passes by skipping).
+Exits 1 when any check fails or CUDA is unusable (so a GPU run never passes by skipping), 124
+(as `timeout` does) when --deadline-s stopped it before every check and timing ran.
 
-    python3 python/gpu_check.py [--out DIR] [--quick]
+    python3 python/gpu_check.py [--out DIR] [--quick] [--deadline-s S]
 
 Timing: CUDA events around 20 (5 with --quick) back-to-back calls after 3 warm-ups, median of
 5 repeats, on PyTorch's current stream; NCHW and channels_last; f32, f16, bf16; RepLKNet-31B's
@@ -23,6 +24,17 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# time.monotonic() after which no further check or timing starts (--deadline-s); what is left
+# is counted in NOT_RUN.
+DEADLINE = float("inf")
+NOT_RUN = {"checks": 0, "timings": 0}
+
+
+def out_of_time(what: str) -> bool:
+    if time.monotonic() < DEADLINE:
+        return False
+    NOT_RUN[what] += 1
+    return True
 # python/ holds the package's sources without the native module: import the installed wheel
 # (or the unpacked one on PYTHONPATH), and the shared checks from tests/.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
@@ -43,6 +55,8 @@ def correctness(log) -> int:
            checks.Case(2, 64, 33, 47, 13, 13, stride=2, padding=6)]
     cases += [(c, d, "channels_last") for c in big for d in checks.DTYPES]
     for i, (case, dtype, layout) in enumerate(cases):
+        if out_of_time("checks"):
+            continue
         try:
             checks.check_case(case, dtype, "cuda", layout, seed=1000 + i)
             status = "ok"
@@ -71,6 +85,8 @@ def correctness(log) -> int:
         ("convert", lambda: test_modules.test_convert_replknet_style_model("cuda")),
         ("torch.compile", lambda: test_modules.test_torch_compile_fullgraph("cuda")),
     ]:
+        if out_of_time("checks"):
+            continue
         try:
             fn()
             status = "ok"
@@ -115,6 +131,8 @@ def timing(quick: bool) -> list:
         n = 8 if dtype == torch.float32 else 16
         for c, hw, k in shapes:
             for fmt in [torch.contiguous_format, torch.channels_last]:
+                if out_of_time("timings"):
+                    continue
                 x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype).to(memory_format=fmt)
                 w = torch.randn(c, 1, k, k, device="cuda", dtype=dtype)
                 x.requires_grad_()
@@ -154,7 +172,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the logs")
     ap.add_argument("--quick", action="store_true", help="fewer timing iterations")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no check or timing after this many seconds (exit 124 if any is left)")
     args = ap.parse_args()
+    global DEADLINE
+    if args.deadline_s is not None:
+        DEADLINE = time.monotonic() + args.deadline_s
     os.makedirs(args.out, exist_ok=True)
 
     try:
@@ -187,8 +210,13 @@ def main() -> int:
         rows = timing(args.quick)
         with open(os.path.join(args.out, "python_gpu_timing.json"), "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
-    print(f"gpu_check: {'FAILED' if failures else 'passed'} ({failures} failures)")
-    return 1 if failures else 0
+    left = ""
+    if NOT_RUN["checks"] or NOT_RUN["timings"]:
+        left = f"; NOT RUN (deadline): {NOT_RUN['checks']} checks, {NOT_RUN['timings']} timings"
+    print(f"gpu_check: {'FAILED' if failures else 'passed'} ({failures} failures{left})")
+    if failures:
+        return 1
+    return 124 if left else 0
 
 
 if __name__ == "__main__":

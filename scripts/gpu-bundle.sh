@@ -7,7 +7,8 @@
 #
 # Contents: the test binaries with GPU tests (tests/cuda.rs, tests/model.rs, and
 # tests/concurrency.rs, tests/tensor_core.rs when they exist), the GPU criterion harness (benches/gpu.rs), the `lkconv` CLI, all stripped, plus
-# torch_compare.py, run.sh and bundle.env. The CPU-only test binaries are not bundled.
+# torch_compare.py, run.sh and bundle.env, and python/ (python/bundle.sh: the lkconv.torch wheel,
+# gpu_check.py). The CPU-only test binaries are not bundled.
 # The kernels are compiled for sm_90 only (`LKCONV_CUDA_ARCHS=90`: the H100/H200 the run gets;
 # set LKCONV_CUDA_ARCHS to override, empty for build.rs's default list), in a target folder of
 # its own (CARGO_TARGET_DIR, default target/gpu-bundle-build) so that the everyday build keeps
@@ -106,6 +107,17 @@ copy "$cli" lkconv
 cp scripts/torch_compare.py "$bundle/torch_compare.py"
 cp scripts/gpu-run.sh "$bundle/run.sh"
 chmod +x "$bundle/run.sh"
+# The Python package (lkconv.torch) for run.sh's python step: the abi3 wheel built now for the
+# same architectures, python/gpu_check.py and the test modules it reuses (python/bundle.sh).
+# Without it the bundle still serves; run.sh then skips that step and says why.
+say "building the Python wheel and bundling python/gpu_check.py (python/bundle.sh)"
+python_bundled="yes"
+if ! LKCONV_WHEEL_FRESH=1 bash python/bundle.sh "$bundle" >"$tmp/python.err" 2>&1; then
+  tail -n 20 "$tmp/python.err" >&2
+  say "warning: python/bundle.sh failed: the bundle has no Python package (run.sh skips its python step)"
+  python_bundled="no: python/bundle.sh failed: $(grep -m1 -iE 'error' "$tmp/python.err" || tail -n 1 "$tmp/python.err")"
+  rm -rf "$bundle/python"
+fi
 # Tests read tests/data through the CARGO_MANIFEST_DIR baked in here: run.sh links this path
 # to the repository copy it runs in.
 printf '%s\n' "$root" >"$bundle/manifest-dir.txt"
@@ -120,6 +132,7 @@ built="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet H
 printf 'BUILT="%s"\nHAS_TC=%s\n' "$built" "$has_tc" >"$bundle/bundle.env"
 {
   echo "built: $built, LKCONV_CUDA_ARCHS=${LKCONV_CUDA_ARCHS}, tensor-core impl: $has_tc"
+  echo "python package (lkconv.torch wheel, gpu_check.py): $python_bundled"
   rustc --version
   printf '%s\n' "$cli_info"
   if [ -n "${build_failed//[$'\n']/}" ]; then

@@ -3,8 +3,8 @@
 # GPU machine (the device tool: carry ["target/gpu-bundle"], command
 # "bash target/gpu-bundle/run.sh", timeout_s 540). BENCHMARKS.md "The first GPU run" says how.
 #
-# Order (most valuable results first; each step has a time limit; the limits add up to 475 s,
-# 510 with the tensor-core tests, and TOTAL_S = 480 s caps the whole run, so that the summary is
+# Order (most valuable results first; each step has a time limit; the limits add up to 480 s
+# with the tensor-core tests, and TOTAL_S = 480 s caps the whole run, so that the summary is
 # written before the device tool stops the run):
 #   1 env       nvidia-smi, lkconv info; no GPU -> every GPU step is skipped, exit 3 at once
 #   2 tests     the CUDA tests of the cuda, model, concurrency (and tensor_core) test binaries
@@ -12,6 +12,8 @@
 #   3 bench     lkconv bench --device cuda --json: fast at N=64 and N=1 (f32, bf16, f16),
 #               then naive and im2col at N=1
 #   4 torch     scripts/torch_compare.py: PyTorch (cuDNN) vs lkconv, timings and a check
+#   4b python   python/gpu_check.py (bundled by python/bundle.sh): lkconv.torch's checks on CUDA
+#               tensors, then dwconv2d vs cuDNN timings (--quick, stopped at its deadline)
 #   5 model     RepLKNet-31B batch 64, f32 and bf16: lkconv, then PyTorch eager
 #   6 criterion the GPU criterion harness, quick
 #   7 sanitizer compute-sanitizer memcheck and racecheck on one small test
@@ -19,8 +21,8 @@
 # $OUT gets at most 8 files, each written as its step runs (a step cut short by the device
 # tool's limit still leaves what it wrote): summary.txt (rewritten after every step, printed
 # last), env.log, tests.log, bench.jsonl (one JSON array per lkconv bench call), perf.log
-# (bench errors, torch and model output), torch.json, torch-model.json, extra.log (criterion,
-# sanitizer, harness). A step limit can be changed with its variable (LIMIT_TESTS=... etc.).
+# (bench errors, torch, python and model output), torch.json, torch-model.json, extra.log
+# (python_gpu_check.log and python_gpu_timing.json, criterion, sanitizer, harness). A step limit can be changed with its variable (LIMIT_TESTS=... etc.).
 # LD_LIBRARY_PATH (LK_LIBRARY_PATH if given, the toolkit's cuBLAS, then pip wheels') is set for
 # lkconv's own commands only. Exit status: 0 all steps passed, 1 a step failed or timed out,
 # 3 no GPU.
@@ -133,6 +135,9 @@ write_summary() {
     t="$(grep -h '^test result:' "$OUT/tests.log" 2>/dev/null | awk '{p+=$4; f+=$6; i+=$8} END {if (NR) printf "%d passed, %d failed, %d ignored (%d binaries)", p, f, i, NR}')"
     echo "tests: ${t:-not run}"
     grep -h '^test .* FAILED$' "$OUT/tests.log" 2>/dev/null | sed 's/^/  /' | head -n 30
+    local py
+    py="$(grep -h -e '^correctness: ' -e '^gpu_check: ' "$OUT/perf.log" 2>/dev/null | paste -sd';' - | sed 's/;/; /g')"
+    [ -n "$py" ] && echo "python (lkconv.torch): $py"
     echo
     printf '%-34s %-7s %5s  %s\n' STEP STATUS TIME NOTE
     local s
@@ -167,7 +172,7 @@ step "lkconv info" 20 "$OUT/env.log" "${LK[@]}" "$bin/lkconv" info
 if ! sed -n '/===== lkconv info/,$p' "$OUT/env.log" | grep -q '^CUDA devices:$'; then
   reason="$(sed -n '/===== lkconv info/,$p' "$OUT/env.log" | grep -m1 '^CUDA devices' || echo 'lkconv info failed')"
   headline="NO GPU: ${reason}. Nothing was measured; every GPU step is skipped."
-  for s in tests bench torch model criterion sanitizer harness; do skip "$s" "no GPU"; done
+  for s in tests bench torch python model criterion sanitizer harness; do skip "$s" "no GPU"; done
   note "$headline"
   cat "$OUT/summary.txt"
   exit 3
@@ -175,9 +180,10 @@ fi
 
 # ---- 2. tests (GPU test binaries only) ----------------------------------------------------------
 # "binary|filter args|limit": the CUDA tests (not their simulator twins), the model's CUDA tests,
-# the CUDA test of tests/concurrency.rs (threads on streams) and, when bundled, tests/tensor_core.rs
+# the CUDA test of tests/concurrency.rs (threads on streams) and, when bundled, the CUDA test of
+# tests/tensor_core.rs (every pass, f16 and bf16; its simulator tests run in CI)
 for t in "test-cuda|--skip simulator|${LIMIT_TESTS:-75}" "test-model|cuda|${LIMIT_TESTS_MODEL:-30}" \
-  "test-concurrency|cuda|${LIMIT_TESTS_CONCURRENCY:-20}" "test-tensor_core||${LIMIT_TESTS_TC:-35}"; do
+  "test-concurrency|cuda|${LIMIT_TESTS_CONCURRENCY:-20}" "test-tensor_core|cuda|${LIMIT_TESTS_TC:-25}"; do
   IFS='|' read -r name filter limit <<<"$t"
   [ -x "$bin/$name" ] || continue
   # shellcheck disable=SC2086
@@ -222,11 +228,32 @@ record "bench (lkconv --json)" "$st" "$(( $(date +%s) - b0 ))" \
   "$nrun calls, $nfail failed, $noom out of device memory, $nskip skipped (time)"
 
 # ---- 4. PyTorch comparison (timings first, then the correctness check) -------------------------
-torch_limit="${LIMIT_TORCH:-80}"
+torch_limit="${LIMIT_TORCH:-70}"
 step "torch_compare (conv)" "$torch_limit" "$OUT/perf.log" \
   python3 "$here/torch_compare.py" --lkconv "$work/lkconv" --ours "$OUT/bench.jsonl" \
   --out "$OUT/torch.json" --deadline-s "$(( torch_limit - 5 ))" --skip-model \
   --impls "fast$([ "${HAS_TC:-0}" = 1 ] && echo ,tc)"
+
+# ---- 4b. lkconv.torch on CUDA tensors: python/gpu_check.py from the bundled wheel ----------------
+# Torch's own library path (no LK prefix: torch and lkconv share one process). Its two output
+# files are appended to extra.log ($OUT keeps at most 8 files).
+py_limit="${LIMIT_PYTHON:-45}"
+[ "$(left)" -lt "$py_limit" ] && py_limit="$(left)"
+py_step="python gpu_check (lkconv.torch)"
+wheel="$(ls "$here"/python/lkconv-*.whl 2>/dev/null | head -n 1)"
+if [ -z "$wheel" ] || [ ! -f "$here/python/gpu_check.py" ]; then
+  skip "$py_step" "not bundled (python/bundle.sh failed or was not run: see BUILD-INFO.txt)"
+elif ! python3 -m zipfile -e "$wheel" "$work/python-site" >>"$OUT/perf.log" 2>&1; then
+  record "$py_step" FAIL 0 "the wheel $(basename "$wheel") did not unpack"
+else
+  mkdir -p "$work/python-out"
+  step "$py_step" "$py_limit" "$OUT/perf.log" \
+    env PYTHONPATH="$work/python-site" PYTHONUNBUFFERED=1 python3 "$here/python/gpu_check.py" \
+    --out "$work/python-out" --quick --deadline-s "$(( py_limit > 20 ? py_limit - 15 : 5 ))"
+  for f in python_gpu_check.log python_gpu_timing.json; do
+    [ -f "$work/python-out/$f" ] && { printf '\n===== %s\n' "$f"; cat "$work/python-out/$f"; } >>"$OUT/extra.log"
+  done
+fi
 
 # ---- 5. RepLKNet-31B, batch 64: lkconv, then PyTorch eager --------------------------------------
 for dt in f32 bf16; do
@@ -234,12 +261,12 @@ for dt in f32 bf16; do
     "${LK[@]}" "$bin/lkconv" bench --model 31b --device cuda --batch 64 --dtype "$dt" --reps 10
   cat "$work/model-$dt.log" >>"$OUT/perf.log" 2>/dev/null
 done
-step "model 31b b64 (torch eager)" "${LIMIT_TORCH_MODEL:-35}" "$OUT/perf.log" \
+step "model 31b b64 (torch eager)" "${LIMIT_TORCH_MODEL:-30}" "$OUT/perf.log" \
   python3 "$here/torch_compare.py" --skip-checks --skip-timing --out "$OUT/torch-model.json" \
-  --deadline-s "$(( ${LIMIT_TORCH_MODEL:-35} - 5 ))" --model-ours "$work/model-f32.log" "$work/model-bf16.log"
+  --deadline-s "$(( ${LIMIT_TORCH_MODEL:-30} - 5 ))" --model-ours "$work/model-f32.log" "$work/model-bf16.log"
 
 # ---- 6. criterion, quick ------------------------------------------------------------------------------
-crit_limit="${LIMIT_CRITERION:-30}"
+crit_limit="${LIMIT_CRITERION:-20}"
 step "criterion gpu (quick)" "$crit_limit" "$OUT/extra.log" \
   "${LK[@]}" LKCONV_BENCH_QUICK=1 LKCONV_BENCH_BUDGET_S="$(( crit_limit - 8 ))" "$bin/bench-gpu" --bench
 
@@ -247,7 +274,7 @@ step "criterion gpu (quick)" "$crit_limit" "$OUT/extra.log" \
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck; do
-    step "sanitizer $tool" "${LIMIT_SANITIZER:-25}" "$OUT/extra.log" \
+    step "sanitizer $tool" "${LIMIT_SANITIZER:-20}" "$OUT/extra.log" \
       "${LK[@]}" LKCONV_REQUIRE_GPU=1 "$sanitizer" --tool "$tool" --error-exitcode 17 \
       "$bin/test-cuda" sanitizer_small --exact --test-threads 1
   done

@@ -144,10 +144,15 @@ pub fn write(
     tensors: &[(&str, &Tensor<f32>)],
     metadata: Option<BTreeMap<String, String>>,
 ) -> Result<()> {
-    let path = path.as_ref();
     let bytes = to_bytes(tensors, metadata)?;
+    write_atomically(path.as_ref(), &bytes)
+}
+
+/// Writes `bytes` to `path` through a hidden temporary beside it, renamed into place: a reader
+/// never sees a half-written file, and a failed write leaves nothing behind.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = partial_path(path);
-    let result = std::fs::write(&tmp, &bytes)
+    let result = std::fs::write(&tmp, bytes)
         .map_err(|source| Error::Io {
             path: tmp.display().to_string(),
             source,

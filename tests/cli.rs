@@ -342,3 +342,172 @@ fn conv_on_the_simulator_agrees_with_the_reference_device() {
         assert_matches(&format!("{op} cpu-ref"), &results[1], &want);
     }
 }
+
+/// Distinct colours of an RGB image, and the share of its pixels that are not white.
+fn colours_and_ink(img: &image::RgbImage) -> (usize, f64) {
+    let mut seen = std::collections::HashSet::new();
+    let mut ink = 0usize;
+    for p in img.pixels() {
+        seen.insert(p.0);
+        ink += usize::from(p.0 != [255, 255, 255]);
+    }
+    (seen.len(), ink as f64 / (img.width() * img.height()) as f64)
+}
+
+#[test]
+fn bench_plot_draws_png_and_svg_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    // a kernel-size sweep: one panel (fwd), a line per implementation
+    let png = dir.path().join("sweep.png");
+    let o = lkconv(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--op",
+        "fwd",
+        "--shape",
+        "1,3,10,9",
+        "--kernels",
+        "3,5,7",
+        "--reps",
+        "1",
+        "--plot",
+        path(&png),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).expect("a PNG that decodes").to_rgb8();
+    assert_eq!(img.dimensions(), (960, 56 + 340), "one panel");
+    let (colours, ink) = colours_and_ink(&img);
+    assert!(colours >= 8, "{colours} colours: blank or monochrome");
+    assert!(ink > 0.01 && ink < 0.6, "share of non-white pixels {ink}");
+    // every implementation's colour is there (fast, naive, im2col, reference)
+    for c in [[31, 119, 180], [214, 39, 40], [255, 127, 14], [44, 160, 44]] {
+        assert!(img.pixels().any(|p| p.0 == c), "no {c:?} line");
+    }
+
+    // bars per layer, three passes, as SVG; --json still prints only JSON on stdout
+    let svg = dir.path().join("bars.svg");
+    let o = lkconv(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "1,4,12,12",
+        "--kernel",
+        "5",
+        "--reps",
+        "1",
+        "--json",
+        "--plot",
+        path(&svg),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    assert_eq!(v.as_array().map(Vec::len), Some(12));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for want in [
+        "<svg",
+        "C4 12x12 K5",
+        "forward (fwd)",
+        "weight gradient (wgrad)",
+        "im2col",
+    ] {
+        assert!(text.contains(want), "SVG lacks {want}");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bars.svg", "sweep.png"], "no temporaries left");
+}
+
+#[test]
+fn bench_plot_bad_targets_exit_2_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("taken.png")).unwrap();
+    let missing = dir.path().join("no-such-dir/chart.png");
+    let jpg = dir.path().join("chart.jpg");
+    let taken = dir.path().join("taken.png");
+    let good = dir.path().join("chart.png");
+    let small = [
+        "bench", "--device", "cpu", "--shape", "1,2,8,8", "--reps", "1",
+    ];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--kernel", "3", "--plot", path(&missing)],
+            "does not exist",
+        ),
+        (vec!["--kernel", "3", "--plot", path(&jpg)], ".png or .svg"),
+        (vec!["--kernel", "3", "--plot", path(&taken)], "directory"),
+        (vec!["--kernels", "3,x", "--plot", path(&good)], "--kernels"),
+        (vec!["--kernels", "3,0", "--plot", path(&good)], "--kernels"),
+        (
+            vec!["--kernels", "3", "--kernel", "5", "--plot", path(&good)],
+            "cannot be used with",
+        ),
+    ];
+    for (extra, message) in cases {
+        let args: Vec<&str> = small.iter().copied().chain(extra).collect();
+        let o = lkconv(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+    // --kernels needs --shape; --model checks the target before building the model
+    for args in [
+        vec!["bench", "--kernels", "3,5", "--plot", path(&good)],
+        vec!["bench", "--model", "31b", "--plot", path(&missing)],
+    ] {
+        let o = lkconv(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["taken.png"], "something was written");
+}
+
+#[test]
+fn bench_model_plot_draws_the_profile_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("model.png");
+    let args = [
+        "bench",
+        "--model",
+        "31b",
+        "--device",
+        "cpu",
+        "--size",
+        "64",
+        "--reps",
+        "1",
+        "--plot",
+        path(&png),
+    ];
+    let o = Command::new(env!("CARGO_BIN_EXE_lkconv"))
+        .args(args)
+        .env_remove("LKCONV_PROFILE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no chart written") && err.contains("LKCONV_PROFILE=1"),
+        "{err}"
+    );
+    assert!(!png.exists());
+
+    let o = Command::new(env!("CARGO_BIN_EXE_lkconv"))
+        .args(args)
+        .env("LKCONV_PROFILE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).expect("a PNG that decodes").to_rgb8();
+    let (colours, ink) = colours_and_ink(&img);
+    assert!(colours >= 4 && ink > 0.01, "{colours} colours, ink {ink}");
+    // the bars are the first series' colour
+    assert!(img.pixels().filter(|p| p.0 == [31, 119, 180]).count() > 1000);
+}

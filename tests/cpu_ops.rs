@@ -2,23 +2,10 @@
 
 mod common;
 
-use common::{assert_matches, random, rng, Inputs};
+use common::{assert_matches, case, random, rng, Case};
 use half::{bf16, f16};
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::{cpu, DwConv2d, Element, Padding, Tensor};
-
-/// One case: N, C, H, W and the convolution.
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-}
-
-fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
-    Case { n, c, h, w, conv }
-}
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
@@ -71,13 +58,8 @@ fn check_all<T: Element>(device: Device, imp: Impl) {
     for cs in cases() {
         let conv = cs.conv;
         let (kh, kw) = conv.kernel;
-        let s = conv.resolve(cs.n, cs.c, cs.h, cs.w).expect("valid case");
-        let t = Inputs::<T> {
-            x: random(&s.input_dims(), &mut rng),
-            w: random(&conv.weight_dims(s.c), &mut rng),
-            bias: Some(random(&[s.c], &mut rng)),
-            dy: random(&s.output_dims(), &mut rng),
-        };
+        let s = cs.shape();
+        let t = cs.inputs::<T>(&mut rng);
         let label = format!(
             "{:?} {} n{} c{} {}x{} k{kh}x{kw} {conv:?}",
             device,

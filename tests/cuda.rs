@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_matches, Expected};
+use common::{assert_matches, case, Case, Expected};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use lkconv::cuda::{self, CudaDevice, CudaElement, CudaExec, DeviceTensor, RawOperands};
@@ -24,20 +24,6 @@ fn require_gpu() -> bool {
 /// The GPU with its kernels loaded, or None after printing why (panics when a GPU is required).
 fn gpu() -> Option<Arc<CudaDevice>> {
     common::have_gpu().then(|| CudaDevice::shared(0).expect("have_gpu() opened it"))
-}
-
-/// One problem: sizes and the convolution.
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-}
-
-fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
-    Case { n, c, h, w, conv }
 }
 
 /// The shapes every op and implementation is checked on.

@@ -2,9 +2,12 @@
 //! - on a machine where lkconv sees no CUDA device (forced with CUDA_VISIBLE_DEVICES="", so the
 //!   test means the same on every machine) it must stop within seconds with exit status 3, a
 //!   summary that says so, and every GPU step marked skipped;
-//! - with stand-ins for the GPU binaries (shell scripts that print what the real ones print) it
-//!   must run every step in the planned order, report failed tests by name, put the library path
-//!   only on lkconv's commands, print the bench table last, and exit 1 for the failures.
+//! - with stand-ins for the GPU binaries (shell scripts that print what the real ones print) and
+//!   for the Python package (a wheel holding a stub module, a stub python/gpu_check.py) it must
+//!   run every step in the planned order, report failed tests by name, put the library path
+//!   only on lkconv's commands, print the bench table last, and exit 1 for the failures;
+//!   without the Python package it must skip that step and say why;
+//! - its step limits must fit its run cap (TOTAL_S).
 //!
 //! Either way at most 8 files land in $OUT (what the device tool brings back).
 
@@ -56,7 +59,15 @@ fn run_script_without_a_gpu_fails_fast_and_clearly() {
         stdout.contains("NO GPU"),
         "the summary is printed last: {stdout}"
     );
-    for step in ["tests", "bench", "torch", "model", "criterion", "sanitizer"] {
+    for step in [
+        "tests",
+        "bench",
+        "torch",
+        "python",
+        "model",
+        "criterion",
+        "sanitizer",
+    ] {
         assert!(
             summary
                 .lines()
@@ -68,12 +79,13 @@ fn run_script_without_a_gpu_fails_fast_and_clearly() {
     assert!(files <= 8, "{files} files in $OUT");
 }
 
-#[test]
-fn run_script_runs_every_step_in_order_with_stand_in_binaries() {
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = bundle_in(dir.path());
+/// A bundle in `dir` with stand-ins for the GPU binaries, nvidia-smi and compute-sanitizer
+/// (and for the Python package when `python`); runs its run.sh and returns $OUT and the
+/// output. The library path given is /stand-in/cublas.
+fn run_with_stand_ins(dir: &Path, python: bool) -> (PathBuf, std::process::Output) {
+    let bundle = bundle_in(dir);
     let bin = bundle.join("bin");
-    let tools = dir.path().join("tools");
+    let tools = dir.join("tools");
     std::fs::create_dir_all(&tools).unwrap();
     script(
         &bin.join("lkconv"),
@@ -110,7 +122,39 @@ exit 101"#,
         &tools.join("compute-sanitizer"),
         "echo \"========= ERROR SUMMARY: 0 errors\"",
     );
-    let out = dir.path().join("out");
+    if python {
+        // what python/bundle.sh puts there: a wheel (here holding a stub `lkconv` module) and
+        // gpu_check.py (here a stub that prints and writes what the real one does)
+        let py = bundle.join("python");
+        let pkg = dir.join("wheel/lkconv");
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::write(pkg.join("__init__.py"), "STUB = 'from the wheel'\n").unwrap();
+        std::fs::create_dir_all(&py).unwrap();
+        let zipped = Command::new("python3")
+            .args(["-m", "zipfile", "-c"])
+            .arg(py.join("lkconv-0.1.0-cp39-abi3-linux_x86_64.whl"))
+            .arg(&pkg)
+            .status()
+            .expect("python3");
+        assert!(zipped.success());
+        std::fs::write(
+            py.join("gpu_check.py"),
+            r#"import os, sys
+import lkconv
+out = sys.argv[sys.argv.index("--out") + 1]
+print("stub gpu_check:", lkconv.STUB, "args", " ".join(sys.argv[1:]))
+print("LD=" + os.environ.get("LD_LIBRARY_PATH", ""))
+with open(os.path.join(out, "python_gpu_check.log"), "w") as f:
+    f.write("check Case(n=1) torch.float32 contiguous: ok\n")
+with open(os.path.join(out, "python_gpu_timing.json"), "w") as f:
+    f.write('{"rows": [{"speedup_fwd": 2.5}]}\n')
+print("correctness: 3 cases + 5 tests, 0 failed")
+print("gpu_check: passed (0 failures)")
+"#,
+        )
+        .unwrap();
+    }
+    let out = dir.join("out");
     let path = format!(
         "{}:{}",
         tools.display(),
@@ -125,6 +169,13 @@ exit 101"#,
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
+    (out, o)
+}
+
+#[test]
+fn run_script_runs_every_step_in_order_with_stand_in_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, o) = run_with_stand_ins(dir.path(), true);
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
@@ -138,6 +189,7 @@ exit 101"#,
         "test-model (cuda)",
         "bench (lkconv --json)",
         "torch_compare (conv)",
+        "python gpu_check (lkconv.torch)",
         "model 31b b64 f32 (lkconv)",
         "model 31b b64 bf16 (lkconv)",
         "model 31b b64 (torch eager)",
@@ -181,6 +233,89 @@ exit 101"#,
             .all(|l| l.contains("\"f32\"") && l.contains("\"fast\"")),
         "f32 fast first: {bench}"
     );
+    // the Python step: the wheel unpacked onto PYTHONPATH, torch's library path (not lkconv's),
+    // its deadline inside its limit; its files in extra.log, its verdict in the summary
+    let perf = std::fs::read_to_string(out.join("perf.log")).unwrap();
+    assert!(perf.contains("stub gpu_check: from the wheel"), "{perf}");
+    assert!(
+        perf.contains("--quick --deadline-s 30"),
+        "deadline 15 s inside the 45 s limit: {perf}"
+    );
+    assert!(!perf.contains("LD=/stand-in/cublas"), "{perf}");
+    assert!(
+        summary.contains(
+            "python (lkconv.torch): correctness: 3 cases + 5 tests, 0 failed; gpu_check: passed"
+        ),
+        "{summary}"
+    );
+    let extra = std::fs::read_to_string(out.join("extra.log")).unwrap();
+    assert!(
+        extra.contains("===== python_gpu_check.log\ncheck Case(n=1)")
+            && extra.contains("===== python_gpu_timing.json\n{\"rows\""),
+        "{extra}"
+    );
     let files = std::fs::read_dir(&out).unwrap().count();
     assert!(files <= 8, "{files} files in $OUT");
+}
+
+#[test]
+fn run_script_skips_the_python_step_when_the_package_is_not_bundled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, o) = run_with_stand_ins(dir.path(), false);
+    assert_eq!(o.status.code(), Some(1), "the failed model test");
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("python gpu_check"))
+        .unwrap_or_else(|| panic!("no python step: {summary}"));
+    assert!(
+        line.contains("SKIP") && line.contains("not bundled"),
+        "{line}"
+    );
+    // the steps after it still ran
+    assert!(summary.contains("\nsanitizer racecheck "), "{summary}");
+}
+
+/// Step limits by variable, and how many steps each one bounds.
+const STEP_LIMITS: [(&str, u32); 11] = [
+    ("LIMIT_TESTS", 1),
+    ("LIMIT_TESTS_MODEL", 1),
+    ("LIMIT_TESTS_CONCURRENCY", 1),
+    ("LIMIT_TESTS_TC", 1),
+    ("LIMIT_BENCH", 1),
+    ("LIMIT_TORCH", 1),
+    ("LIMIT_PYTHON", 1),
+    ("LIMIT_MODEL", 2),
+    ("LIMIT_TORCH_MODEL", 1),
+    ("LIMIT_CRITERION", 1),
+    ("LIMIT_SANITIZER", 2),
+];
+
+#[test]
+fn run_script_step_limits_fit_the_run_cap() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-run.sh"))
+            .unwrap();
+    // the default of `${NAME:-N}`
+    let default_of = |name: &str| -> Option<u32> {
+        let at = text.find(&format!("${{{name}:-"))? + name.len() + 4;
+        text[at..].split('}').next()?.parse().ok()
+    };
+    let total = default_of("TOTAL_S").expect("TOTAL_S default");
+    // every LIMIT_ variable of the script is counted here
+    for (i, _) in text.match_indices("${LIMIT_") {
+        let name = &text[i + 2..i + 2 + text[i + 2..].find(':').unwrap()];
+        assert!(
+            STEP_LIMITS.iter().any(|(n, _)| *n == name),
+            "{name} is not counted in STEP_LIMITS"
+        );
+    }
+    let sum: u32 = STEP_LIMITS
+        .iter()
+        .map(|&(name, steps)| steps * default_of(name).unwrap_or_else(|| panic!("{name}")))
+        .sum();
+    assert!(
+        sum <= total,
+        "step limits add up to {sum} s > TOTAL_S={total} s"
+    );
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_matches, Inputs};
+use common::{assert_matches, Case};
 use half::{bf16, f16};
 use lkconv::device::{self, Device};
 use lkconv::plan::{self, Family};
@@ -16,16 +16,6 @@ fn rng_for(test: &str) -> Rng {
         .unwrap_or_else(|| Rng::from_time().1);
     println!("{test}: seed {seed} (LKCONV_SEED={seed} reproduces it)");
     Rng::new(seed)
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-    bias: bool,
 }
 
 fn rand_case(rng: &mut Rng, kh: usize, kw: usize, max_hw: usize) -> Case {
@@ -42,13 +32,8 @@ fn rand_case(rng: &mut Rng, kh: usize, kw: usize, max_hw: usize) -> Case {
 /// Runs `op` with `imp` in the simulator and compares with the reference on the same inputs.
 fn check<T: Element>(rng: &mut Rng, op: Op, imp: Impl, k: &Case) {
     let conv = &k.conv;
-    let s = conv.resolve(k.n, k.c, k.h, k.w).expect("valid case");
-    let t = Inputs::<T> {
-        x: Tensor::random(&s.input_dims(), rng).unwrap(),
-        w: Tensor::random(&conv.weight_dims(s.c), rng).unwrap(),
-        bias: k.bias.then(|| Tensor::random(&[s.c], rng).unwrap()),
-        dy: Tensor::random(&s.output_dims(), rng).unwrap(),
-    };
+    let s = k.shape();
+    let t = k.inputs::<T>(rng);
     let got = match op {
         Op::Forward => device::forward(Device::Sim, imp, conv, &t.x, &t.w, t.bias.as_ref()),
         Op::DataGrad => device::data_grad(Device::Sim, imp, conv, &t.dy, &t.w, (s.h, s.w)),

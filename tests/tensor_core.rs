@@ -81,30 +81,9 @@ fn mma_rejects_bad_sizes() {
 
 // ---- the tensor-core kernels against the f64 reference -----------------------------------------
 
-use common::Expected;
+use common::{case, Case, Expected};
 use lkconv::plan::{self as kernels, tensor_core, Family, KernelId};
 use lkconv::{Device, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Tensor};
-
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    conv: DwConv2d,
-    bias: bool,
-}
-
-fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
-    Case {
-        n,
-        c,
-        h,
-        w,
-        conv,
-        bias: true,
-    }
-}
 
 /// The kernel the tensor-core plan picks for this case.
 fn planned(op: Op, dtype: DType, k: &Case) -> String {

@@ -53,6 +53,23 @@ mod profile {
         "head",
     ];
     static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    /// Sums over every reported run, and the number of runs (for [`super::profile_ms`]).
+    static TOTALS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+
+    /// Mean wall time per run of each layer kind, in ms (None when profiling is off or no run
+    /// finished).
+    pub fn mean_ms() -> Option<Vec<(&'static str, f64)>> {
+        let runs = RUNS.load(Ordering::Relaxed);
+        (enabled() && runs > 0).then(|| {
+            let per_run = |t: &AtomicU64| t.load(Ordering::Relaxed) as f64 / 1e6 / runs as f64;
+            NAMES
+                .iter()
+                .copied()
+                .zip(TOTALS.iter().map(per_run))
+                .collect()
+        })
+    }
 
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -75,6 +92,10 @@ mod profile {
             return;
         }
         let v: Vec<u64> = NANOS.iter().map(|a| a.swap(0, Ordering::Relaxed)).collect();
+        for (t, &ns) in TOTALS.iter().zip(&v) {
+            t.fetch_add(ns, Ordering::Relaxed);
+        }
+        RUNS.fetch_add(1, Ordering::Relaxed);
         let total: u64 = v.iter().sum();
         let parts: Vec<String> = NAMES
             .iter()
@@ -87,6 +108,11 @@ mod profile {
             total as f64 / 1e6
         );
     }
+}
+
+/// With `LKCONV_PROFILE` set: each layer kind's mean wall time per forward pass so far, in ms.
+pub fn profile_ms() -> Option<Vec<(&'static str, f64)>> {
+    profile::mean_ms()
 }
 
 /// A buffer of at least `len` elements (grown once, then reused), as a slice of exactly `len`.

@@ -6,12 +6,16 @@
 //! the number of terms summed: for a convolution the reference is computed on the very inputs the
 //! implementation saw (already rounded to f16/bf16), so the implementation may differ by the f32
 //! accumulation error (`terms * eps_f32 * sum|terms|`) plus one unit of its storage precision.
-#![allow(dead_code)]
+//!
+//! Every test binary compiles this file (`mod common;`) and uses a part of it: the public items
+//! carry `#[allow(dead_code)]` for the binaries that do not use them; anything no binary uses is
+//! removed.
 
 use lkconv::cpu::reference;
-use lkconv::{DType, DwConv2d, Element, Op, Rng, Tensor};
+use lkconv::{ConvShape, DType, DwConv2d, Element, Op, Rng, Tensor};
 
 /// A generator with a fresh seed (printed so that a failure can be replayed with LKCONV_SEED).
+#[allow(dead_code)]
 pub fn rng() -> Rng {
     if let Some(seed) = std::env::var("LKCONV_SEED")
         .ok()
@@ -25,12 +29,14 @@ pub fn rng() -> Rng {
     rng
 }
 
+#[allow(dead_code)]
 pub fn random<T: Element>(shape: &[usize], rng: &mut Rng) -> Tensor<T> {
     Tensor::random(shape, rng).expect("valid shape")
 }
 
 /// What a result must be: per element the exact value and the largest admissible |got - value|.
 #[derive(Clone, Debug)]
+#[allow(dead_code)]
 pub struct Expected {
     pub shape: Vec<usize>,
     pub value: Vec<f64>,
@@ -49,12 +55,14 @@ fn smallest_step(dtype: DType) -> f64 {
 /// Bound for a sum of `terms` products accumulated in f32 and stored as `dtype`: the f32
 /// accumulation error `terms * eps_f32 * magnitude` (magnitude = sum of |term|) plus one unit of
 /// the storage precision at `value`.
+#[allow(dead_code)]
 pub fn sum_bound(dtype: DType, terms: usize, value: f64, magnitude: f64) -> f64 {
     terms.max(1) as f64 * f32::EPSILON as f64 * magnitude
         + dtype.epsilon() * value.abs()
         + smallest_step(dtype)
 }
 
+#[allow(dead_code)]
 impl Expected {
     /// A sum of `terms` products stored as `dtype`: `value` the exact result (f64-accumulated),
     /// `magnitude` the same sum over absolute values.
@@ -168,6 +176,7 @@ fn abs(t: &Tensor<f32>) -> Tensor<f32> {
 }
 
 /// The inputs of one problem, for every pass: x, w, bias, dy.
+#[allow(dead_code)]
 pub struct Inputs<T> {
     pub x: Tensor<T>,
     pub w: Tensor<T>,
@@ -175,6 +184,7 @@ pub struct Inputs<T> {
     pub dy: Tensor<T>,
 }
 
+#[allow(dead_code)]
 impl<T: Element> Inputs<T> {
     /// The result `op` must give on these inputs.
     pub fn expected(&self, op: Op, conv: &DwConv2d) -> Expected {
@@ -191,6 +201,7 @@ impl<T: Element> Inputs<T> {
 
 /// The element where a comparison fails worst.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(dead_code)]
 pub struct Mismatch {
     /// Elements out of bounds.
     pub count: usize,
@@ -240,6 +251,7 @@ fn excess(got: f64, expected: f64, bound: f64) -> f64 {
 }
 
 /// Compares `got` with `want` element by element; the worst failing element on failure.
+#[allow(dead_code)]
 pub fn compare(got: &[f64], want: &Expected) -> Result<(), Mismatch> {
     assert_eq!(
         want.value.len(),
@@ -282,6 +294,7 @@ pub fn compare(got: &[f64], want: &Expected) -> Result<(), Mismatch> {
 }
 
 /// Asserts `got` matches `want` (shape and every element), naming the worst element.
+#[allow(dead_code)]
 pub fn assert_matches<T: Element>(what: &str, got: &Tensor<T>, want: &Expected) {
     let values: Vec<f64> = got.data().iter().map(|v| v.to_f64()).collect();
     assert_eq!(got.shape(), &want.shape[..], "{what}: shapes differ");
@@ -303,6 +316,7 @@ pub fn assert_matches<T: Element>(what: &str, got: &Tensor<T>, want: &Expected) 
 
 /// True when a CUDA device with the embedded kernels is usable; otherwise prints "skipped: no
 /// CUDA device (why)" and returns false (panics instead with `LKCONV_REQUIRE_GPU=1`).
+#[allow(dead_code)]
 pub fn have_gpu() -> bool {
     let reason = if !lkconv::cuda::kernels_compiled() {
         "built without CUDA kernels".to_string()
@@ -323,6 +337,7 @@ pub fn have_gpu() -> bool {
 /// Reruns the named tests of this test binary with the CPU micro-kernels capped at each lower
 /// instruction set (`LKCONV_CPU_ISA`; read once per process, hence the child processes), so that
 /// AVX-512, AVX2 and portable code are all checked on one machine. Returns at once in a child.
+#[allow(dead_code)]
 pub fn rerun_with_each_isa(tests: &[&str]) {
     if std::env::var_os("LKCONV_CPU_ISA").is_some() {
         return; // this is a child run
@@ -345,16 +360,48 @@ pub fn rerun_with_each_isa(tests: &[&str]) {
     }
 }
 
-/// One problem: N, C, H, W and the convolution.
+/// One problem: N, C, H, W, the convolution, and whether the forward pass adds a bias.
 #[derive(Clone, Copy, Debug)]
+#[allow(dead_code)]
 pub struct Case {
     pub n: usize,
     pub c: usize,
     pub h: usize,
     pub w: usize,
-    pub conv: lkconv::DwConv2d,
+    pub conv: DwConv2d,
+    pub bias: bool,
 }
 
-pub fn case(n: usize, c: usize, h: usize, w: usize, conv: lkconv::DwConv2d) -> Case {
-    Case { n, c, h, w, conv }
+/// A case whose forward pass adds a bias.
+#[allow(dead_code)]
+pub fn case(n: usize, c: usize, h: usize, w: usize, conv: DwConv2d) -> Case {
+    Case {
+        n,
+        c,
+        h,
+        w,
+        conv,
+        bias: true,
+    }
+}
+
+#[allow(dead_code)]
+impl Case {
+    /// The validated shape (panics on an invalid case: a test's own mistake).
+    pub fn shape(&self) -> ConvShape {
+        self.conv
+            .resolve(self.n, self.c, self.h, self.w)
+            .unwrap_or_else(|e| panic!("invalid test case {self:?}: {e}"))
+    }
+
+    /// Fresh random inputs for every pass (a bias when the case has one).
+    pub fn inputs<T: Element>(&self, rng: &mut Rng) -> Inputs<T> {
+        let s = self.shape();
+        Inputs {
+            x: random(&s.input_dims(), rng),
+            w: random(&self.conv.weight_dims(s.c), rng),
+            bias: self.bias.then(|| random(&[s.c], rng)),
+            dy: random(&s.output_dims(), rng),
+        }
+    }
 }

@@ -54,3 +54,19 @@ pub fn conv_from_flags(
     conv.validate()?;
     Ok(conv)
 }
+
+/// "K1,K2,..." (at least one, each at least 1, repeats dropped).
+pub fn kernel_list(s: &str) -> Result<Vec<usize>> {
+    let mut ks = Vec::new();
+    for p in s.split(',').map(str::trim) {
+        let k = p.parse::<usize>().ok().filter(|&k| k > 0).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--kernels: '{p}' in '{s}' is not a kernel size (K1,K2,... with K >= 1)"
+            ))
+        })?;
+        if !ks.contains(&k) {
+            ks.push(k);
+        }
+    }
+    Ok(ks)
+}

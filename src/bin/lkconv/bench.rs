@@ -7,7 +7,8 @@ use half::{bf16, f16};
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::{ConvShape, DType, DwConv2d, Element, Error, Result, Rng, Tensor};
 
-use crate::args::{pair, shape4};
+use crate::args::{kernel_list, pair, shape4};
+use crate::plot;
 use crate::BenchArgs;
 
 /// RepLKNet-31B's four large-kernel layers at batch 1: (C, H=W, K).
@@ -100,6 +101,10 @@ pub fn time_reps(
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    // a chart that cannot be written fails before the measuring, not after it
+    if let Some(path) = &args.plot {
+        plot::check_target(path)?;
+    }
     let device = if args.device == "auto" {
         Device::auto()
     } else {
@@ -119,12 +124,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Device::Cpu => vec![Impl::Fast, Impl::Naive, Impl::Im2col, Impl::Reference],
         },
     };
+    let kernels: Vec<(usize, usize)> = match &args.kernels {
+        Some(list) => kernel_list(list)?.into_iter().map(|k| (k, k)).collect(),
+        None => vec![pair("--kernel", args.kernel.as_deref().unwrap_or("31"))?],
+    };
     let problems: Vec<(DwConv2d, ConvShape)> = match &args.shape {
         Some(s) => {
             let [n, c, h, w] = shape4(s)?;
-            let (kh, kw) = pair("--kernel", args.kernel.as_deref().unwrap_or("31"))?;
-            let conv = DwConv2d::new(kh, kw);
-            vec![(conv, conv.resolve(n, c, h, w)?)]
+            kernels
+                .iter()
+                .map(|&(kh, kw)| {
+                    let conv = DwConv2d::new(kh, kw);
+                    conv.resolve(n, c, h, w).map(|s| (conv, s))
+                })
+                .collect::<Result<_>>()?
         }
         None => REPLKNET_31B_LAYERS
             .iter()
@@ -183,6 +196,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
+    if let Some(path) = &args.plot {
+        let fig = figure(args, device, dtype, &records)?;
+        plot::render(&fig, path)?;
+        eprintln!("chart: {}", path.display());
+    }
     if args.json {
         let items: Vec<serde_json::Value> = records
             .iter()
@@ -227,6 +245,106 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The processor's or GPU's name, for charts.
+pub fn machine_name(device: Device) -> String {
+    if let Device::Cuda(ordinal) = device {
+        return lkconv::cuda::CudaDevice::shared(ordinal)
+            .map(|d| d.info().name.clone())
+            .unwrap_or_else(|_| device.to_string());
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .unwrap_or_else(|| "CPU".into());
+    format!(
+        "{cpu}, {} threads, {}",
+        rayon::current_num_threads(),
+        lkconv::cpu::direct::simd_description()
+    )
+}
+
+/// The chart of a run: one panel per pass; bars per layer and implementation, or (with
+/// --kernels) time against kernel size per implementation.
+fn figure(
+    args: &BenchArgs,
+    device: Device,
+    dtype: DType,
+    records: &[Record],
+) -> Result<plot::Figure> {
+    let sweep = args.kernels.is_some();
+    let points: Vec<plot::Point> = records
+        .iter()
+        .map(|r| {
+            let s = &r.shape;
+            let (kh, kw) = r.conv.kernel;
+            let k = if kh == kw {
+                format!("K{kh}")
+            } else {
+                format!("K{kh}x{kw}")
+            };
+            let n = if s.n == 1 {
+                String::new()
+            } else {
+                format!("N{} ", s.n)
+            };
+            plot::Point {
+                panel: pass_title(r.op).into(),
+                series: r.imp.name().into(),
+                x: if sweep {
+                    plot::XKey::Kernel(kh)
+                } else {
+                    plot::XKey::Category(format!("{n}C{} {}x{} {k}", s.c, s.h, s.w))
+                },
+                value: r.timing.median_ms,
+            }
+        })
+        .collect();
+    let (kind, title, x_label) = if sweep {
+        let s = &records[0].shape;
+        (
+            plot::Kind::KernelSweep,
+            format!(
+                "lkconv bench: time against kernel size, {}x{}x{}x{}",
+                s.n, s.c, s.h, s.w
+            ),
+            "kernel size K (KxK, same padding)",
+        )
+    } else {
+        (
+            plot::Kind::Bars,
+            "lkconv bench: time per layer and implementation".to_string(),
+            "layer (N=1 unless given; C, HxW, kernel)",
+        )
+    };
+    let subtitle = format!(
+        "{device}: {}; {dtype}; median of at least {} run{}; lower is better",
+        machine_name(device),
+        args.reps,
+        if args.reps == 1 { "" } else { "s" }
+    );
+    plot::Figure::new(
+        kind,
+        &title,
+        &subtitle,
+        x_label,
+        "median time (ms)",
+        &points,
+    )
+}
+
+fn pass_title(op: Op) -> &'static str {
+    match op {
+        Op::Forward => "forward (fwd)",
+        Op::DataGrad => "data gradient (dgrad)",
+        Op::WeightGrad => "weight gradient (wgrad)",
+    }
 }
 
 /// Times `reps` runs (after one warm-up), at most ~3 s of measuring.

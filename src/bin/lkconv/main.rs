@@ -6,6 +6,7 @@ mod conv;
 mod info;
 mod model;
 mod plan;
+mod plot;
 
 use std::process::ExitCode;
 
@@ -87,6 +88,12 @@ pub struct BenchArgs {
     /// K or KH,KW (with --shape; default 31).
     #[arg(long)]
     pub kernel: Option<String>,
+    /// A kernel-size sweep: K1,K2,... (square), one case per size at --shape.
+    #[arg(long, requires = "shape", conflicts_with = "kernel")]
+    pub kernels: Option<String>,
+    /// Also draw the results as a chart: FILE.png or FILE.svg (written atomically).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     /// Only this implementation (fast, naive, im2col, tc, reference); default all (tc only when named).
     #[arg(long = "impl")]
     pub implementation: Option<String>,

@@ -250,6 +250,9 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let name = args.model.as_deref().unwrap_or("31b");
+    if let Some(path) = &args.plot {
+        crate::plot::check_target(path)?;
+    }
     let dev = model_device(&args.device)?;
     if dev == Device::CpuRef {
         return Err(Error::Unsupported(
@@ -319,6 +322,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let med = times[times.len() / 2];
     let gmacs = cfg.macs(args.size, args.size) / 1e9;
     let peak_mib = crate::bench::peak_rss_mib();
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "RepLKNet-{} {}x3x{}x{}: time per layer kind",
+            name.to_ascii_uppercase(),
+            args.batch,
+            args.size,
+            args.size
+        );
+        plot_profile(path, &title, &crate::bench::machine_name(dev), med)?;
+    }
     if args.json {
         let v = serde_json::json!({
             "model": format!("RepLKNet-{}", name.to_ascii_uppercase()),
@@ -357,5 +370,46 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         gmacs,
         load_s
     );
+    Ok(())
+}
+
+/// `bench --model --plot`: the CPU engine's per-layer-kind profile as bars, when it was
+/// collected (`LKCONV_PROFILE=1`, CPU); otherwise says why no chart is drawn.
+fn plot_profile(path: &std::path::Path, title: &str, machine: &str, median_ms: f64) -> Result<()> {
+    let Some(profile) = lkconv::model::cpu::profile_ms() else {
+        eprintln!(
+            "lkconv: no chart written to {}: bench --model --plot draws the CPU engine's \
+             per-layer-kind profile, which is collected with LKCONV_PROFILE=1 on --device cpu only",
+            path.display()
+        );
+        return Ok(());
+    };
+    let points: Vec<crate::plot::Point> = profile
+        .iter()
+        .filter(|(_, ms)| *ms > 0.0)
+        .map(|&(kind, ms)| crate::plot::Point {
+            panel: format!(
+                "median forward pass {median_ms:.1} ms; mean per layer kind over all runs"
+            ),
+            series: "lkconv".into(),
+            x: crate::plot::XKey::Category(kind.into()),
+            value: ms,
+        })
+        .collect();
+    let subtitle = format!("cpu: {machine}; f32; LKCONV_PROFILE=1 (wall time per layer kind)");
+    let fig = crate::plot::Figure::new(
+        crate::plot::Kind::Bars,
+        title,
+        &subtitle,
+        "layer kind",
+        "time per forward pass (ms)",
+        &points,
+    )?;
+    let fig = crate::plot::Figure {
+        log_allowed: false,
+        ..fig
+    };
+    crate::plot::render(&fig, path)?;
+    eprintln!("chart: {}", path.display());
     Ok(())
 }
