@@ -4,6 +4,7 @@
 Builds, with random weights and no checkpoint:
   - the four RepLKNet-31B large-kernel layers as single depthwise Conv nodes
     (C128 56x56 K31, C256 28x28 K29, C512 14x14 K27, C1024 7x7 K13; N=1, f32, padding K/2),
+  - the two small-map layers again at batch 4,
   - RepLKNet-31B in deploy form (1x3x224x224, classification head) as an ONNX graph with the same
     structure lkconv runs (src/model/cpu.rs),
 and times them beside `lkconv bench` (subprocesses of the given binary), interleaved in rounds so
@@ -41,7 +42,9 @@ try:
 except ImportError:
     torch = None
 
-LAYERS = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)]
+LAYERS = [(1, 128, 56, 31), (1, 256, 28, 29), (1, 512, 14, 27), (1, 1024, 7, 13)]
+# The small-map layers again at batch 4 (both cores on small planes).
+LAYERS += [(4, 512, 14, 27), (4, 1024, 7, 13)]
 CFG_31B = dict(layers=[2, 2, 18, 2], channels=[128, 256, 512, 1024], kernels=[31, 29, 27, 13],
                ffn_ratio=4, stem_in=3, classes=1000)
 
@@ -85,10 +88,10 @@ class Graph:
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def layer_model(c, hw, k):
+def layer_model(n, c, hw, k):
     g = Graph()
     y = g.conv("x", c, c, k, groups=c, bias=False)
-    return g.model("x", [1, c, hw, hw], y)
+    return g.model("x", [n, c, hw, hw], y)
 
 
 def replknet_model(cfg):
@@ -186,7 +189,8 @@ def main():
     if torch is not None:
         torch.set_num_threads(a.threads)
 
-    cases = [(f"C{c} {hw}x{hw} K{k}", layer_model(c, hw, k), (c, hw, k)) for c, hw, k in LAYERS]
+    cases = [((f"N{n} " if n > 1 else "") + f"C{c} {hw}x{hw} K{k}", layer_model(n, c, hw, k), (n, c, hw, k))
+             for n, c, hw, k in LAYERS]
     if not a.no_model:
         cases.append(("RepLKNet-31B 1x3x224x224", replknet_model(CFG_31B), None))
     rows = []
@@ -197,7 +201,7 @@ def main():
         ours, theirs, tor = Acc(), Acc(), Acc()
         reps = a.reps if layer else a.model_reps
         if layer and torch is not None:
-            c, hw, k = layer
+            n, c, hw, k = layer
             xt = torch.from_numpy(x)
             wt = torch.randn(c, 1, k, k)
         peak = None
@@ -205,9 +209,9 @@ def main():
             walls, cpu = time_fn(lambda: sess.run(None, {inp.name: x}), reps)
             theirs.add(walls, cpu)
             if layer:
-                c, hw, k = layer
+                n, c, hw, k = layer
                 r = lkconv_json(a.lkconv, ["--op", "fwd", "--impl", "fast", "--shape",
-                                           f"1,{c},{hw},{hw}", "--kernel", str(k),
+                                           f"{n},{c},{hw},{hw}", "--kernel", str(k),
                                            "--reps", str(reps)], a.threads)[0]
                 ours.add([r["min_ms"]] * 1 + [r["median_ms"]] * 1, r.get("cpu_ms"))
                 if torch is not None:

@@ -14,6 +14,8 @@
 //! Weight gradient: per channel, blocks of `WG_ROWS x WG_COLS` taps accumulated over the plane
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
 //! bit-identical run after run. Other strides and dilations take a simple direct loop.
+//! Small planes (and, with 16+ channels, mid-size ones; `lane_per_channel` decides) take the
+//! lane-per-channel kernels of `small.rs` on AVX-512 instead, for all three passes.
 //! Non-finite values: the blocks read zero padding, so a NaN/Inf operand can add a spurious
 //! NaN; every non-finite result is recomputed exactly (`naive::repair_nonfinite`).
 
@@ -26,6 +28,7 @@ use super::naive::{repair_nonfinite, weight_grad_exact, Correlation};
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+use crate::op::Op;
 use crate::tensor::Tensor;
 
 pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
@@ -41,7 +44,7 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 
 /// The instruction set the micro-kernels use, detected once per call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Isa {
+pub(crate) enum Isa {
     Portable,
     Avx2,
     /// AVX-512F: 16-lane FMAs, half the instructions of AVX2 for the same work.
@@ -50,7 +53,7 @@ enum Isa {
 
 /// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
 /// the tests use the cap to check every micro-kernel on one machine.
-fn detect_isa() -> Isa {
+pub(crate) fn detect_isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         let cap = match std::env::var("LKCONV_CPU_ISA").as_deref() {
@@ -321,34 +324,23 @@ impl BlockShape {
 /// Output rows per parallel task (a multiple of every block's row count).
 const BAND: usize = 16;
 
-/// Stride-1, dilation-1 correlation of every plane, with signed padding (negative values crop):
-/// `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w[c, ky, kx] + bias[c]`.
-#[allow(clippy::too_many_arguments)]
+/// The stride-1, dilation-1 correlation `corr` (signed padding: negative values crop) of every
+/// plane: `y[p, oy, ox] = sum x[p, oy - top + ky, ox - left + kx] * w'[c, ky, kx] + bias[c]`,
+/// where `w'` is `w` rotated by 180 degrees when `rotate` (the data gradient), else `w`.
 fn correlate_unit(
     s: &ConvShape,
-    kh: usize,
-    kw: usize,
-    top: isize,
-    left: isize,
+    corr: &Correlation,
     x: &[f32],
     w: &[f32],
+    rotate: bool,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
     let isa = detect_isa();
-    if isa == Isa::Avx512 && s.oh * s.ow <= SMALL_PLANE && s.h * s.w <= SMALL_PLANE {
-        let g = SmallGeom {
-            kh,
-            kw,
-            top,
-            left,
-            h: s.h,
-            w: s.w,
-            oh: s.oh,
-            ow: s.ow,
-        };
-        return correlate_small(&g, s.c, x, w, bias, y);
+    if lane_per_channel(isa, Op::Forward, s) {
+        return correlate_lanes(s, corr, x, w, rotate, bias, y);
     }
+    let (kh, kw, top, left) = (corr.kh, corr.kw, corr.top, corr.left);
     // Column blocks of a row, the same for every row.
     let mut blocks = Vec::new();
     let mut c0 = 0;
@@ -367,7 +359,11 @@ fn correlate_unit(
             let x_plane = &x[plane * s.h * s.w..(plane + 1) * s.h * s.w];
             // The channel's filter with zero rows above and below (small: stays off fresh pages).
             let mut w_c = vec![0.0f32; wp_rows * kw];
-            w_c[FILTER_PAD * kw..][..kh * kw].copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
+            let taps = &mut w_c[FILTER_PAD * kw..][..kh * kw];
+            taps.copy_from_slice(&w[c * kh * kw..(c + 1) * kh * kw]);
+            if rotate {
+                taps.reverse();
+            }
             let w_c = &w_c;
             let b = bias.map_or(0.0, |b| b[c]);
             y_plane
@@ -432,189 +428,120 @@ fn correlate_unit(
                         }
                     }
                 });
-            let corr = Correlation {
-                kh,
-                kw,
-                stride: (1, 1),
-                dilation: (1, 1),
-                top,
-                left,
-                h: s.h,
-                w: s.w,
-            };
-            let w_c = &w[c * kh * kw..(c + 1) * kh * kw];
+            let w_c = &w_c[FILTER_PAD * kw..][..kh * kw];
             repair_nonfinite(y_plane, |i| corr.point(x_plane, w_c, i / ow, i % ow) + b);
         });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small planes (RepLKNet's 7x7 and 14x14 stages): one plane per vector lane.
+// Which kernel a stride-1 pass takes.
 
-/// Planes (input and output) up to this many pixels (10 x 10) take the lane-per-plane kernel: on
-/// them most of a K x K filter falls outside the image and a row is narrower than a vector, so
-/// the row kernel above wastes most of its lanes (measured: 7x7 K13 1.7x faster; at 14x14 K27
-/// the row kernel is still ~10% faster).
-const SMALL_PLANE: usize = 100;
-/// Planes per group: one per AVX-512 lane.
-const LANES: usize = 16;
+/// Planes (input and output) up to this many pixels (16 x 16) take the lane-per-channel kernels
+/// of `small.rs` (AVX-512 only) whatever the channel count: there most of a large filter falls
+/// outside the image and a row is narrower than a vector, which the row kernels pay for.
+const SMALL_PLANE: usize = 256;
+/// With at least `LANE_CHANNELS` channels (so that few lanes idle), larger planes take them too:
+/// up to this many pixels (28 x 28) in the forward pass and the data gradient ...
+const LANE_PLANE: usize = 784;
+/// ... and up to this many (64 x 64) in the weight gradient, whose row kernel computes every
+/// padded tap and reduces in registers (measured, BENCHMARKS.md 2026-12-01: the lane kernels
+/// win every pass up to 14x14, the weight gradient and about even the forward at 28x28, the
+/// weight gradient at 56x56; the forward at 56x56 is faster on rows).
+const LANE_PLANE_WGRAD: usize = 4096;
+const LANE_CHANNELS: usize = 16;
 
-/// Geometry of a stride-1 correlation with signed padding (see `correlate_unit`).
-#[derive(Clone, Copy, Debug)]
-struct SmallGeom {
-    kh: usize,
-    kw: usize,
-    top: isize,
-    left: isize,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
+/// Whether a stride-1, dilation-1 pass on planes of `s` takes the lane-per-channel kernels.
+fn lane_per_channel(isa: Isa, op: Op, s: &ConvShape) -> bool {
+    let (inp, out) = (s.h * s.w, s.oh * s.ow);
+    let limit = match op {
+        _ if s.c < LANE_CHANNELS => SMALL_PLANE,
+        Op::Forward | Op::DataGrad => LANE_PLANE,
+        Op::WeightGrad => LANE_PLANE_WGRAD,
+    };
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && inp.max(out) <= limit && inp.min(out) > 0
 }
 
-/// Groups of 16 consecutive planes (each lane with its own channel's filter and bias) are
-/// transposed to pixel-major order [pixel][lane], so that every FMA is a full vector and only
-/// the taps whose input lies inside the image are computed (no padding is read at all).
-fn correlate_small(
-    g: &SmallGeom,
-    channels: usize,
+/// The kernel a pass of the fast path takes on this machine.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Strides or dilations other than 1: the plain loops of `naive.rs`.
+    Plain,
+    /// Register blocks along image rows.
+    Rows,
+    /// One channel per AVX-512 lane (`small.rs`).
+    Lanes,
+    /// The weight gradient with one channel per lane, every row pair in registers (`small.rs`).
+    LanesPairs,
+}
+
+/// Which kernel `op` on these sizes takes on this machine (the tests assert that their shapes
+/// reach every kernel).
+#[doc(hidden)]
+pub fn kernel_path(op: Op, conv: &DwConv2d, s: &ConvShape) -> KernelPath {
+    if !conv.is_unit() {
+        return KernelPath::Plain;
+    }
+    if !lane_per_channel(detect_isa(), op, s) {
+        return KernelPath::Rows;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if op == Op::WeightGrad
+        && super::small::weight_grad_takes_pairs(&lanes_geom(&Correlation::forward(conv, s), s))
+    {
+        return KernelPath::LanesPairs;
+    }
+    let _ = op;
+    KernelPath::Lanes
+}
+
+/// The lane-per-channel kernels' geometry of the unit correlation `corr` on planes of `s`.
+#[cfg(target_arch = "x86_64")]
+fn lanes_geom(corr: &Correlation, s: &ConvShape) -> super::small::Geom {
+    super::small::Geom {
+        kh: corr.kh,
+        kw: corr.kw,
+        top: corr.top,
+        left: corr.left,
+        h: s.h,
+        w: s.w,
+        oh: s.oh,
+        ow: s.ow,
+    }
+}
+
+/// The lane-per-channel correlation (AVX-512): `correlate_unit`'s contract.
+fn correlate_lanes(
+    s: &ConvShape,
+    corr: &Correlation,
     x: &[f32],
     w: &[f32],
+    rotate: bool,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
-    y.par_chunks_mut(LANES * ohw)
-        .enumerate()
-        .for_each(|(group, y_group)| {
-            let p0 = group * LANES;
-            let planes = y_group.len() / ohw;
-            let mut xt = vec![0.0f32; hw * LANES];
-            let mut wt = vec![0.0f32; kk * LANES];
-            let mut bt = [0.0f32; LANES];
-            for l in 0..planes {
-                let c = (p0 + l) % channels;
-                let xp = &x[(p0 + l) * hw..(p0 + l + 1) * hw];
-                for (i, v) in xp.iter().enumerate() {
-                    xt[i * LANES + l] = *v;
-                }
-                for (t, v) in w[c * kk..(c + 1) * kk].iter().enumerate() {
-                    wt[t * LANES + l] = *v;
-                }
-                bt[l] = bias.map_or(0.0, |b| b[c]);
-            }
-            let mut yt = vec![0.0f32; ohw * LANES];
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called when `detect_isa` found AVX-512F.
-            unsafe {
-                small_avx512(g, &xt, &wt, &bt, &mut yt)
-            };
-            for l in 0..planes {
-                for (i, v) in y_group[l * ohw..(l + 1) * ohw].iter_mut().enumerate() {
-                    *v = yt[i * LANES + l];
-                }
-            }
-        });
-}
-
-/// All outputs of one group: per output row, blocks of up to 8 outputs in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn small_avx512(g: &SmallGeom, xt: &[f32], wt: &[f32], bt: &[f32; LANES], yt: &mut [f32]) {
-    assert!(xt.len() >= g.h * g.w * LANES && wt.len() >= g.kh * g.kw * LANES);
-    assert!(yt.len() >= g.oh * g.ow * LANES);
-    for oy in 0..g.oh {
-        let mut ox0 = 0;
-        while ox0 < g.ow {
-            let nb = (g.ow - ox0).min(8);
-            match nb {
-                8 => small_block::<8>(g, xt, wt, bt, yt, oy, ox0),
-                7 => small_block::<7>(g, xt, wt, bt, yt, oy, ox0),
-                6 => small_block::<6>(g, xt, wt, bt, yt, oy, ox0),
-                5 => small_block::<5>(g, xt, wt, bt, yt, oy, ox0),
-                4 => small_block::<4>(g, xt, wt, bt, yt, oy, ox0),
-                3 => small_block::<3>(g, xt, wt, bt, yt, oy, ox0),
-                2 => small_block::<2>(g, xt, wt, bt, yt, oy, ox0),
-                _ => small_block::<1>(g, xt, wt, bt, yt, oy, ox0),
-            }
-            ox0 += nb;
+    let (hw, kk, ow) = (s.h * s.w, corr.kh * corr.kw, s.ow);
+    let repair = |plane: usize, y_plane: &mut [f32]| {
+        let c = plane % s.c;
+        if y_plane.iter().all(|v| v.is_finite()) {
+            return;
         }
+        let mut w_c = w[c * kk..][..kk].to_vec();
+        if rotate {
+            w_c.reverse();
+        }
+        let (x_plane, b) = (&x[plane * hw..][..hw], bias.map_or(0.0, |b| b[c]));
+        repair_nonfinite(y_plane, |i| corr.point(x_plane, &w_c, i / ow, i % ow) + b);
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let g = lanes_geom(corr, s);
+        super::small::correlate(&g, s.c, x, w, rotate, bias, y, &repair);
     }
-}
-
-/// Outputs (oy, ox0 .. ox0 + NB) of one group: for every input pixel of the block's rows, one
-/// vector load feeds each output whose window holds it (one filter-vector load per FMA).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn small_block<const NB: usize>(
-    g: &SmallGeom,
-    xt: &[f32],
-    wt: &[f32],
-    bt: &[f32; LANES],
-    yt: &mut [f32],
-    oy: usize,
-    ox0: usize,
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: `bt` holds 16 floats.
-    let b = unsafe { _mm512_loadu_ps(bt.as_ptr()) };
-    let mut acc = [b; NB];
-    // Filter rows whose input row iy = oy - top + ky lies inside the image.
-    let ky_lo = (g.top - oy as isize).max(0) as usize;
-    let ky_hi = (g.h as isize + g.top - oy as isize).clamp(0, g.kh as isize) as usize;
-    // Input columns any output of the block reads: ix = ox - left + kx.
-    let ix_lo = (ox0 as isize - g.left).max(0);
-    let ix_hi = ((ox0 + NB) as isize - g.left + g.kw as isize - 1).min(g.w as isize);
-    // Columns where every output of the block has its tap inside the filter (kx = ix - ox + left
-    // in [0, kw) for all j): no checks there; the filter vector of output j then lies j vectors
-    // before that of output 0.
-    let full_lo = ix_lo.max((ox0 + NB - 1) as isize - g.left);
-    let full_hi = ix_hi
-        .min(ox0 as isize - g.left + g.kw as isize)
-        .max(full_lo);
-    for ky in ky_lo..ky_hi {
-        let iy = (oy as isize - g.top + ky as isize) as usize;
-        let x_row = (iy * g.w) as isize;
-        let w_row = (ky * g.kw) as isize;
-        let edge = |ix: isize, acc: &mut [__m512; NB]| {
-            // SAFETY: iy < h and 0 <= ix < w, so the 16 floats at (iy * w + ix) * 16 lie in
-            // xt (asserted in `small_avx512`).
-            let xv = unsafe { _mm512_loadu_ps(xt.as_ptr().offset((x_row + ix) * LANES as isize)) };
-            for (j, a) in acc.iter_mut().enumerate() {
-                let kx = ix - (ox0 + j) as isize + g.left;
-                if kx >= 0 && kx < g.kw as isize {
-                    // SAFETY: ky < kh and 0 <= kx < kw: inside wt (asserted in `small_avx512`).
-                    let wv = unsafe {
-                        _mm512_loadu_ps(wt.as_ptr().offset((w_row + kx) * LANES as isize))
-                    };
-                    *a = _mm512_fmadd_ps(xv, wv, *a);
-                }
-            }
-        };
-        for ix in ix_lo..full_lo.min(ix_hi) {
-            edge(ix, &mut acc);
-        }
-        for ix in full_lo..full_hi {
-            // SAFETY: as in `edge`; here kx = ix - ox0 - j + left lies in [0, kw) for every j.
-            unsafe {
-                let xv = _mm512_loadu_ps(xt.as_ptr().offset((x_row + ix) * LANES as isize));
-                let w0 = wt
-                    .as_ptr()
-                    .offset((w_row + ix - ox0 as isize + g.left) * LANES as isize);
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0.sub(j * LANES)), *a);
-                }
-            }
-        }
-        for ix in full_hi..ix_hi {
-            edge(ix, &mut acc);
-        }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        let off = (oy * g.ow + ox0 + j) * LANES;
-        assert!(off + LANES <= yt.len());
-        // SAFETY: asserted just above.
-        unsafe { _mm512_storeu_ps(yt.as_mut_ptr().add(off), *a) };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (repair, y);
+        unreachable!("the lane-per-channel kernels need AVX-512");
     }
 }
 
@@ -832,6 +759,9 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
     let (kh, kw) = conv.kernel;
     let (top, left) = (conv.padding.top, conv.padding.left);
     let isa = detect_isa();
+    if lane_per_channel(isa, Op::WeightGrad, s) {
+        return weight_grad_lanes(conv, s, x, dy, dw);
+    }
     let (ra, rb) = (WG_ROWS, WG_COLS);
     dw.par_chunks_mut(kh * kw).enumerate().for_each(|(c, out)| {
         // Batch reduced in a fixed order in f64: deterministic, and accurate for long sums.
@@ -866,6 +796,28 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
     });
 }
 
+/// The lane-per-channel weight gradient (AVX-512): `weight_grad_unit`'s contract.
+fn weight_grad_lanes(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let repair = |c: usize, dw_c: &mut [f32]| {
+        repair_nonfinite(dw_c, |tap| weight_grad_exact(conv, s, x, dy, c, tap));
+    };
+    #[cfg(target_arch = "x86_64")]
+    super::small::weight_grad(
+        &lanes_geom(&Correlation::forward(conv, s), s),
+        s.n,
+        s.c,
+        x,
+        dy,
+        dw,
+        &repair,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (repair, dw);
+        unreachable!("the lane-per-channel kernels need AVX-512");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Public entry points
 
@@ -879,18 +831,7 @@ fn forward_kernel(
     y: &mut [f32],
 ) {
     if conv.is_unit() {
-        let (kh, kw) = conv.kernel;
-        correlate_unit(
-            s,
-            kh,
-            kw,
-            conv.padding.top as isize,
-            conv.padding.left as isize,
-            x,
-            w,
-            bias,
-            y,
-        );
+        correlate_unit(s, &Correlation::forward(conv, s), x, w, false, bias, y);
     } else {
         super::naive::forward_plain(conv, s, x, w, bias, y);
     }
@@ -922,8 +863,6 @@ fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dy: &[f32], w: &[f32], dx: &
     let (kh, kw) = conv.kernel;
     if conv.is_unit() {
         // dx = dy correlated with the filter rotated 180 degrees, padding K-1-p (may be negative).
-        let mut flipped = w.to_vec();
-        flipped.chunks_mut(kh * kw).for_each(<[f32]>::reverse);
         let t = ConvShape {
             n: s.n,
             c: s.c,
@@ -934,7 +873,17 @@ fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dy: &[f32], w: &[f32], dx: &
         };
         let top = kh as isize - 1 - conv.padding.top as isize;
         let left = kw as isize - 1 - conv.padding.left as isize;
-        correlate_unit(&t, kh, kw, top, left, dy, &flipped, None, dx);
+        let corr = Correlation {
+            kh,
+            kw,
+            stride: (1, 1),
+            dilation: (1, 1),
+            top,
+            left,
+            h: t.h,
+            w: t.w,
+        };
+        correlate_unit(&t, &corr, dy, w, true, None, dx);
     } else {
         super::naive::data_grad_plain(conv, s, dy, w, dx);
     }

@@ -126,6 +126,18 @@ pub unsafe fn sgemm_view_raw(
         }
         return;
     }
+    let tail = n % NARROW_LANES;
+    if tail != 0 && n > NARROW_LANES && a.col_stride == 1 && narrow_supported() {
+        // The gemm crate's micro-kernels vectorise along n; a remainder of a few columns
+        // (RepLKNet's 14x14 = 196 = 12 * 16 + 4 pixels) would take a whole 16-lane pass of its
+        // one-vector kernel. Those columns go to dot products along k instead.
+        let main = n - tail;
+        // SAFETY: columns [0, main) of the caller's block (same contract).
+        unsafe { sgemm_view_raw(m, k, main, a, b, beta, c, ldc, threads) };
+        // SAFETY: columns [main, n) of the caller's block; AVX-512F detected.
+        unsafe { sgemm_narrow(m, k, main, tail, a, b, beta, c, ldc) };
+        return;
+    }
     let parallelism = match threads {
         Threads::Single => gemm::Parallelism::None,
         Threads::Pool => gemm::Parallelism::Rayon(rayon::current_num_threads()),
@@ -155,4 +167,143 @@ pub unsafe fn sgemm_view_raw(
             parallelism,
         );
     }
+}
+
+/// Columns are split off for [`sgemm_narrow`] when n is not a multiple of this.
+const NARROW_LANES: usize = 16;
+
+fn narrow_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::direct::detect_isa() == super::direct::Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Columns [j0, j0 + cols) (cols < 16) of C = A * B + beta * C as dot products along k: those
+/// columns of B are copied into rows of a small buffer, then each block of 4 rows of A x 4
+/// columns keeps 16 accumulators (8 loads per 16 FMAs), a leftover column 8 rows.
+///
+/// # Safety
+/// As `sgemm_view_raw` for columns [j0, j0 + cols); AVX-512F must be present.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_narrow(
+    m: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    a: MatRef,
+    b: MatRef,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // B's columns as rows.
+    let mut bt = vec![0.0f32; cols * k];
+    for (j, row) in bt.chunks_exact_mut(k).take(cols).enumerate() {
+        for (kk, v) in row.iter_mut().enumerate() {
+            *v = b.data[kk * b.row_stride + (j0 + j) * b.col_stride];
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; AVX-512F present (the caller checked).
+    unsafe {
+        narrow_avx512(m, k, j0, cols, a, &bt, beta, c, ldc)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "narrow_supported is false off x86-64: {m} {j0} {beta} {ldc} {:?}",
+        (a, c)
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_avx512(
+    m: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    a: MatRef,
+    bt: &[f32],
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // Blocks of 4 columns x 4 rows (16 accumulators, FMA-bound), single leftover columns
+    // x 8 rows; rows past m are computed on row 0 again and dropped.
+    let mut jb = 0;
+    while jb < cols {
+        let q = if cols - jb >= 4 { 4 } else { 1 };
+        let step = if q == 4 { 4 } else { 8 };
+        for i in (0..m).step_by(step) {
+            let rows: [&[f32]; 8] = std::array::from_fn(|r| {
+                let row = if i + r < m { i + r } else { 0 };
+                &a.data[row * a.row_stride..row * a.row_stride + k]
+            });
+            let put = |r: usize, jq: usize, v: f32| {
+                if i + r < m {
+                    // SAFETY: row i + r < m, column j0 + jb + jq < j0 + cols of the caller's
+                    // block (read only when beta != 0, as the gemm crate does).
+                    unsafe {
+                        let dst = c.add((i + r) * ldc + j0 + jb + jq);
+                        *dst = if beta == 0.0 { v } else { v + beta * *dst };
+                    }
+                }
+            };
+            if q == 4 {
+                let sums = narrow_block::<4, 4>(k, rows[..4].try_into().unwrap(), &bt[jb * k..]);
+                for (r, row) in sums.iter().enumerate() {
+                    for (jq, &v) in row.iter().enumerate() {
+                        put(r, jq, v);
+                    }
+                }
+            } else {
+                let sums = narrow_block::<8, 1>(k, rows[..8].try_into().unwrap(), &bt[jb * k..]);
+                for (r, row) in sums.iter().enumerate() {
+                    put(r, 0, row[0]);
+                }
+            }
+        }
+        jb += q;
+    }
+}
+
+/// R rows of A (k values each) dotted with Q rows of `bt` (k apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn narrow_block<const R: usize, const Q: usize>(
+    k: usize,
+    a: [&[f32]; R],
+    bt: &[f32],
+) -> [[f32; Q]; R] {
+    use std::arch::x86_64::*;
+    assert!(a.iter().all(|r| r.len() >= k) && bt.len() >= Q * k);
+    let mut acc = [[_mm512_setzero_ps(); Q]; R];
+    let mut kk = 0;
+    while kk < k {
+        let mask: __mmask16 = if k - kk >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << (k - kk)) - 1) as u16
+        };
+        let mut bv = [_mm512_setzero_ps(); Q];
+        for (q, v) in bv.iter_mut().enumerate() {
+            // SAFETY: lanes kk..kk + 16 masked to < k of row q (bt holds Q rows of k).
+            *v = unsafe { _mm512_maskz_loadu_ps(mask, bt.as_ptr().add(q * k + kk)) };
+        }
+        for (row, acc_r) in a.iter().zip(acc.iter_mut()) {
+            // SAFETY: lanes masked to < k of this row (checked above).
+            let av = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(kk)) };
+            for (s, &b) in acc_r.iter_mut().zip(&bv) {
+                *s = _mm512_fmadd_ps(av, b, *s);
+            }
+        }
+        kk += 16;
+    }
+    acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
 }

@@ -1,12 +1,16 @@
 //! The CPU engine: the f64 reference (the oracle), the fast direct path, and the two baselines
 //! the benchmarks compare against (naive loop, im2col + GEMM).
 
+pub mod activation;
 pub mod ceiling;
 pub mod direct;
 pub mod gemm;
 pub mod im2col;
 pub mod naive;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod small;
+pub mod small_conv;
 mod wrap;
 
 pub use direct::{

@@ -46,8 +46,9 @@ fn bn(ck: &Checkpoint, p: &str, x: &mut Act64) -> Result<()> {
     Ok(())
 }
 
-/// PyTorch conv2d (cross-correlation) with groups, zero padding, optional bias.
-fn conv(
+/// PyTorch conv2d (cross-correlation) with groups, zero padding, optional bias, in f64 (also
+/// the oracle of `cpu::small_conv`'s tests).
+pub fn conv(
     x: &Act64,
     w: &Tensor<f32>,
     bias: Option<&[f32]>,
