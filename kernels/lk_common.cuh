@@ -149,3 +149,11 @@ using smem_ptr = T*;
 #define LK_KERNEL(NAME, CALL) \
     extern "C" __global__ void NAME(const DwArgs args) { CALL; }
 #endif
+// LK_KERNEL with __launch_bounds__(THREADS, MIN_BLOCKS) under nvcc (the planner keeps the block
+// within THREADS).
+#ifdef LK_SIM
+#define LK_KERNEL_BOUNDED(NAME, THREADS, MIN_BLOCKS, CALL) LK_KERNEL(NAME, CALL)
+#else
+#define LK_KERNEL_BOUNDED(NAME, THREADS, MIN_BLOCKS, CALL) \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(const DwArgs args) { CALL; }
+#endif

@@ -180,9 +180,10 @@ fi
 
 # ---- 2. tests (GPU test binaries only) ----------------------------------------------------------
 # "binary|filter args|limit": the CUDA tests (not their simulator twins), the model's CUDA tests,
-# the CUDA test of tests/concurrency.rs (threads on streams) and, when bundled, tests/tensor_core.rs
+# the CUDA test of tests/concurrency.rs (threads on streams) and, when bundled, the CUDA test of
+# tests/tensor_core.rs (every pass, f16 and bf16; its simulator tests run in CI)
 for t in "test-cuda|--skip simulator|${LIMIT_TESTS:-75}" "test-model|cuda|${LIMIT_TESTS_MODEL:-30}" \
-  "test-concurrency|cuda|${LIMIT_TESTS_CONCURRENCY:-20}" "test-tensor_core||${LIMIT_TESTS_TC:-25}"; do
+  "test-concurrency|cuda|${LIMIT_TESTS_CONCURRENCY:-20}" "test-tensor_core|cuda|${LIMIT_TESTS_TC:-25}"; do
   IFS='|' read -r name filter limit <<<"$t"
   [ -x "$bin/$name" ] || continue
   # shellcheck disable=SC2086

@@ -125,7 +125,8 @@ fn sim_f32_nonfinite_matches_reference() {
 
 #[test]
 fn sim_bf16_nonfinite_matches_reference() {
-    check_device::<bf16>(Device::Sim, &[Impl::Fast]);
+    // and the tensor-core kernels (f16/bf16 only)
+    check_device::<bf16>(Device::Sim, &[Impl::Fast, Impl::TensorCore]);
 }
 
 #[test]

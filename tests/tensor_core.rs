@@ -92,8 +92,7 @@ fn planned(op: Op, dtype: DType, k: &Case) -> String {
     kernels::plan(&p).unwrap().launches[0].kernel.name()
 }
 
-/// Runs fwd or dgrad with `Impl::TensorCore` on `device` and the reference on the same rounded
-/// inputs, with the per-element bound of f32 accumulation stored as T (outputs NaN-poisoned by
+/// Runs `op` with `Impl::TensorCore` on `device` and the reference on the same rounded inputs, with the per-element bound of f32 accumulation stored as T (outputs NaN-poisoned by
 /// the device before the kernels run; NaN fails the comparison).
 fn check<T: Element>(device: Device, rng: &mut Rng, op: Op, k: &Case) {
     let conv = &k.conv;
@@ -109,11 +108,19 @@ fn check<T: Element>(device: Device, rng: &mut Rng, op: Op, k: &Case) {
                 Expected::forward(conv, &x, &w, bias),
             )
         }
-        _ => {
+        Op::DataGrad => {
             let dy = Tensor::<T>::random(&s.output_dims(), rng).unwrap();
             (
                 lkconv::device::data_grad(device, Impl::TensorCore, conv, &dy, &w, (s.h, s.w)),
                 Expected::data_grad(conv, &dy, &w, (s.h, s.w)),
+            )
+        }
+        Op::WeightGrad => {
+            let x = Tensor::<T>::random(&s.input_dims(), rng).unwrap();
+            let dy = Tensor::<T>::random(&s.output_dims(), rng).unwrap();
+            (
+                lkconv::device::weight_grad(device, Impl::TensorCore, conv, &x, &dy),
+                Expected::weight_grad(conv, &x, &dy),
             )
         }
     };
@@ -122,8 +129,9 @@ fn check<T: Element>(device: Device, rng: &mut Rng, op: Op, k: &Case) {
     common::assert_matches(&what, &got, &want);
 }
 
+/// Every pass in both dtypes.
 fn check_both(device: Device, rng: &mut Rng, k: &Case) {
-    for op in [Op::Forward, Op::DataGrad] {
+    for op in Op::ALL {
         check::<f16>(device, rng, op, k);
         check::<bf16>(device, rng, op, k);
     }
@@ -141,14 +149,17 @@ fn templated_sizes_in_the_simulator() {
             conv: DwConv2d::new(k, k),
             bias: rng.range(0, 1) == 1,
         };
-        for op in [Op::Forward, Op::DataGrad] {
-            for dtype in [DType::F16, DType::Bf16] {
+        for dtype in [DType::F16, DType::Bf16] {
+            for op in [Op::Forward, Op::DataGrad] {
                 let name = planned(op, dtype, &c);
                 assert!(
                     name.starts_with("lk_tc_") && name.ends_with(&format!("_k{k}")),
                     "{name}"
                 );
             }
+            // one weight-gradient kernel for every filter size
+            let name = planned(Op::WeightGrad, dtype, &c);
+            assert_eq!(name, format!("lk_tc_wgrad_{dtype}"));
         }
         check_both(Device::Sim, &mut rng, &c);
     }
@@ -166,6 +177,7 @@ fn generic_even_and_rectangular_in_the_simulator() {
         (1, 57),
         (9, 1),
         (30, 30),
+        (45, 37),
     ] {
         let c = Case {
             n: rng.range(1, 2),
@@ -209,6 +221,9 @@ fn edge_shapes_in_the_simulator() {
         ..case(1, 3, 18, 18, DwConv2d::new(29, 29))
     };
     check::<f16>(Device::Sim, &mut rng, Op::Forward, &k);
+    // weight gradient: many channels, so that each block loops over several (image, tile) items
+    let k = case(3, 600, 9, 11, DwConv2d::new(5, 5));
+    check::<bf16>(Device::Sim, &mut rng, Op::WeightGrad, &k);
 }
 
 #[test]
@@ -226,13 +241,18 @@ fn replknet_shapes_at_small_batch_in_the_simulator() {
 #[test]
 fn fallbacks_and_errors() {
     let mut rng = common::rng();
-    // wider than the generic kernel, strided, and the weight gradient: the SIMT kernels
+    // wider than the generic kernel, and strided: the SIMT kernels
     let wide = case(1, 2, 12, 70, DwConv2d::new(3, 61));
     assert!(!planned(Op::Forward, DType::F16, &wide).starts_with("lk_tc_"));
     check_both(Device::Sim, &mut rng, &wide);
     let strided = case(1, 2, 20, 20, DwConv2d::new(5, 5).with_stride(2, 2));
     assert!(!planned(Op::Forward, DType::Bf16, &strided).starts_with("lk_tc_"));
     check::<bf16>(Device::Sim, &mut rng, Op::Forward, &strided);
+    check::<bf16>(Device::Sim, &mut rng, Op::WeightGrad, &strided);
+    // the weight gradient beyond 64 filter rows or columns: the SIMT kernels
+    let tall = case(1, 2, 30, 12, DwConv2d::new(65, 5));
+    assert!(!planned(Op::WeightGrad, DType::F16, &tall).starts_with("lk_tc_"));
+    check::<f16>(Device::Sim, &mut rng, Op::WeightGrad, &tall);
     let s = DwConv2d::new(31, 31).resolve(1, 2, 20, 20).unwrap();
     let p = Problem::new(
         Op::WeightGrad,
@@ -242,10 +262,9 @@ fn fallbacks_and_errors() {
         &s,
     )
     .unwrap();
-    assert!(!kernels::plan(&p).unwrap().launches[0]
-        .kernel
-        .family
-        .is_tensor_core());
+    let plan = kernels::plan(&p).unwrap();
+    assert_eq!(plan.launches[0].kernel.family, Family::TcWgrad);
+    assert_eq!(plan.launches[1].kernel.family, Family::WgradReduce);
     // f32 and the CPU are typed errors
     let conv = DwConv2d::new(31, 31);
     let x = Tensor::<f32>::random(&[1, 2, 20, 20], &mut rng).unwrap();
@@ -267,18 +286,25 @@ fn fallbacks_and_errors() {
 
 #[test]
 fn plan_work_share_and_bounds() {
-    // the benchmark shapes (RepLKNet-31B layers at batch 64): every plan is a tensor-core plan
-    // within the launch limits, with a useful share in (0, 1]
-    println!("op    shape            K  kernel                 grid             block smem  mma/plane useful  TC-bound  smem-bound  HBM-bound");
-    for (c, hw, k) in [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)] {
+    // the benchmark shapes (RepLKNet-31B layers at batch 64, and batch 1): every plan is a
+    // tensor-core plan within the launch limits, with a useful share in (0, 1]
+    println!("op    shape              K  kernel                 grid             block smem  mma/plane useful  TC-bound  smem-bound  HBM-bound");
+    for (n, c, hw, k) in [
+        (64, 128, 56, 31),
+        (64, 256, 28, 29),
+        (64, 512, 14, 27),
+        (64, 1024, 7, 13),
+        (1, 128, 56, 31),
+    ] {
         let conv = DwConv2d::new(k, k);
-        let s = conv.resolve(64, c, hw, hw).unwrap();
-        for op in [Op::Forward, Op::DataGrad] {
+        let s = conv.resolve(n, c, hw, hw).unwrap();
+        for op in Op::ALL {
             let p = Problem::new(op, Impl::TensorCore, DType::F16, &conv, &s).unwrap();
             let r = tensor_core::work_report(&p)
                 .unwrap()
                 .expect("a tensor-core plan");
             let l = &r.launch;
+            assert!(l.kernel.family.is_tensor_core(), "{l:?}");
             assert!(l.block.0.is_multiple_of(32) && l.block.0 <= 256, "{l:?}");
             assert!(
                 l.shared_bytes as usize <= kernels::SHARED_TARGET_BYTES,
@@ -286,13 +312,14 @@ fn plan_work_share_and_bounds() {
             );
             assert!(r.useful_share > 0.0 && r.useful_share <= 1.0, "{r:?}");
             println!(
-                "{:<5} 64x{c}x{hw}x{hw} {k:>3}  {:<22} {:<16} {:>5} {:>5} {:>9.0} {:>5.1}% {:>7.1} us {:>7.1} us {:>7.1} us",
+                "{:<5} {:<16} {k:>3}  {:<22} {:<16} {:>5} {:>5} {:>9.0} {:>5.1}% {:>7.1} us {:>7.1} us {:>7.1} us",
                 op.name(),
+                format!("{n}x{c}x{hw}x{hw}"),
                 l.kernel,
                 format!("{:?}", l.grid),
                 l.block.0,
                 l.shared_bytes,
-                r.mma / (64 * c) as f64,
+                r.mma / (n * c) as f64,
                 100.0 * r.useful_share,
                 r.tc_bound_s * 1e6,
                 r.smem_bound_s * 1e6,
@@ -331,5 +358,51 @@ fn on_a_cuda_device_when_present() {
         case(1, 2, 224, 224, DwConv2d::new(31, 31)),
     ] {
         check_both(Device::Cuda(0), &mut rng, &k);
+    }
+}
+
+/// The weight-gradient test harness catches a wrong fragment index: the simulator's mutants of
+/// `lk_tc_wgrad_f16` (A's last register from the wrong block; D's rows and columns exchanged)
+/// fail the comparison that the real kernel passes on the same launch and data.
+#[test]
+fn a_wrong_wgrad_fragment_index_fails() {
+    use lkconv::sim::sanitize::{run_launches, LaunchData, NamedLaunch};
+    let mut rng = common::rng();
+    let conv = DwConv2d::new(13, 13);
+    let s = conv.resolve(2, 2, 20, 27).unwrap();
+    let x = Tensor::<f16>::random(&s.input_dims(), &mut rng).unwrap();
+    let dy = Tensor::<f16>::random(&s.output_dims(), &mut rng).unwrap();
+    let want = Expected::weight_grad(&conv, &x, &dy);
+    let p = Problem::new(Op::WeightGrad, Impl::TensorCore, DType::F16, &conv, &s).unwrap();
+    let plan = kernels::plan(&p).unwrap();
+    assert_eq!(plan.launches[0].kernel.name(), "lk_tc_wgrad_f16");
+    let bytes = |t: &Tensor<f16>| -> Vec<u8> {
+        t.data()
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect()
+    };
+    let (xb, dyb) = (bytes(&x), bytes(&dy));
+    let data = LaunchData {
+        in0: &xb,
+        in1: &dyb,
+        bias: &[],
+        out_bytes: 2 * s.c * 13 * 13,
+        workspace_bytes: plan.workspace_bytes,
+    };
+    let run = |partial: &str| {
+        let mut launches: Vec<NamedLaunch> = plan.launches.iter().map(NamedLaunch::from).collect();
+        launches[0].kernel = partial.to_string();
+        let r = run_launches(&launches, &data).expect("the launches run");
+        let got: Vec<f64> = r.out.to_vec::<f16>().iter().map(|v| v.to_f64()).collect();
+        common::compare(&got, &want)
+    };
+    assert!(run("lk_tc_wgrad_f16").is_ok(), "the real kernel passes");
+    for mutant in [
+        "lksim_test_tc_wgrad_mutant_a",
+        "lksim_test_tc_wgrad_mutant_d",
+    ] {
+        let m = run(mutant).expect_err(mutant);
+        assert!(m.count > 0, "{mutant}: {m:?}");
     }
 }

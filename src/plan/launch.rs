@@ -83,10 +83,12 @@ pub enum Family {
     TcFwd,
     /// `lk_tc_dgrad_<t>_k<K>` / `lk_tc_dgrad_<t>_generic`, f16/bf16 only.
     TcDgrad,
+    /// `lk_tc_wgrad_<t>`, f16/bf16 only (`kernels/lk_tc_wgrad.cu`; partials for `WgradReduce`).
+    TcWgrad,
 }
 
 impl Family {
-    pub const ALL: [Family; 17] = [
+    pub const ALL: [Family; 18] = [
         Family::TiledFwd,
         Family::TiledDgrad,
         Family::WgradPartial,
@@ -104,6 +106,7 @@ impl Family {
         Family::DenseConv,
         Family::TcFwd,
         Family::TcDgrad,
+        Family::TcWgrad,
     ];
 
     /// The entry-point name with `{}` for the storage type.
@@ -126,6 +129,7 @@ impl Family {
             Family::DenseConv => "lk_dense_conv_{}",
             Family::TcFwd => "lk_tc_fwd_{}",
             Family::TcDgrad => "lk_tc_dgrad_{}",
+            Family::TcWgrad => "lk_tc_wgrad_{}",
         }
     }
 
@@ -136,12 +140,12 @@ impl Family {
 
     /// True for the tensor-core families (f16/bf16 only, sm_80+).
     pub fn is_tensor_core(self) -> bool {
-        matches!(self, Family::TcFwd | Family::TcDgrad)
+        matches!(self, Family::TcFwd | Family::TcDgrad | Family::TcWgrad)
     }
 
     /// Families with a templated kernel per filter size and a generic one.
     pub fn has_templates(self) -> bool {
-        self.is_tiled() || self.is_tensor_core()
+        self.is_tiled() || matches!(self, Family::TcFwd | Family::TcDgrad)
     }
 }
 
@@ -465,7 +469,7 @@ mod tests {
     #[test]
     fn kernel_ids_name_the_entry_points() {
         let names = kernel_names();
-        assert_eq!(names.len(), 93 + 36); // + the tensor-core kernels (f16, bf16)
+        assert_eq!(names.len(), 93 + 36 + 2); // + the tensor-core kernels (f16, bf16)
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();

@@ -1,27 +1,31 @@
 //! The tensor-core path (`Impl::TensorCore`, CLI `--impl tc`): launch planning for
-//! `kernels/lk_tc.cu` (forward and data gradient, f16/bf16 with f32 accumulation, stride 1 /
-//! dilation 1, `mma.sync.aligned.m16n8k16`, sm_80+), and the share of the executed tensor-core
-//! work that is useful with the time it implies at the tensor-core ceiling.
+//! `kernels/lk_tc.cu` (forward and data gradient) and `kernels/lk_tc_wgrad.cu` (weight gradient),
+//! f16/bf16 with f32 accumulation, stride 1 / dilation 1, `mma.sync.aligned.m16n8k16`, sm_80+;
+//! and the share of the executed tensor-core work that is useful with the time it implies at the
+//! tensor-core ceiling.
 //!
 //! Kernels (`<t>` = `f16` | `bf16`): `lk_tc_fwd_<t>_k<K>`, `lk_tc_dgrad_<t>_k<K>` for the square
 //! sizes of [`super::TEMPLATE_SIZES`], and `lk_tc_fwd_<t>_generic` /
-//! `lk_tc_dgrad_<t>_generic` for any KH x KW with KW <= [`MAX_GENERIC_KW`].
+//! `lk_tc_dgrad_<t>_generic` for any KH x KW with KW <= [`MAX_GENERIC_KW`]; `lk_tc_wgrad_<t>`
+//! (partials, then the SIMT path's deterministic `lk_wgrad_reduce_<t>`) for any KH, KW <=
+//! [`MAX_WGRAD_K`].
 //!
 //! What is not planned here falls back to the SIMT kernels of `Impl::Fast` (documented, not an
-//! error): the weight gradient (no tensor-core kernel: see BENCHMARKS.md, "Tensor-core path"),
-//! stride or dilation other than 1, KW > [`MAX_GENERIC_KW`], and tiles that do not fit shared
-//! memory. f32 with `Impl::TensorCore` is an `Error::Unsupported`; so is a device below sm_80
-//! ([`check_device`]).
+//! error): stride or dilation other than 1, KW > [`MAX_GENERIC_KW`] (fwd/dgrad), KH or KW >
+//! [`MAX_WGRAD_K`] (wgrad), and tiles that do not fit shared memory. f32 with
+//! `Impl::TensorCore` is an `Error::Unsupported`; so is a device below sm_80 ([`check_device`]).
 //!
-//! Geometry: block = `warps` warps (1..=8) stacked along y, each 16 output rows x `nt` n-tiles of
+//! Geometry (fwd/dgrad): block = `warps` warps (1..=8) stacked along y, each 16 output rows x `nt` n-tiles of
 //! 8 columns (nt <= 8, TW = 8 nt); grid (N*C, tiles_y, tiles_x); OW split evenly into
 //! ceil(OW / 64) tiles, OH into tiles of 16 * warps rows (more, shorter tiles when N*C is small,
 //! so that the grid has >= 264 blocks); shared memory (16-bit): input tile
 //! [16 warps + KH - 1][tc_ld(8 (nt - 1) + 16 S)] and filter [KH][2][16 S + 10] (two shifted
-//! copies), S = ceil((KW + 7) / 16).
+//! copies), S = ceil((KW + 7) / 16). The weight gradient's geometry: [`wgrad_shared_bytes`] and
+//! the comment of `kernels/lk_tc_wgrad.cu`.
 
 use super::geometry::{SHARED_LIMIT_BYTES, SHARED_TARGET_BYTES};
 use super::launch::{base_args, DwArgs, Family, KernelId, Launch, Plan, TEMPLATE_SIZES};
+use super::wgrad::tiled_partial_plan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::op::Op;
@@ -108,7 +112,13 @@ pub(crate) fn plan(p: &Problem, mut args: DwArgs) -> Result<Option<Plan>> {
         ));
     }
     let (kh, kw) = conv.kernel;
-    if op == Op::WeightGrad || !conv.is_unit() || kw > MAX_GENERIC_KW {
+    if !conv.is_unit() {
+        return Ok(None);
+    }
+    if op == Op::WeightGrad {
+        return wgrad_plan(p, args);
+    }
+    if kw > MAX_GENERIC_KW {
         return Ok(None);
     }
     let (oh, ow) = if op == Op::DataGrad {
@@ -153,6 +163,62 @@ pub(crate) fn plan(p: &Problem, mut args: DwArgs) -> Result<Option<Plan>> {
     }))
 }
 
+/// Largest KH and KW of the tensor-core weight gradient (a warp's unit is 32 x 32 of dW; at most
+/// 2 x 2 units).
+pub const MAX_WGRAD_K: usize = 64;
+/// Row groups of the weight-gradient block: at most 8 warps in all.
+const WGRAD_WARPS_MAX: usize = 8;
+
+/// Filter-column m-tiles (16), filter-row n-tiles (8) and warp units (2 x 4 tiles) of the
+/// tensor-core weight gradient; must match `wgrad_tc` in lk_tc_wgrad.cu.
+fn wgrad_tiles(kh: usize, kw: usize) -> (usize, usize, usize) {
+    let (mt, nt) = (kw.div_ceil(16), kh.div_ceil(8));
+    (mt, nt, mt.div_ceil(2) * nt.div_ceil(4))
+}
+
+/// Shared bytes of `lk_tc_wgrad_*`: the staged tiles (two X copies and dY, 16-bit), or the
+/// reduction of the `warps` accumulators ([warp][32][33] f32) if larger.
+pub fn wgrad_shared_bytes(th: usize, tw: usize, kh: usize, kw: usize, warps: usize) -> usize {
+    let (mt, _, _) = wgrad_tiles(kh, kw);
+    let nc = tw.div_ceil(16);
+    let x_elems = (th + kh - 1) * 16 * (nc + mt);
+    // the shifted copy starts 16 words mod 32 banks after the first (wgrad_x1_offset)
+    let x1 = (x_elems + 31) / 64 * 64 + 32;
+    let tiles = 2 * (x1 + x_elems + th * tc_ld(16 * nc));
+    tiles.max(4 * warps * 32 * 33).div_ceil(16) * 16
+}
+
+/// The tensor-core weight gradient (`lk_tc_wgrad_<t>`, then `lk_wgrad_reduce_<t>`), or None
+/// (KH or KW above [`MAX_WGRAD_K`], or tiles that do not fit): the SIMT kernels.
+fn wgrad_plan(p: &Problem, args: DwArgs) -> Result<Option<Plan>> {
+    let s = p.shape();
+    let (kh, kw) = p.conv().kernel;
+    if kh > MAX_WGRAD_K || kw > MAX_WGRAD_K {
+        return Ok(None);
+    }
+    let (_, _, units) = wgrad_tiles(kh, kw);
+    let tiles_x = s.ow.div_ceil(8 * NT_MAX);
+    let tw = s.ow.div_ceil(tiles_x);
+    // row groups: about 4 X rows (inside the image) per warp and item
+    let groups = |th: usize| {
+        (s.h.min(th + kh - 1))
+            .div_ceil(4)
+            .clamp(1, WGRAD_WARPS_MAX / units)
+    };
+    let smem_of = |th: usize| wgrad_shared_bytes(th, tw, kh, kw, units * groups(th));
+    let mut th = s.oh.min(64);
+    while th > 1 && smem_of(th) > SHARED_TARGET_BYTES {
+        th = th.div_ceil(2);
+    }
+    let smem = smem_of(th);
+    if smem > SHARED_LIMIT_BYTES {
+        return Ok(None);
+    }
+    let g = groups(th);
+    let kernel = KernelId::new(Family::TcWgrad, p.dtype());
+    tiled_partial_plan(p, args, kernel, (th, tw), g, 32 * units * g, smem).map(Some)
+}
+
 /// A tensor-core plan's work and its bounds at the H100/H200 ceilings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkReport {
@@ -186,6 +252,34 @@ pub fn work_report(p: &Problem) -> Result<Option<WorkReport>> {
     let l = plan.launches[0].clone();
     let (op, dtype, conv, s) = (p.op(), p.dtype(), p.conv(), p.shape());
     let (kh, kw) = conv.kernel;
+    let bytes =
+        dtype.size_bytes() as f64 * (s.n * s.c * (s.h * s.w + s.oh * s.ow) + s.c * kh * kw) as f64;
+    let report = |warps: usize, nt: usize, halves: i64, loads: i64| {
+        let mma = halves as f64 * (s.n * s.c) as f64 / 2.0;
+        let useful_macs = p.useful_flops() / 2.0;
+        WorkReport {
+            launch: l.clone(),
+            warps,
+            nt,
+            mma,
+            useful_macs,
+            useful_share: useful_macs / (mma * MMA_MACS),
+            tc_bound_s: mma * MMA_MACS * 2.0 / (TC_PEAK_TFLOPS * 1e12),
+            smem_bound_s: loads as f64 * (s.n * s.c) as f64
+                / (SMEM_WAVEFRONTS_PER_CLOCK * SMS * CLOCK_HZ),
+            memory_bound_s: bytes / (HBM_TBPS * 1e12),
+        }
+    };
+    if op == Op::WeightGrad {
+        let (halves, loads) = wgrad_work(p, &l);
+        let (_, nt, _) = wgrad_tiles(kh, kw);
+        return Ok(Some(report(
+            (l.block.0 / 32) as usize,
+            nt.min(4),
+            halves,
+            loads,
+        )));
+    }
     let pad = conv.padding;
     let dgrad = op == Op::DataGrad;
     let (sh, sw, oh, ow) = if dgrad {
@@ -254,20 +348,83 @@ pub fn work_report(p: &Problem) -> Result<Option<WorkReport>> {
             }
         }
     }
-    let mma = per_plane as f64 * (s.n * s.c) as f64 / 2.0;
-    let useful_macs = p.useful_flops() / 2.0;
-    let bytes =
-        dtype.size_bytes() as f64 * (s.n * s.c * (s.h * s.w + s.oh * s.ow) + s.c * kh * kw) as f64;
-    Ok(Some(WorkReport {
-        launch: l,
-        warps: warps as usize,
-        nt: nt as usize,
-        mma,
-        useful_macs,
-        useful_share: useful_macs / (mma * MMA_MACS),
-        tc_bound_s: mma * MMA_MACS * 2.0 / (TC_PEAK_TFLOPS * 1e12),
-        smem_bound_s: loads_plane as f64 * (s.n * s.c) as f64
-            / (SMEM_WAVEFRONTS_PER_CLOCK * SMS * CLOCK_HZ),
-        memory_bound_s: bytes / (HBM_TBPS * 1e12),
-    }))
+    Ok(Some(report(
+        warps as usize,
+        nt as usize,
+        per_plane,
+        loads_plane,
+    )))
+}
+
+/// Per (image, channel) of the tensor-core weight gradient: the mma it executes in halves of an
+/// `m16n8k16` (an `m16n8k8` is one) and its warp-wide fragment loads, skipping what the kernel
+/// skips (X rows outside the image or meeting no dY row, n-tiles without a dY row, m-tiles whose
+/// X columns are all outside the image).
+fn wgrad_work(p: &Problem, l: &Launch) -> (i64, i64) {
+    let s = p.shape();
+    let (kh, kw) = p.conv().kernel;
+    let pad = p.conv().padding;
+    let (h, w, oh, ow) = (s.h as i64, s.w as i64, s.oh as i64, s.ow as i64);
+    let (th, tw) = (l.args.aux0 as i64, l.args.aux1 as i64);
+    let (mt, nt, _) = wgrad_tiles(kh, kw);
+    let (mt, nt) = (mt as i64, nt as i64);
+    let (mut halves, mut loads) = (0i64, 0i64);
+    for oy0 in (0..oh).step_by(th as usize) {
+        for ox0 in (0..ow).step_by(tw as usize) {
+            let (sy0, sx0) = (oy0 - pad.top as i64, ox0 - pad.left as i64);
+            let rows_valid = th.min(oh - oy0);
+            let cols_valid = tw.min(ow - ox0);
+            let xrows = th + kh as i64 - 1;
+            for mt0 in (0..mt).step_by(2) {
+                for nt0 in (0..nt).step_by(4) {
+                    let (mtn, ntn) = (2.min(mt - mt0), 4.min(nt - nt0));
+                    let (kyl, kyh) = (8 * nt0, (kh as i64).min(8 * nt0 + 32));
+                    let i_lo = kyl.max(-sy0);
+                    let i_hi = (rows_valid + kyh - 2).min(h - 1 - sy0).min(xrows - 1);
+                    // row sets: rows base + 8 j (j < 4) sharing 7 B fragments, as the kernel
+                    for s in 0.. {
+                        let base = i_lo + 32 * (s / 8) + s % 8;
+                        if base > i_hi {
+                            break;
+                        }
+                        let row_ok: Vec<bool> = (0..4).map(|j| base + 8 * j <= i_hi).collect();
+                        let mut carried = 0;
+                        for ch in 0..(cols_valid + 15) / 16 {
+                            let k8 = cols_valid - 16 * ch <= 8;
+                            let nb = 2 * mtn + i64::from(!k8);
+                            let rows = row_ok.iter().filter(|&&ok| ok).count() as i64;
+                            loads += rows * (nb - carried);
+                            carried = nb - 2;
+                            let b_ok: Vec<bool> = (0..7)
+                                .map(|d| {
+                                    let r_top = base - 8 * nt0 + 8 * (d - 3);
+                                    let used = (0..4).any(|j| {
+                                        row_ok[j as usize] && (0..ntn).contains(&(j - d + 3))
+                                    });
+                                    used && r_top >= 0 && r_top - 7 < rows_valid
+                                })
+                                .collect();
+                            loads += b_ok.iter().filter(|&&ok| ok).count() as i64
+                                * if k8 { 1 } else { 2 };
+                            for j in 0..4i64 {
+                                for nl in 0..ntn {
+                                    let d = j - nl + 3;
+                                    if !row_ok[j as usize] || !b_ok[d as usize] {
+                                        continue;
+                                    }
+                                    for ml in 0..mtn {
+                                        let gx = sx0 + 16 * (ch + mt0 + ml);
+                                        if gx + 31 > 0 && gx < w {
+                                            halves += if k8 { 1 } else { 2 };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (halves, loads)
 }

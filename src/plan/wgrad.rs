@@ -69,6 +69,23 @@ pub(crate) fn tiled_plan(p: &Problem, args: DwArgs) -> Result<Option<Plan>> {
         return Ok(None);
     }
     let (tpg, g) = wgrad_threads(th, kh, kw);
+    let kernel = KernelId::new(Family::WgradPartial, p.dtype());
+    tiled_partial_plan(p, args, kernel, (th, tw), g, tpg * g, smem).map(Some)
+}
+
+/// A tiled partial kernel (the SIMT `lk_wgrad_partial_<t>` or the tensor-core
+/// `lk_tc_wgrad_<t>`): grid (C, B), B = clamp(ceil(528 / C), 1, N * tiles) blocks per channel,
+/// `threads` per block, aux0 = TH, aux1 = TW, aux2 = `groups`; then the reduction.
+pub(crate) fn tiled_partial_plan(
+    p: &Problem,
+    args: DwArgs,
+    kernel: KernelId,
+    (th, tw): (usize, usize),
+    groups: usize,
+    threads: usize,
+    smem: usize,
+) -> Result<Plan> {
+    let s = p.shape();
     let tiles = s.oh.div_ceil(th) * s.ow.div_ceil(tw);
     let blocks = WGRAD_TARGET_BLOCKS
         .div_ceil(s.c)
@@ -76,15 +93,15 @@ pub(crate) fn tiled_plan(p: &Problem, args: DwArgs) -> Result<Option<Plan>> {
     let mut a1 = args;
     a1.aux0 = th as i32;
     a1.aux1 = tw as i32;
-    a1.aux2 = g as i32;
+    a1.aux2 = groups as i32;
     let partial = Launch {
-        kernel: KernelId::new(Family::WgradPartial, p.dtype()),
+        kernel,
         grid: (s.c as u32, blocks as u32, 1),
-        block: ((tpg * g) as u32, 1, 1),
+        block: (threads as u32, 1, 1),
         shared_bytes: smem as u32,
         args: a1,
     };
-    two_kernel_plan(p, partial, args, blocks).map(Some)
+    two_kernel_plan(p, partial, args, blocks)
 }
 
 /// The weight gradient for any stride/dilation; None when an index would not fit the kernel's

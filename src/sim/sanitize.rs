@@ -310,7 +310,8 @@ pub(crate) unsafe fn launch(
 
 /// A launch by entry-point name: a planned [`Launch`], or one of the simulator's deliberately
 /// wrong test kernels (`lksim_test_racy`, `lksim_test_oob`, `lksim_test_uninit`,
-/// `lksim_test_uninit_vec`, in kernels/sim/sim_testkernels.inc), which have no `KernelId`.
+/// `lksim_test_uninit_vec`, `lksim_test_tc_wgrad_mutant_{a,d}`, in kernels/sim/sim_testkernels.inc),
+/// which have no `KernelId`.
 #[derive(Clone, Debug)]
 pub struct NamedLaunch {
     pub kernel: String,
