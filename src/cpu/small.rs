@@ -536,6 +536,7 @@ unsafe fn block<const NB: usize>((g, input, filter, init, out, probe, oy, ox0): 
         let iy = (oy as isize - g.top + ky as isize) as usize;
         // SAFETY: iy < h and ky < kh (the ranges above), so the rows lie inside input and filter.
         let x_row = unsafe { input.as_ptr().add(iy * g.w * LANES) };
+        // SAFETY: ky < kh, as above.
         let f_row = unsafe { filter.as_ptr().add(ky * g.filter_stride()) };
         for ix in ix_lo..ix_hi {
             // SAFETY: 0 <= ix < w; the padded column col0 + ix - j is in range (see above).
