@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{assert_matches, have_gpu, Expected};
+use common::{assert_matches, erfc_hp, have_gpu, Expected};
 use lkconv::model::reference::{self, Act64};
 use lkconv::model::{reparam, Backend, Checkpoint, Form, Replknet, ReplknetConfig};
 use lkconv::safetensors_io::TensorFile;
@@ -425,36 +425,9 @@ fn batch_images_are_independent() {
 #[test]
 fn erf_and_gelu_are_accurate() {
     use lkconv::model::cpu::{erf, gelu};
-    // A high-precision erf: the Taylor series (|x| <= 3) and the continued fraction of erfc.
+    // A high-precision erf from the tests' erfc (common::erfc_hp).
     fn erf_hp(x: f64) -> f64 {
-        let z = x.abs();
-        let r = if z <= 3.0 {
-            let mut term = z;
-            let mut sum = z;
-            let mut n = 0.0;
-            loop {
-                n += 1.0;
-                term *= -z * z / n;
-                let t = term / (2.0 * n + 1.0);
-                sum += t;
-                if t.abs() < 1e-18 {
-                    break;
-                }
-            }
-            sum * std::f64::consts::FRAC_2_SQRT_PI
-        } else {
-            // erfc(z) = exp(-z^2)/sqrt(pi) * 1/(z + 1/2/(z + 1/(z + 3/2/(z + ...))))
-            let mut f = z;
-            for k in (1..60).rev() {
-                f = z + (k as f64 / 2.0) / f;
-            }
-            1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / f
-        };
-        if x < 0.0 {
-            -r
-        } else {
-            r
-        }
+        (1.0 - erfc_hp(x.abs())).copysign(x)
     }
     let mut worst = 0.0f64;
     for i in -6000..=6000 {

@@ -4,36 +4,12 @@
 
 mod common;
 
-use common::{assert_matches, rng, sum_bound, Expected};
+use common::{assert_matches, erfc_hp, rng, sum_bound, Expected};
 use lkconv::cpu::activation::{bias_act, Activation, GELU_REL_ERROR};
 use lkconv::cpu::small_conv::GroupedConv;
 use lkconv::model::deploy::Dims;
 use lkconv::model::reference::{conv, Act64};
 use lkconv::{DType, Rng, Tensor};
-
-/// erfc(z) for z >= 0 to ~1e-15 relative: the Taylor series of erf below 2, the continued
-/// fraction of erfc above.
-fn erfc_hp(z: f64) -> f64 {
-    if z < 2.0 {
-        let (mut term, mut sum, mut n) = (z, z, 0.0);
-        loop {
-            n += 1.0;
-            term *= -z * z / n;
-            let t = term / (2.0 * n + 1.0);
-            sum += t;
-            if t.abs() < 1e-18 {
-                break;
-            }
-        }
-        1.0 - sum * std::f64::consts::FRAC_2_SQRT_PI
-    } else {
-        let mut f = z;
-        for k in (1..200).rev() {
-            f = z + (k as f64 / 2.0) / f;
-        }
-        (-z * z).exp() / std::f64::consts::PI.sqrt() / f
-    }
-}
 
 /// The exact GELU in f64: x Phi(x), Phi from erfc so that the negative tail keeps its digits.
 fn gelu_hp(x: f64) -> f64 {
