@@ -139,8 +139,8 @@ pub fn round_slice(src: &[f32], dst: &mut [f32]) {
         body(src, dst)
     }
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected just above.
+    if super::direct::detect_isa() == super::direct::Isa::Avx512 {
+        // SAFETY: the engine's ISA is AVX-512 only where AVX-512F was detected.
         return unsafe { avx512(src, dst) };
     }
     body(src, dst)
@@ -169,8 +169,8 @@ pub(crate) fn pack_pairs(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
         body(out, lo, hi)
     }
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected just above.
+    if super::direct::detect_isa() == super::direct::Isa::Avx512 {
+        // SAFETY: the engine's ISA is AVX-512 only where AVX-512F was detected.
         return unsafe { avx512(out, lo, hi) };
     }
     body(out, lo, hi)
