@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod im2col;
 pub mod naive;
 pub mod reference;
+mod simd;
 #[cfg(target_arch = "x86_64")]
 mod small;
 pub mod small_conv;

@@ -9,14 +9,14 @@
 //! `oy * s + ky` from column `ox + kx / s`. An output row is accumulated in place, one
 //! vectorisable multiply-add sweep per tap. Only taps inside the image are summed (the padding
 //! is never read), so non-finite values propagate exactly as in the reference. The same code is
-//! compiled for AVX-512, AVX2 + FMA and portable targets and picked at run time.
+//! written once over `cpu::simd` for AVX-512 and AVX2 + FMA, with the exact loop as the
+//! portable path, and picked at run time.
 
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use super::activation::{act16, act8, tail_mask8};
-use super::activation::{bias_act, Activation};
-use super::direct::{check_len, detect_isa, Isa};
+use super::activation::{act_lanes, bias_act, Activation};
+use super::direct::check_len;
+use super::simd::{dispatch, Simd, SimdOp};
 use crate::error::{Error, Result};
 use crate::plan::model::DenseConvShape;
 
@@ -169,7 +169,6 @@ impl GroupedConv {
         let g = Geom::new(self, h, w, oh, ow);
         let (hw, ohw, kk) = (h * w, oh * ow, self.k * self.k);
         let opg = self.cout / self.groups;
-        let isa = detect_isa();
         let finite = weight.iter().all(|v| v.is_finite());
         if cpg == 1 && opg == 1 {
             // Depthwise: each task splits its own plane (stays in the core's cache).
@@ -180,7 +179,7 @@ impl GroupedConv {
                     let ph = grow(buf, g.plane_len());
                     g.split(&x[plane * hw..(plane + 1) * hw], w, ph);
                     let taps = &weight[c * kk..(c + 1) * kk];
-                    conv_plane(isa, finite, &g, ph, taps, bias[c], act, yp);
+                    conv_plane(finite, &g, ph, taps, bias[c], act, yp);
                 });
         } else {
             let mut phases = vec![0.0f32; self.cin * g.plane_len()];
@@ -197,7 +196,7 @@ impl GroupedConv {
                     let grp = o / opg;
                     let ph = &phases[grp * cpg * g.plane_len()..(grp + 1) * cpg * g.plane_len()];
                     let taps = &weight[o * cpg * kk..(o + 1) * cpg * kk];
-                    conv_plane(isa, finite, &g, ph, taps, bias[o], act, yp);
+                    conv_plane(finite, &g, ph, taps, bias[o], act, yp);
                 });
             }
         }
@@ -214,11 +213,9 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// One output plane from the phases of its group's input channels. With `finite_weights`
-/// the vector kernels run (they multiply the zero padding by the weights, harmless only for
+/// the vector kernel runs (it multiplies the zero padding by the weights, harmless only for
 /// finite weights); otherwise, and without AVX2, the exact loop.
-#[allow(clippy::too_many_arguments)]
 fn conv_plane(
-    isa: Isa,
     finite_weights: bool,
     g: &Geom,
     ph: &[f32],
@@ -227,18 +224,19 @@ fn conv_plane(
     act: Activation,
     y: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
+    let plane = ConvPlane {
+        g,
+        ph,
+        taps,
+        bias,
+        act,
+        y,
+    };
     if finite_weights {
-        match isa {
-            // SAFETY: AVX-512F was detected at run time.
-            Isa::Avx512 => return unsafe { conv_plane_avx512(g, ph, taps, bias, act, y) },
-            // SAFETY: AVX2 and FMA were detected at run time.
-            Isa::Avx2 => return unsafe { conv_plane_avx2(g, ph, taps, bias, act, y) },
-            Isa::Portable => {}
-        }
+        dispatch(plane)
+    } else {
+        plane.portable()
     }
-    let _ = (isa, finite_weights);
-    conv_plane_exact(g, ph, taps, bias, act, y)
 }
 
 /// Taps rows [lo, hi) of output row `oy` that land inside the image.
@@ -252,108 +250,56 @@ fn tap_rows(g: &Geom, oy: usize) -> (usize, usize) {
 /// Output columns per register block: 4 vectors, independent FMA chains.
 const BLOCK_VECS: usize = 4;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn conv_plane_avx512(
-    g: &Geom,
-    ph: &[f32],
-    taps: &[f32],
+/// [`conv_plane`]'s arguments, as a kernel for every instruction set.
+struct ConvPlane<'a> {
+    g: &'a Geom,
+    ph: &'a [f32],
+    taps: &'a [f32],
     bias: f32,
     act: Activation,
-    y: &mut [f32],
-) {
-    for oy in 0..g.oh {
-        let mut c0 = 0;
-        while c0 < g.ow {
-            let vecs = (g.ow - c0).div_ceil(16).min(BLOCK_VECS);
-            match vecs {
-                1 => block_avx512::<1>(g, ph, taps, bias, act, y, oy, c0),
-                2 => block_avx512::<2>(g, ph, taps, bias, act, y, oy, c0),
-                3 => block_avx512::<3>(g, ph, taps, bias, act, y, oy, c0),
-                _ => block_avx512::<4>(g, ph, taps, bias, act, y, oy, c0),
-            }
-            c0 += 16 * vecs;
-        }
-    }
+    y: &'a mut [f32],
 }
 
-/// Output row `oy`, columns [c0, c0 + 16 Z) clipped to the row: Z accumulators over every tap.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn block_avx512<const Z: usize>(
-    g: &Geom,
-    ph: &[f32],
-    taps: &[f32],
-    bias: f32,
-    act: Activation,
-    y: &mut [f32],
-    oy: usize,
-    c0: usize,
-) {
-    use std::arch::x86_64::*;
-    let (k, s, len) = (g.k, g.s, g.len);
-    let plane = g.plane_len();
-    let mut masks = [0u16; Z];
-    for (z, m) in masks.iter_mut().enumerate() {
-        let n = g.ow.saturating_sub(c0 + 16 * z).min(16);
-        *m = ((1u32 << n) - 1) as u16;
-    }
-    let mut acc = [_mm512_set1_ps(bias); Z];
-    let (ky_lo, ky_hi) = tap_rows(g, oy);
-    for (chan, ctaps) in ph.chunks_exact(plane).zip(taps.chunks_exact(k * k)) {
-        for ky in ky_lo..ky_hi {
-            let r = oy * s + ky;
-            for kx in 0..k {
-                let wv = _mm512_set1_ps(ctaps[ky * k + kx]);
-                let row = &chan[(r * s + kx % s) * len..][..len];
-                let base = row.as_ptr();
-                for z in 0..Z {
-                    // SAFETY: unmasked lanes are columns kx/s + c0 + 16z + lane with
-                    // c0 + 16z + lane < ow, and ow + (k-1)/s <= len: inside `row`.
-                    let v =
-                        unsafe { _mm512_maskz_loadu_ps(masks[z], base.add(kx / s + c0 + 16 * z)) };
-                    acc[z] = _mm512_fmadd_ps(wv, v, acc[z]);
+impl SimdOp for ConvPlane<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn vector<S: Simd>(self, s: S) {
+        let ConvPlane {
+            g,
+            ph,
+            taps,
+            bias,
+            act,
+            y,
+        } = self;
+        for oy in 0..g.oh {
+            let mut c0 = 0;
+            while c0 < g.ow {
+                let vecs = (g.ow - c0).div_ceil(S::LANES).min(BLOCK_VECS);
+                match vecs {
+                    1 => block::<S, 1>(s, g, ph, taps, bias, act, y, oy, c0),
+                    2 => block::<S, 2>(s, g, ph, taps, bias, act, y, oy, c0),
+                    3 => block::<S, 3>(s, g, ph, taps, bias, act, y, oy, c0),
+                    _ => block::<S, 4>(s, g, ph, taps, bias, act, y, oy, c0),
                 }
+                c0 += S::LANES * vecs;
             }
         }
     }
-    let out = &mut y[oy * g.ow..(oy + 1) * g.ow];
-    for z in 0..Z {
-        // SAFETY: unmasked lanes are columns c0 + 16z + lane < ow of this output row.
-        unsafe {
-            _mm512_mask_storeu_ps(
-                out.as_mut_ptr().add(c0 + 16 * z),
-                masks[z],
-                act16(acc[z], act),
-            )
-        };
+
+    fn portable(self) {
+        conv_plane_exact(self.g, self.ph, self.taps, self.bias, self.act, self.y)
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn conv_plane_avx2(g: &Geom, ph: &[f32], taps: &[f32], bias: f32, act: Activation, y: &mut [f32]) {
-    for oy in 0..g.oh {
-        let mut c0 = 0;
-        while c0 < g.ow {
-            let vecs = (g.ow - c0).div_ceil(8).min(BLOCK_VECS);
-            match vecs {
-                1 => block_avx2::<1>(g, ph, taps, bias, act, y, oy, c0),
-                2 => block_avx2::<2>(g, ph, taps, bias, act, y, oy, c0),
-                3 => block_avx2::<3>(g, ph, taps, bias, act, y, oy, c0),
-                _ => block_avx2::<4>(g, ph, taps, bias, act, y, oy, c0),
-            }
-            c0 += 8 * vecs;
-        }
-    }
-}
-
-/// `block_avx512` with 8-lane vectors.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// Output row `oy`, columns [c0, c0 + Z LANES) clipped to the row: Z accumulators over every
+/// tap. (Arguments rather than a `&ConvPlane`: the loads through a struct pointer cost the
+/// AVX2 body a few percent.)
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block_avx2<const Z: usize>(
+fn block<S: Simd, const Z: usize>(
+    s: S,
     g: &Geom,
     ph: &[f32],
     taps: &[f32],
@@ -363,37 +309,39 @@ fn block_avx2<const Z: usize>(
     oy: usize,
     c0: usize,
 ) {
-    use std::arch::x86_64::*;
-    let (k, s, len) = (g.k, g.s, g.len);
-    let plane = g.plane_len();
-    let mut masks = [_mm256_setzero_si256(); Z];
+    let lanes = S::LANES;
+    let (k, st, len) = (g.k, g.s, g.len);
+    let mut masks = [s.tail(0); Z];
     for (z, m) in masks.iter_mut().enumerate() {
-        *m = tail_mask8(g.ow.saturating_sub(c0 + 8 * z).min(8));
+        *m = s.tail(g.ow.saturating_sub(c0 + lanes * z).min(lanes));
     }
-    let mut acc = [_mm256_set1_ps(bias); Z];
+    let mut acc = [s.splat(bias); Z];
     let (ky_lo, ky_hi) = tap_rows(g, oy);
-    for (chan, ctaps) in ph.chunks_exact(plane).zip(taps.chunks_exact(k * k)) {
+    let tap_off = &g.tap_off[..k];
+    for (chan, ctaps) in ph.chunks_exact(g.plane_len()).zip(taps.chunks_exact(k * k)) {
         for ky in ky_lo..ky_hi {
-            let row = &chan[(oy * s + ky) * s * len..][..s * len];
-            for (&wk, &off) in ctaps[ky * k..(ky + 1) * k].iter().zip(&g.tap_off) {
-                let wv = _mm256_set1_ps(wk);
+            let row = &chan[(oy * st + ky) * st * len..][..st * len];
+            for (&wk, &off) in ctaps[ky * k..(ky + 1) * k].iter().zip(tap_off) {
+                let wv = s.splat(wk);
                 let base = row.as_ptr().wrapping_add(off + c0);
                 for z in 0..Z {
-                    // SAFETY: as in `block_avx512` (masked lanes are not read).
-                    let v = unsafe { _mm256_maskload_ps(base.add(8 * z), masks[z]) };
-                    acc[z] = _mm256_fmadd_ps(wv, v, acc[z]);
+                    // SAFETY: unmasked lanes are columns kx/s + c0 + LANES z + lane of phase
+                    // kx % s with c0 + LANES z + lane < ow, and ow + (k-1)/s <= len: inside
+                    // `row`.
+                    let v = unsafe { s.load_masked(base.add(lanes * z), masks[z]) };
+                    acc[z] = s.fma(wv, v, acc[z]);
                 }
             }
         }
     }
     let out = &mut y[oy * g.ow..(oy + 1) * g.ow];
     for z in 0..Z {
-        // SAFETY: unmasked lanes are columns c0 + 8z + lane < ow of this output row.
+        // SAFETY: unmasked lanes are columns c0 + LANES z + lane < ow of this output row.
         unsafe {
-            _mm256_maskstore_ps(
-                out.as_mut_ptr().add(c0 + 8 * z),
+            s.store_masked(
+                out.as_mut_ptr().add(c0 + lanes * z),
                 masks[z],
-                act8(acc[z], act),
+                act_lanes(s, acc[z], act),
             )
         };
     }
@@ -419,5 +367,133 @@ fn conv_plane_exact(g: &Geom, ph: &[f32], taps: &[f32], bias: f32, act: Activati
             }
         }
         bias_act(yrow, bias, act);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::cpu::activation::GELU_REL_ERROR;
+    use crate::cpu::simd::each_vector_isa;
+    use crate::rng::Rng;
+
+    /// [`ConvPlane`] on its own output plane (poisoned with NaN), for [`each_vector_isa`].
+    struct Owned<'a> {
+        g: &'a Geom,
+        ph: &'a [f32],
+        taps: &'a [f32],
+        bias: f32,
+        act: Activation,
+        y: Vec<f32>,
+    }
+
+    impl Owned<'_> {
+        fn plane(&mut self) -> ConvPlane<'_> {
+            ConvPlane {
+                g: self.g,
+                ph: self.ph,
+                taps: self.taps,
+                bias: self.bias,
+                act: self.act,
+                y: &mut self.y,
+            }
+        }
+    }
+
+    impl SimdOp for Owned<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn vector<S: Simd>(mut self, s: S) -> Vec<f32> {
+            self.plane().vector(s);
+            self.y
+        }
+        fn portable(mut self) -> Vec<f32> {
+            self.plane().portable();
+            self.y
+        }
+    }
+
+    /// Every vector body this CPU can run, in this process, against the exact loop on random
+    /// planes: strides 1 and 2, odd kernels, several input channels, a kernel larger than the
+    /// image, a 1 x 1 image, widths around the vector lengths.
+    #[test]
+    fn every_vector_isa_matches_the_exact_loop() {
+        let mut rng = Rng::new(0x51c0);
+        let mut isas = Vec::new();
+        let cases = [
+            (3, 3, 2, 1, 17, 23),
+            (1, 3, 1, 1, 15, 40),
+            (1, 3, 2, 1, 15, 33),
+            (1, 5, 1, 2, 9, 70),
+            (1, 7, 2, 3, 5, 6),
+            (2, 9, 1, 4, 3, 4),
+            (1, 3, 1, 1, 1, 1),
+            (4, 3, 2, 1, 12, 129),
+        ];
+        for (cpg, k, stride, pad, h, w) in cases {
+            let conv = GroupedConv {
+                cin: cpg,
+                cout: 1,
+                groups: 1,
+                k,
+                stride,
+                pad,
+            };
+            let (oh, ow) = conv.out_hw(h, w).unwrap();
+            let g = Geom::new(&conv, h, w, oh, ow);
+            let x = rng.vec_pm1(cpg * h * w);
+            let split = |x: &[f32]| {
+                let mut ph = vec![f32::NAN; cpg * g.plane_len()];
+                for (src, dst) in x
+                    .chunks_exact(h * w)
+                    .zip(ph.chunks_exact_mut(g.plane_len()))
+                {
+                    g.split(src, w, dst);
+                }
+                ph
+            };
+            let ph = split(&x);
+            let taps = rng.vec_pm1(cpg * k * k);
+            let bias = rng.uniform_pm1();
+            // sum |w x| + |b| per output: the scale of the rounding error
+            let abs = |v: &[f32]| v.iter().map(|f| f.abs()).collect::<Vec<_>>();
+            let mut scale = vec![f32::NAN; oh * ow];
+            conv_plane_exact(
+                &g,
+                &split(&abs(&x)),
+                &abs(&taps),
+                bias.abs(),
+                Activation::Identity,
+                &mut scale,
+            );
+            let terms = (cpg * k * k + 1) as f64;
+            for act in [Activation::Identity, Activation::Relu, Activation::Gelu] {
+                let op = || Owned {
+                    g: &g,
+                    ph: &ph,
+                    taps: &taps,
+                    bias,
+                    act,
+                    y: vec![f32::NAN; oh * ow],
+                };
+                let want = op().portable();
+                each_vector_isa(op, |isa, got| {
+                    isas.push(isa.to_string());
+                    for (i, (&gv, &wv)) in got.iter().zip(&want).enumerate() {
+                        // GELU's slope is below 1.13; both sides carry its rounding error.
+                        let tol = 1.2 * 2.0 * terms * f32::EPSILON as f64 * scale[i] as f64
+                            + 3.0 * GELU_REL_ERROR * wv.abs() as f64
+                            + 1e-30;
+                        assert!(
+                            (gv as f64 - wv as f64).abs() <= tol,
+                            "{isa} {act:?} {conv:?} on {h}x{w}: output {i} = {gv}, want {wv}"
+                        );
+                    }
+                });
+            }
+        }
+        isas.sort();
+        isas.dedup();
+        println!("checked in-process: {isas:?}");
     }
 }
