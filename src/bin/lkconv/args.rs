@@ -35,24 +35,34 @@ pub fn shape4(s: &str) -> Result<[usize; 4]> {
         .map_err(|_| Error::InvalidArgument(format!("--shape: '{s}' is not N,C,H,W")))
 }
 
-/// The convolution from the --padding (P or PH,PW; default KH/2,KW/2), --stride and --dilation
-/// flags, given the kernel size; validated.
-pub fn conv_from_flags(
-    (kh, kw): (usize, usize),
-    padding: Option<&str>,
-    stride: &str,
-    dilation: &str,
-) -> Result<DwConv2d> {
-    let mut conv = DwConv2d::new(kh, kw);
-    if let Some(p) = padding {
-        let (ph, pw) = pair("--padding", p)?;
-        conv = conv.with_padding(ph, pw);
+/// The --padding, --stride and --dilation flags of the commands that take one convolution.
+#[derive(clap::Args, Debug)]
+pub struct GeometryArgs {
+    /// P or PH,PW (default KH/2,KW/2).
+    #[arg(long)]
+    pub padding: Option<String>,
+    /// S or SH,SW.
+    #[arg(long, default_value = "1")]
+    pub stride: String,
+    /// D or DH,DW.
+    #[arg(long, default_value = "1")]
+    pub dilation: String,
+}
+
+impl GeometryArgs {
+    /// The convolution these flags describe for a KH x KW kernel; validated.
+    pub fn conv(&self, (kh, kw): (usize, usize)) -> Result<DwConv2d> {
+        let mut conv = DwConv2d::new(kh, kw);
+        if let Some(p) = &self.padding {
+            let (ph, pw) = pair("--padding", p)?;
+            conv = conv.with_padding(ph, pw);
+        }
+        let (sh, sw) = pair("--stride", &self.stride)?;
+        let (dh, dw) = pair("--dilation", &self.dilation)?;
+        let conv = conv.with_stride(sh, sw).with_dilation(dh, dw);
+        conv.validate()?;
+        Ok(conv)
     }
-    let (sh, sw) = pair("--stride", stride)?;
-    let (dh, dw) = pair("--dilation", dilation)?;
-    let conv = conv.with_stride(sh, sw).with_dilation(dh, dw);
-    conv.validate()?;
-    Ok(conv)
 }
 
 /// "K1,K2,..." (at least one, each at least 1, repeats dropped).

@@ -3,9 +3,9 @@
 use half::{bf16, f16};
 use lkconv::device::{self, Device, Impl, Op};
 use lkconv::safetensors_io::{self, TensorFile};
-use lkconv::{DType, DwConv2d, Element, Error, Result, Tensor};
+use lkconv::{DType, Element, Error, Result, Tensor};
 
-use crate::args::{conv_from_flags, pair};
+use crate::args::pair;
 use crate::ConvArgs;
 
 pub fn run(args: &ConvArgs) -> Result<()> {
@@ -20,16 +20,6 @@ pub fn run(args: &ConvArgs) -> Result<()> {
         DType::Bf16 => compute::<bf16>(op, device, imp, args, &file)?,
     };
     safetensors_io::write(&args.output, &[(name, &out)], None)
-}
-
-/// The convolution from the flags, given the kernel size.
-fn conv_for(args: &ConvArgs, kh: usize, kw: usize) -> Result<DwConv2d> {
-    conv_from_flags(
-        (kh, kw),
-        args.padding.as_deref(),
-        &args.stride,
-        &args.dilation,
-    )
 }
 
 fn kernel_of(w: &Tensor<f32>) -> Result<(usize, usize)> {
@@ -55,7 +45,7 @@ fn compute<T: Element>(
         Op::Forward => {
             let w = get("w")?;
             let (kh, kw) = kernel_of(file.get("w")?)?;
-            let conv = conv_for(args, kh, kw)?;
+            let conv = args.geometry.conv((kh, kw))?;
             let bias = file.get_optional("bias")?.map(|b| b.cast::<T>());
             (
                 "y",
@@ -65,7 +55,7 @@ fn compute<T: Element>(
         Op::DataGrad => {
             let dy = get("dy")?;
             let (kh, kw) = kernel_of(file.get("w")?)?;
-            let conv = conv_for(args, kh, kw)?;
+            let conv = args.geometry.conv((kh, kw))?;
             let hw = match &args.input_hw {
                 Some(s) => pair("--input-hw", s)?,
                 None => match dy.shape() {
@@ -90,7 +80,7 @@ fn compute<T: Element>(
                 .as_deref()
                 .ok_or_else(|| Error::InvalidArgument("wgrad needs --kernel KH,KW".into()))?;
             let (kh, kw) = pair("--kernel", k)?;
-            let conv = conv_for(args, kh, kw)?;
+            let conv = args.geometry.conv((kh, kw))?;
             (
                 "dw",
                 device::weight_grad(device, imp, &conv, &get("x")?, &get("dy")?)?,

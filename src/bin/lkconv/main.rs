@@ -12,6 +12,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use args::GeometryArgs;
+
 #[derive(Parser)]
 #[command(
     name = "lkconv",
@@ -54,15 +56,8 @@ pub struct ConvArgs {
     /// Compute type (the files hold f32 whatever this is): f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// P or PH,PW (default KH/2,KW/2).
-    #[arg(long)]
-    pub padding: Option<String>,
-    /// S or SH,SW.
-    #[arg(long, default_value = "1")]
-    pub stride: String,
-    /// D or DH,DW.
-    #[arg(long, default_value = "1")]
-    pub dilation: String,
+    #[command(flatten)]
+    pub geometry: GeometryArgs,
     /// dgrad: the input's H,W (default: dy's H,W).
     #[arg(long)]
     pub input_hw: Option<String>,
@@ -176,15 +171,8 @@ pub struct PlanArgs {
     /// h100, h200, a100 or l4.
     #[arg(long, default_value = "h100")]
     pub gpu: String,
-    /// P or PH,PW (default KH/2,KW/2).
-    #[arg(long)]
-    pub padding: Option<String>,
-    /// S or SH,SW.
-    #[arg(long, default_value = "1")]
-    pub stride: String,
-    /// D or DH,DW.
-    #[arg(long, default_value = "1")]
-    pub dilation: String,
+    #[command(flatten)]
+    pub geometry: GeometryArgs,
     /// One JSON object per problem and line (the schema of kernels/bench/).
     #[arg(long)]
     pub json: bool,

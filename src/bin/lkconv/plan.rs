@@ -9,7 +9,7 @@ use lkconv::problem::Problem;
 use lkconv::{ConvShape, DType, DwConv2d, Error, Impl, Op, Result};
 use serde_json::{json, Value};
 
-use crate::args::{conv_from_flags, pair, shape4};
+use crate::args::{pair, shape4};
 use crate::PlanArgs;
 
 /// The benchmark shapes (N, C, H, W, K) when no --shape is given.
@@ -52,7 +52,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     };
     let mut problems = Vec::new();
     for &([n, c, h, w], k) in &shapes {
-        let conv = conv_from_flags(k, args.padding.as_deref(), &args.stride, &args.dilation)?;
+        let conv = args.geometry.conv(k)?;
         let shape = conv.resolve(n, c, h, w)?;
         for &op in &ops {
             let p = Problem::new(op, imp, dtype, &conv, &shape)?;
