@@ -1,13 +1,14 @@
 //! bf16 CPU kernels beside their f32 counterparts, in one run (ratios are what to read on a
 //! shared machine): the depthwise forward and data gradient at RepLKNet-31B's four large-kernel
-//! layers, and the 1x1-convolution GEMM at the ConvFFN / RepLK-block shapes (single-threaded
-//! per task, as the model runs them, here over the pool in 128-row x 512-column tasks).
+//! layers, and the 1x1 convolutions at the ConvFFN / RepLK-block shapes (the engine's own layer,
+//! `Pointwise::forward_into`, over the pool as the model runs them).
 //! `cargo bench --bench bf16` (`-- --reps N`).
 
+use lkconv::cpu::activation::Activation;
 use lkconv::cpu::bf16::{self as b16, Bf16Input, Bf16Isa, Bf16Weights};
-use lkconv::cpu::gemm::{sgemm_view_raw, MatRef, Threads};
+use lkconv::model::deploy::Pointwise;
 use lkconv::{cpu, DwConv2d, Rng, Tensor};
-use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
@@ -23,60 +24,16 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
     (t[0], t[t.len() / 2])
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each task writes a disjoint block through it.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
+/// A 1x1 layer (no bias) in f32, or in bf16 on `isa` (weights packed once, outside the timing;
+/// the engine packs the activations inside it).
+fn layer(cout: usize, cin: usize, w: &[f32], isa: Option<Bf16Isa>) -> Pointwise {
+    Pointwise {
+        cin,
+        cout,
+        w: w.to_vec(),
+        b: vec![0.0; cout],
+        bf16: isa.map(|i| Arc::new(Bf16Weights::new(i, cout, cin, w).unwrap())),
     }
-}
-
-/// y[cout x hw] = W x over the pool in 128 x 512 tasks: f32 SGEMM, or bf16 with `wb` (weights
-/// packed once, outside the timing; the activations are packed inside it).
-#[allow(clippy::too_many_arguments)]
-fn pointwise(
-    wb: Option<&Bf16Weights>,
-    cout: usize,
-    cin: usize,
-    hw: usize,
-    w: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    packed: &mut Bf16Input,
-) {
-    let (rows, cols) = (128.min(cout), 512.min(hw));
-    if let Some(wb) = wb {
-        packed.pack(wb.isa(), cin, hw, x, hw).unwrap();
-    }
-    let (rb, cb) = (cout.div_ceil(rows), hw.div_ceil(cols));
-    let yp = SendPtr(y.as_mut_ptr());
-    let packed = &*packed;
-    (0..rb * cb).into_par_iter().for_each(|t| {
-        let (r0, c0) = ((t / cb) * rows, (t % cb) * cols);
-        let (m, nc) = (rows.min(cout - r0), cols.min(hw - c0));
-        // SAFETY: tasks write disjoint blocks of y ([cout x hw]).
-        unsafe {
-            let c = yp.get().add(r0 * hw + c0);
-            match wb {
-                Some(wb) => b16::gemm_raw(wb, r0, m, packed, c0, nc, 0.0, c, hw),
-                None => sgemm_view_raw(
-                    m,
-                    cin,
-                    nc,
-                    MatRef::rows(&w[r0 * cin..], cin),
-                    MatRef::rows(&x[c0..], hw),
-                    0.0,
-                    c,
-                    hw,
-                    Threads::Single,
-                ),
-            }
-        }
-    });
 }
 
 fn main() {
@@ -148,25 +105,18 @@ fn main() {
         let x = Tensor::<f32>::random(&[cin, hw], &mut rng).unwrap();
         let mut y = vec![0.0f32; cout * hw];
         let gflop = 2.0 * (cout * cin * hw) as f64 / 1e9;
-        let f = time(reps, || {
-            pointwise(None, cout, cin, hw, w.data(), x.data(), &mut y, &mut packed)
-        });
+        // The engine's own 1x1 layer (its task split over the pool, its epilogue).
+        let mut run = |l: &Pointwise| {
+            time(reps, || {
+                l.forward_into(x.data(), 1, hw, &mut y, Activation::Identity, false)
+                    .unwrap()
+            })
+        };
+        let f = run(&layer(cout, cin, w.data(), None));
         let cells: Vec<String> = isas
             .iter()
             .map(|&i| {
-                let wb = Bf16Weights::new(i, cout, cin, w.data()).unwrap();
-                let t = time(reps, || {
-                    pointwise(
-                        Some(&wb),
-                        cout,
-                        cin,
-                        hw,
-                        w.data(),
-                        x.data(),
-                        &mut y,
-                        &mut packed,
-                    )
-                });
+                let t = run(&layer(cout, cin, w.data(), Some(i)));
                 format!(
                     "{:.3} ms, {:.0} GFLOP/s ({:.2}x)",
                     t.0,

@@ -416,3 +416,112 @@ fn sgemm_matches_f64_with_narrow_column_tails() {
         }
     }
 }
+
+/// The engine's 1x1 layer (`Pointwise::forward_into`, as a forward pass runs it) against f64:
+/// every activation, the residual form, batches, sizes that leave GEMM tails and task-block
+/// remainders; then its typed errors.
+#[test]
+fn pointwise_layer_matches_f64_and_rejects_bad_buffers() {
+    use lkconv::model::deploy::Pointwise;
+    let mut r = rng();
+    for &(n, cout, cin, hw) in &[
+        (1, 1, 1, 1),
+        (2, 7, 5, 17),
+        (1, 130, 33, 49),
+        (3, 16, 64, 196),
+        (1, 300, 9, 530),
+    ] {
+        let layer = Pointwise {
+            cin,
+            cout,
+            w: r.vec_pm1(cout * cin),
+            b: r.vec_pm1(cout),
+            bf16: None,
+        };
+        let x = r.vec_pm1(n * cin * hw);
+        for (act, accumulate) in [
+            (Activation::Identity, false),
+            (Activation::Relu, false),
+            (Activation::Gelu, false),
+            (Activation::Identity, true),
+        ] {
+            let y0 = if accumulate {
+                r.vec_pm1(n * cout * hw)
+            } else {
+                vec![f32::NAN; n * cout * hw] // poisoned: must be overwritten
+            };
+            let mut y = y0.clone();
+            layer
+                .forward_into(&x, n, hw, &mut y, act, accumulate)
+                .unwrap();
+            let (mut value, mut bound) = (Vec::new(), Vec::new());
+            for img in 0..n {
+                for co in 0..cout {
+                    for p in 0..hw {
+                        let mut v = layer.b[co] as f64;
+                        let mut mag = v.abs();
+                        for k in 0..cin {
+                            let t =
+                                layer.w[co * cin + k] as f64 * x[(img * cin + k) * hw + p] as f64;
+                            v += t;
+                            mag += t.abs();
+                        }
+                        let at = (img * cout + co) * hw + p;
+                        if accumulate {
+                            v += y0[at] as f64;
+                            mag += (y0[at] as f64).abs();
+                        }
+                        let sum = sum_bound(DType::F32, cin + 2, v, mag);
+                        let a = act64(v, act);
+                        value.push(a);
+                        bound.push(match act {
+                            Activation::Gelu => {
+                                1.13 * sum + gelu_bound(a) + f32::EPSILON as f64 * a.abs()
+                            }
+                            _ => sum,
+                        });
+                    }
+                }
+            }
+            let want = Expected {
+                shape: vec![n, cout, hw],
+                value,
+                bound,
+            };
+            let got = Tensor::from_vec(&[n, cout, hw], y).unwrap();
+            let what = format!("1x1 {n}x{cout}x{cin}x{hw} {act:?} accumulate {accumulate}");
+            assert_matches(&what, &got, &want);
+        }
+    }
+    let layer = Pointwise {
+        cin: 3,
+        cout: 2,
+        w: vec![0.5; 6],
+        b: vec![0.0; 2],
+        bf16: None,
+    };
+    let (x, mut y) = (vec![1.0f32; 3 * 4], vec![0.0f32; 2 * 4]);
+    let bad = |e: lkconv::Error| {
+        assert!(matches!(e, lkconv::Error::BufferLength { .. }), "{e}");
+    };
+    bad(layer
+        .forward_into(&x[1..], 1, 4, &mut y, Activation::Relu, false)
+        .unwrap_err());
+    bad(layer
+        .forward_into(&x, 1, 4, &mut y[1..], Activation::Relu, false)
+        .unwrap_err());
+    bad(layer
+        .forward_into(&x, 2, 4, &mut y, Activation::Relu, false)
+        .unwrap_err());
+    let short = Pointwise {
+        w: vec![0.5; 5],
+        ..layer.clone()
+    };
+    bad(short
+        .forward_into(&x, 1, 4, &mut y, Activation::Relu, false)
+        .unwrap_err());
+    assert!(matches!(
+        layer.forward_into(&x, usize::MAX, 4, &mut y, Activation::Relu, false),
+        Err(lkconv::Error::Overflow(_))
+    ));
+}

@@ -212,6 +212,42 @@ const PW_BLOCK_ROWS: usize = 128;
 const PW_BLOCK_FLOATS: usize = 64 * 1024;
 
 impl Pointwise {
+    /// One 1x1 layer on the CPU engine, exactly as a forward pass runs it (the benchmarks time
+    /// it): `y = act(W x + b)`, or `y += W x + b` with `accumulate`, for `n` images of `hw`
+    /// pixels (`x`: `[n, cin, hw]`, `y`: `[n, cout, hw]`), in bf16 when the layer holds bf16
+    /// weights.
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        n: usize,
+        hw: usize,
+        y: &mut [f32],
+        act: Act,
+        accumulate: bool,
+    ) -> Result<()> {
+        let len = |c: usize| {
+            n.checked_mul(c)
+                .and_then(|v| v.checked_mul(hw))
+                .ok_or_else(|| Error::Overflow(format!("1x1 layer of {n} x {c} x {hw}")))
+        };
+        for (what, expected, got) in [
+            ("1x1 weights", self.cin * self.cout, self.w.len()),
+            ("1x1 bias", self.cout, self.b.len()),
+            ("1x1 input", len(self.cin)?, x.len()),
+            ("1x1 output", len(self.cout)?, y.len()),
+        ] {
+            if expected != got {
+                return Err(Error::BufferLength {
+                    what: what.into(),
+                    expected,
+                    got,
+                });
+            }
+        }
+        self.run(x, n, hw, y, act, accumulate);
+        Ok(())
+    }
+
     /// y[n] = act(W x[n] + b) (or y[n] += W x[n] + b with `accumulate`), over the batch: tasks
     /// of (image, row block, column block), each a single-threaded AVX-512 GEMM followed by
     /// the bias/activation pass on its still-cached block (the residual add is the GEMM's
