@@ -61,23 +61,24 @@ const EXP_P: [f32; 8] = [
 
 /// `v = act(v + bias)` over a slice.
 pub fn bias_act(v: &mut [f32], bias: f32, act: Activation) {
-    dispatch(BiasAct { v, bias, act })
+    dispatch(BiasAct { v, bias, act });
 }
 
-/// [`bias_act`]'s arguments, as a kernel for every instruction set.
-struct BiasAct<'a> {
-    v: &'a mut [f32],
+/// [`bias_act`] as a kernel for every instruction set; `V` is the storage of the values,
+/// handed back by the kernel.
+struct BiasAct<V> {
+    v: V,
     bias: f32,
     act: Activation,
 }
 
-impl SimdOp for BiasAct<'_> {
-    type Output = ();
+impl<V: AsMut<[f32]>> SimdOp for BiasAct<V> {
+    type Output = V;
 
     #[inline(always)]
-    fn vector<S: Simd>(self, s: S) {
+    fn vector<S: Simd>(mut self, s: S) -> V {
         let b = s.splat(self.bias);
-        let mut chunks = self.v.chunks_exact_mut(S::LANES);
+        let mut chunks = self.v.as_mut().chunks_exact_mut(S::LANES);
         for c in &mut chunks {
             // SAFETY: `c` holds LANES floats; load/store need no alignment.
             unsafe {
@@ -94,15 +95,17 @@ impl SimdOp for BiasAct<'_> {
                 s.store_masked(rest.as_mut_ptr(), mask, act_lanes(s, x, self.act));
             }
         }
+        self.v
     }
 
-    fn portable(self) {
-        let (v, bias) = (self.v, self.bias);
+    fn portable(mut self) -> V {
+        let (v, bias) = (self.v.as_mut(), self.bias);
         match self.act {
             Activation::Identity => v.iter_mut().for_each(|e| *e += bias),
             Activation::Relu => v.iter_mut().for_each(|e| *e = relu(*e + bias)),
             Activation::Gelu => v.iter_mut().for_each(|e| *e = gelu(*e + bias)),
         }
+        self.v
     }
 }
 
@@ -195,34 +198,33 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// `bias_act` on `xs` as one instruction set computes it: the whole slice, and every
-    /// prefix (each remainder goes through the masked tail).
-    fn tails_match_whole<F: FnMut(&mut [f32])>(xs: &[f32], mut run: F) {
-        let mut whole = xs.to_vec();
-        whole.push(f32::NAN); // poison beyond the prefixes below
-        run(&mut whole[..xs.len()]);
-        assert!(whole[xs.len()].is_nan(), "wrote past the slice");
-        for len in 0..xs.len() {
-            let mut part = xs[..len].to_vec();
-            run(&mut part);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&part), bits(&whole[..len]), "len {len}");
-        }
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
     }
 
     #[test]
     fn simd_tails_match_full_vectors() {
+        // Lengths that leave every remainder; the tail goes through the masked-lane path.
         let xs: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.37).collect();
-        tails_match_whole(&xs, |v| bias_act(v, 0.25, Activation::Gelu));
+        let mut whole = xs.clone();
+        whole.push(f32::NAN); // poison beyond the slice
+        bias_act(&mut whole[..xs.len()], 0.25, Activation::Gelu);
+        assert!(whole[xs.len()].is_nan(), "wrote past the slice");
+        for len in 0..xs.len() {
+            let mut part = xs[..len].to_vec();
+            bias_act(&mut part, 0.25, Activation::Gelu);
+            assert_eq!(bits(&part), bits(&whole[..len]), "len {len}");
+        }
     }
 
-    /// Every vector body this CPU can run, in this process: tails as above, and the
-    /// activations against the scalar path (ReLU and identity exactly, GELU within twice the
-    /// documented error bound, NaN where it gives NaN).
+    /// Every vector body this CPU can run, in this process: against the scalar path (ReLU and
+    /// identity exactly, GELU within twice the documented error bound, NaN where it gives
+    /// NaN), and each prefix (every tail length) as the whole slice computes it.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn every_vector_isa_matches_the_scalar_path() {
         use crate::cpu::simd::each_vector_isa;
+        use std::collections::HashMap;
         let mut rng = Rng::new(0x5eed);
         let mut xs: Vec<f32> = (0..4000).map(|_| rng.uniform_pm1() * 12.0).collect();
         xs.extend([
@@ -236,13 +238,19 @@ mod tests {
             9.0,
         ]);
         let bias = rng.uniform_pm1();
-        let mut isas = Vec::new();
+        let mut checked = Vec::new();
         for act in [Activation::Identity, Activation::Relu, Activation::Gelu] {
-            let want = Checked(xs.clone(), bias, act).portable();
+            let op = |v: &[f32]| BiasAct {
+                v: v.to_vec(),
+                bias,
+                act,
+            };
+            let want = op(&xs).portable();
+            let mut whole = HashMap::new();
             each_vector_isa(
-                || Checked(xs.clone(), bias, act),
+                || op(&xs),
                 |isa, got| {
-                    isas.push(format!("{isa} {act:?}"));
+                    checked.push(format!("{isa} {act:?}"));
                     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                         let tol = match act {
                             Activation::Gelu => 2.0 * GELU_REL_ERROR * w.abs() as f64 + 2e-37,
@@ -253,40 +261,16 @@ mod tests {
                             || (g as f64 - w as f64).abs() <= tol;
                         assert!(ok, "{isa} {act:?}: x = {} -> {g}, want {w}", xs[i] + bias);
                     }
+                    whole.insert(isa.to_string(), got);
                 },
             );
-        }
-        println!("checked in-process: {isas:?}");
-    }
-
-    /// `bias_act` on its own copy of the data by one instruction set's body, after checking
-    /// that body's tails on the first 45 values.
-    struct Checked(Vec<f32>, f32, Activation);
-
-    impl SimdOp for Checked {
-        type Output = Vec<f32>;
-        #[inline(always)]
-        fn vector<S: Simd>(self, s: S) -> Vec<f32> {
-            let Checked(mut xs, bias, act) = self;
-            tails_match_whole(&xs[..45], |v| BiasAct { v, bias, act }.vector(s));
-            BiasAct {
-                v: &mut xs,
-                bias,
-                act,
+            for len in 0..45 {
+                each_vector_isa(
+                    || op(&xs[..len]),
+                    |isa, got| assert_eq!(bits(&got), bits(&whole[isa][..len]), "{isa} {len}"),
+                );
             }
-            .vector(s);
-            xs
         }
-        fn portable(self) -> Vec<f32> {
-            let Checked(mut xs, bias, act) = self;
-            tails_match_whole(&xs[..45], |v| BiasAct { v, bias, act }.portable());
-            BiasAct {
-                v: &mut xs,
-                bias,
-                act,
-            }
-            .portable();
-            xs
-        }
+        println!("checked in-process: {checked:?}");
     }
 }

@@ -179,7 +179,15 @@ impl GroupedConv {
                     let ph = grow(buf, g.plane_len());
                     g.split(&x[plane * hw..(plane + 1) * hw], w, ph);
                     let taps = &weight[c * kk..(c + 1) * kk];
-                    conv_plane(finite, &g, ph, taps, bias[c], act, yp);
+                    ConvPlane {
+                        g: &g,
+                        ph,
+                        taps,
+                        bias: bias[c],
+                        act,
+                        y: yp,
+                    }
+                    .run(finite);
                 });
         } else {
             let mut phases = vec![0.0f32; self.cin * g.plane_len()];
@@ -196,7 +204,15 @@ impl GroupedConv {
                     let grp = o / opg;
                     let ph = &phases[grp * cpg * g.plane_len()..(grp + 1) * cpg * g.plane_len()];
                     let taps = &weight[o * cpg * kk..(o + 1) * cpg * kk];
-                    conv_plane(finite, &g, ph, taps, bias[o], act, yp);
+                    ConvPlane {
+                        g: &g,
+                        ph,
+                        taps,
+                        bias: bias[o],
+                        act,
+                        y: yp,
+                    }
+                    .run(finite);
                 });
             }
         }
@@ -212,33 +228,6 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-/// One output plane from the phases of its group's input channels. With `finite_weights`
-/// the vector kernel runs (it multiplies the zero padding by the weights, harmless only for
-/// finite weights); otherwise, and without AVX2, the exact loop.
-fn conv_plane(
-    finite_weights: bool,
-    g: &Geom,
-    ph: &[f32],
-    taps: &[f32],
-    bias: f32,
-    act: Activation,
-    y: &mut [f32],
-) {
-    let plane = ConvPlane {
-        g,
-        ph,
-        taps,
-        bias,
-        act,
-        y,
-    };
-    if finite_weights {
-        dispatch(plane)
-    } else {
-        plane.portable()
-    }
-}
-
 /// Taps rows [lo, hi) of output row `oy` that land inside the image.
 fn tap_rows(g: &Geom, oy: usize) -> (usize, usize) {
     let r0 = oy * g.s;
@@ -250,29 +239,44 @@ fn tap_rows(g: &Geom, oy: usize) -> (usize, usize) {
 /// Output columns per register block: 4 vectors, independent FMA chains.
 const BLOCK_VECS: usize = 4;
 
-/// [`conv_plane`]'s arguments, as a kernel for every instruction set.
-struct ConvPlane<'a> {
+/// One output plane `y` from the phases `ph` of its group's input channels and their taps.
+/// `Y` is the plane's storage, handed back by the kernel (a slice of the output tensor, or a
+/// test's own vector).
+struct ConvPlane<'a, Y> {
     g: &'a Geom,
     ph: &'a [f32],
     taps: &'a [f32],
     bias: f32,
     act: Activation,
-    y: &'a mut [f32],
+    y: Y,
 }
 
-impl SimdOp for ConvPlane<'_> {
-    type Output = ();
+impl<Y: AsMut<[f32]>> ConvPlane<'_, Y> {
+    /// With `finite_weights` the vector kernel (it multiplies the zero padding by the weights,
+    /// harmless only for finite weights); otherwise, and without AVX2, the exact loop.
+    fn run(self, finite_weights: bool) -> Y {
+        if finite_weights {
+            dispatch(self)
+        } else {
+            self.portable()
+        }
+    }
+}
+
+impl<Y: AsMut<[f32]>> SimdOp for ConvPlane<'_, Y> {
+    type Output = Y;
 
     #[inline(always)]
-    fn vector<S: Simd>(self, s: S) {
+    fn vector<S: Simd>(self, s: S) -> Y {
         let ConvPlane {
             g,
             ph,
             taps,
             bias,
             act,
-            y,
+            y: mut plane,
         } = self;
+        let y = plane.as_mut();
         for oy in 0..g.oh {
             let mut c0 = 0;
             while c0 < g.ow {
@@ -286,10 +290,19 @@ impl SimdOp for ConvPlane<'_> {
                 c0 += S::LANES * vecs;
             }
         }
+        plane
     }
 
-    fn portable(self) {
-        conv_plane_exact(self.g, self.ph, self.taps, self.bias, self.act, self.y)
+    fn portable(mut self) -> Y {
+        conv_plane_exact(
+            self.g,
+            self.ph,
+            self.taps,
+            self.bias,
+            self.act,
+            self.y.as_mut(),
+        );
+        self.y
     }
 }
 
@@ -377,42 +390,6 @@ mod tests {
     use crate::cpu::simd::each_vector_isa;
     use crate::rng::Rng;
 
-    /// [`ConvPlane`] on its own output plane (poisoned with NaN), for [`each_vector_isa`].
-    struct Owned<'a> {
-        g: &'a Geom,
-        ph: &'a [f32],
-        taps: &'a [f32],
-        bias: f32,
-        act: Activation,
-        y: Vec<f32>,
-    }
-
-    impl Owned<'_> {
-        fn plane(&mut self) -> ConvPlane<'_> {
-            ConvPlane {
-                g: self.g,
-                ph: self.ph,
-                taps: self.taps,
-                bias: self.bias,
-                act: self.act,
-                y: &mut self.y,
-            }
-        }
-    }
-
-    impl SimdOp for Owned<'_> {
-        type Output = Vec<f32>;
-        #[inline(always)]
-        fn vector<S: Simd>(mut self, s: S) -> Vec<f32> {
-            self.plane().vector(s);
-            self.y
-        }
-        fn portable(mut self) -> Vec<f32> {
-            self.plane().portable();
-            self.y
-        }
-    }
-
     /// Every vector body this CPU can run, in this process, against the exact loop on random
     /// planes: strides 1 and 2, odd kernels, several input channels, a kernel larger than the
     /// image, a 1 x 1 image, widths around the vector lengths.
@@ -468,7 +445,7 @@ mod tests {
             );
             let terms = (cpg * k * k + 1) as f64;
             for act in [Activation::Identity, Activation::Relu, Activation::Gelu] {
-                let op = || Owned {
+                let op = || ConvPlane {
                     g: &g,
                     ph: &ph,
                     taps: &taps,
