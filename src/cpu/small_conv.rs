@@ -307,8 +307,7 @@ impl<Y: AsMut<[f32]>> SimdOp for ConvPlane<'_, Y> {
 }
 
 /// Output row `oy`, columns [c0, c0 + Z LANES) clipped to the row: Z accumulators over every
-/// tap. (Arguments rather than a `&ConvPlane`: the loads through a struct pointer cost the
-/// AVX2 body a few percent.)
+/// tap.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn block<S: Simd, const Z: usize>(
@@ -330,6 +329,7 @@ fn block<S: Simd, const Z: usize>(
     }
     let mut acc = [s.splat(bias); Z];
     let (ky_lo, ky_hi) = tap_rows(g, oy);
+    // hoisted with its length k: otherwise reloaded per filter row (3% on the AVX2 stem conv)
     let tap_off = &g.tap_off[..k];
     for (chan, ctaps) in ph.chunks_exact(g.plane_len()).zip(taps.chunks_exact(k * k)) {
         for ky in ky_lo..ky_hi {
