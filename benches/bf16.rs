@@ -1,7 +1,7 @@
 //! bf16 CPU kernels beside their f32 counterparts, in one run (ratios are what to read on a
-//! shared machine): the depthwise forward and data gradient at RepLKNet-31B's four large-kernel
-//! layers, and the 1x1 convolutions at the ConvFFN / RepLK-block shapes (the engine's own layer,
-//! `Pointwise::forward_into`, over the pool as the model runs them).
+//! shared machine): the depthwise forward, data gradient and weight gradient at RepLKNet-31B's
+//! four large-kernel layers, and the 1x1 convolutions at the ConvFFN / RepLK-block shapes (the
+//! engine's own layer, `Pointwise::forward_into`, over the pool as the model runs them).
 //! `cargo bench --bench bf16` (`-- --reps N`).
 
 use lkconv::cpu::activation::Activation;
@@ -57,17 +57,25 @@ fn main() {
         let s = conv.resolve(1, c, hw, hw).unwrap();
         let x = Tensor::<f32>::random(&s.input_dims(), &mut rng).unwrap();
         let w = Tensor::<f32>::random(&conv.weight_dims(c), &mut rng).unwrap();
+        let dy = Tensor::<f32>::random(&s.output_dims(), &mut rng).unwrap();
         let mut y = vec![0.0f32; s.output_len()];
-        let (x, w) = (x.data(), w.data());
-        for pass in ["fwd", "dgrad"] {
+        let mut dw = vec![0.0f32; w.len()];
+        let (x, w, dy) = (x.data(), w.data(), dy.data());
+        for pass in ["fwd", "dgrad", "wgrad"] {
             let mut run = |bf16: bool| {
                 time(reps, || match (pass, bf16) {
                     ("fwd", false) => cpu::forward_f32_into(&conv, &s, x, w, None, &mut y).unwrap(),
                     ("fwd", true) => {
                         cpu::bf16_dw::forward_f32_into(&conv, &s, x, w, None, &mut y).unwrap()
                     }
-                    (_, false) => cpu::data_grad_f32_into(&conv, &s, x, w, &mut y).unwrap(),
-                    (_, true) => cpu::bf16_dw::data_grad_f32_into(&conv, &s, x, w, &mut y).unwrap(),
+                    ("dgrad", false) => cpu::data_grad_f32_into(&conv, &s, dy, w, &mut y).unwrap(),
+                    ("dgrad", true) => {
+                        cpu::bf16_dw::data_grad_f32_into(&conv, &s, dy, w, &mut y).unwrap()
+                    }
+                    (_, false) => cpu::weight_grad_f32_into(&conv, &s, x, dy, &mut dw).unwrap(),
+                    (_, true) => {
+                        cpu::bf16_dw::weight_grad_f32_into(&conv, &s, x, dy, &mut dw).unwrap()
+                    }
                 })
             };
             let (f, b) = (run(false), run(true));

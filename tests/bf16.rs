@@ -1,7 +1,7 @@
 //! The bf16 CPU paths against the f64 reference on the same bf16-rounded operands: the
 //! 1x1-convolution GEMM on every instruction set this machine has (AMX, AVX-512 BF16, the f32
-//! fallback; each called explicitly in this process), the depthwise forward and data gradient,
-//! and the whole RepLKNet.
+//! fallback; each called explicitly in this process), the depthwise forward, data gradient and
+//! weight gradient, and the whole RepLKNet.
 
 mod common;
 
@@ -296,6 +296,14 @@ fn check_depthwise(rng: &mut Rng, nonfinite: bool) {
             &got,
             &t.expected(Op::DataGrad, &conv),
         );
+        let mut dw = vec![f32::NAN; t.w.len()];
+        bf16_dw::weight_grad_f32_into(&conv, &s, t.x.data(), t.dy.data(), &mut dw).unwrap();
+        let got = Tensor::from_vec(t.w.shape(), dw).unwrap();
+        assert_matches(
+            &format!("{what} weight grad"),
+            &got,
+            &t.expected(Op::WeightGrad, &conv),
+        );
     }
 }
 
@@ -331,9 +339,20 @@ fn depthwise_rounds_f32_operands() {
         &got,
         &Expected::data_grad(&conv, &xr, &wr, (19, 21)),
     );
+    let dy = random::<f32>(&s.output_dims(), &mut rng);
+    let mut dw = vec![f32::NAN; w.len()];
+    bf16_dw::weight_grad_f32_into(&conv, &s, x.data(), dy.data(), &mut dw).unwrap();
+    let got = Tensor::from_vec(w.shape(), dw).unwrap();
+    let dyr = dy.cast::<bf16>().cast::<f32>();
+    assert_matches("rounding", &got, &Expected::weight_grad(&conv, &xr, &dyr));
     // and bad sizes are errors, not panics
     let mut y = vec![0.0; s.output_len() - 1];
     assert!(bf16_dw::forward_f32_into(&conv, &s, x.data(), w.data(), None, &mut y).is_err());
+    let mut dw = vec![0.0; w.len() + 1];
+    assert!(bf16_dw::weight_grad_f32_into(&conv, &s, x.data(), dy.data(), &mut dw).is_err());
+    assert!(
+        bf16_dw::weight_grad_f32_into(&conv, &s, x.data(), &dy.data()[1..], &mut dw[1..]).is_err()
+    );
 }
 
 /// Logits of the bf16 model against the f64 reference: (max |error|, max |error| / max |logit|,

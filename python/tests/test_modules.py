@@ -4,6 +4,7 @@ torch.compile(fullgraph=True), and data-parallel training with DistributedDataPa
 import copy
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -148,6 +149,14 @@ def _data():
 
 
 def _ddp_worker(rank, port, out_path):
+    """One rank. Ends its process with os._exit(0) after destroy_process_group(): with DDP,
+    torch keeps the gloo backend alive past that call (its two worker threads, its TCP loop
+    thread and, on rank 0, the TCPStore server thread still run, connected to the other rank),
+    so a normal exit would tear them down in interpreter finalization and C++ static
+    destruction while the other rank exits at its own time. That teardown is the likely origin
+    of a CI failure where a worker aborted with "terminate called without an active exception"
+    (a joinable std::thread destroyed); os._exit runs no destructors. Nothing is lost: rank 0's
+    file is written before the barrier, and an error still raises so that spawn reports it."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -169,6 +178,9 @@ def _ddp_worker(rank, port, out_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():

@@ -1,5 +1,5 @@
-//! Depthwise forward and data gradient in bf16: input and filter rounded to bf16 (nearest even),
-//! products summed in f32 by the f32 fast path (`direct.rs`).
+//! Depthwise forward, data gradient and weight gradient in bf16: both operands of a pass rounded
+//! to bf16 (nearest even), products summed in f32 by the f32 fast path (`direct.rs`).
 //!
 //! The f32 kernels are bound by FMA throughput, not memory, so reading bf16 and converting on
 //! load saves nothing there. A `vdpbf16ps` kernel (AVX-512 BF16: two taps per f32 lane, input
@@ -41,6 +41,20 @@ pub fn data_grad_f32_into(
     })
 }
 
+/// dw from x and dy, both rounded to bf16, f32 sums (the batch reduced in f64 as by the f32 path,
+/// so deterministic), on f32 buffers.
+pub fn weight_grad_f32_into(
+    conv: &DwConv2d,
+    shape: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Result<()> {
+    with_rounded(x, dy, |xr, dyr| {
+        super::direct::weight_grad_f32_into(conv, shape, xr, dyr, dw)
+    })
+}
+
 thread_local! {
     /// The rounded copies of the last call on this thread, kept so that the next call (the next
     /// layer) reuses their memory instead of faulting in fresh pages.
@@ -53,10 +67,12 @@ fn with_rounded<R>(a: &[f32], b: &[f32], f: impl FnOnce(&[f32], &[f32]) -> R) ->
     let (mut ra, mut rb) = ROUNDED.with(|c| std::mem::take(&mut *c.borrow_mut()));
     ra.resize(a.len(), 0.0);
     rb.resize(b.len(), 0.0);
-    ra.par_chunks_mut(1 << 16)
-        .zip(a.par_chunks(1 << 16))
-        .for_each(|(d, s)| round_slice(s, d));
-    round_slice(b, &mut rb);
+    // Both in parallel chunks: a filter is one chunk, but the weight gradient's dy is a tensor.
+    for (src, dst) in [(a, &mut ra), (b, &mut rb)] {
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| round_slice(s, d));
+    }
     let r = f(&ra[..a.len()], &rb[..b.len()]);
     ROUNDED.with(|c| *c.borrow_mut() = (ra, rb));
     r
