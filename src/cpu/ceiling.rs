@@ -71,7 +71,7 @@ fn run_chains(iters: u64, seed: f32, wide: bool) -> f32 {
         return unsafe { fma_chains_avx512(iters, seed) };
     }
     #[cfg(target_arch = "x86_64")]
-    if super::direct::has_avx2_fma() {
+    if super::simd::has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected at run time.
         return unsafe { fma_chains_avx2(iters, seed) };
     }
@@ -81,7 +81,7 @@ fn run_chains(iters: u64, seed: f32, wide: bool) -> f32 {
 /// Peak f32 GFLOP/s over all rayon threads with the widest FMA the fast path uses
 /// (AVX-512 where present, else AVX2), best of a few ~50 ms trials.
 pub fn fma_ceiling_gflops() -> f64 {
-    measure(super::direct::uses_avx512())
+    measure(super::simd::uses_avx512())
 }
 
 /// Peak f32 GFLOP/s with 8-lane AVX2 FMAs (the ceiling without AVX-512).

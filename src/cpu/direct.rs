@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use super::naive::{repair_nonfinite, weight_grad_exact, Correlation};
+use super::simd::{run_on, Simd, SimdOp};
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -42,55 +43,8 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
-/// The instruction set the micro-kernels use, detected once per call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
-    Portable,
-    Avx2,
-    /// AVX-512F: 16-lane FMAs, half the instructions of AVX2 for the same work.
-    Avx512,
-}
-
-/// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
-/// the tests use the cap to check every micro-kernel on one machine.
-pub(crate) fn detect_isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        let cap = match std::env::var("LKCONV_CPU_ISA").as_deref() {
-            Ok("portable") => Isa::Portable,
-            Ok("avx2") => Isa::Avx2,
-            _ => Isa::Avx512,
-        };
-        let mut best = Isa::Portable;
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_avx2_fma() {
-                best = Isa::Avx2;
-                if std::is_x86_feature_detected!("avx512f") {
-                    best = Isa::Avx512;
-                }
-            }
-        }
-        best.min(cap)
-    })
-}
-
-/// Whether the fast path uses AVX-512 on this CPU.
-pub fn uses_avx512() -> bool {
-    detect_isa() == Isa::Avx512
-}
-
-/// Whether the AVX2 + FMA kernels can run on this CPU.
-pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+pub(crate) use super::simd::{detect_isa, Isa};
+pub use super::simd::{has_avx2_fma, uses_avx512};
 
 /// A description of the instruction set the fast path uses on this machine.
 pub fn simd_description() -> &'static str {
@@ -179,78 +133,54 @@ impl FwdBlock<'_> {
             }
         }
     }
+}
 
-    /// AVX2: `V` 8-lane vectors per row; each input vector feeds `R` FMAs.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn run_avx2<const R: usize, const V: usize>(&self, out: &mut BlockOut) {
-        use std::arch::x86_64::*;
-        self.check(R, 8 * V);
-        let mut acc = [[_mm256_set1_ps(self.bias); V]; R];
-        let kw = self.kw;
-        for r in self.r_lo..self.r_hi {
-            let xr = self.x[r * self.x_stride + self.c0..].as_ptr();
+/// One register block on one instruction set: `R` rows x `V` vectors of `S::LANES` columns;
+/// each input vector feeds `R` FMAs.
+struct SimdBlock<'a, 'b, 'c, const R: usize, const V: usize> {
+    blk: &'a FwdBlock<'b>,
+    out: &'a mut BlockOut<'c>,
+}
+
+impl<const R: usize, const V: usize> SimdOp for SimdBlock<'_, '_, '_, R, V> {
+    type Output = ();
+
+    #[inline(always)]
+    fn vector<S: Simd>(self, s: S) {
+        let blk = self.blk;
+        blk.check(R, S::LANES * V);
+        let mut acc = [[s.splat(blk.bias); V]; R];
+        let kw = blk.kw;
+        for r in blk.r_lo..blk.r_hi {
+            let xr = blk.x[r * blk.x_stride + blk.c0..].as_ptr();
             // Filter row of output row R-1; output row i uses the row R-1-i below it.
-            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - R) * kw..].as_ptr();
+            let w0 = blk.w[(blk.w_base + (r - blk.r_lo) + 1 - R) * kw..].as_ptr();
             for kx in 0..kw {
-                let mut xv = [_mm256_setzero_ps(); V];
-                for (v, x) in xv.iter_mut().enumerate() {
-                    // SAFETY: column c0 + kx + 8v + 7 < x_stride and row r < r_hi (`check`).
-                    *x = unsafe { _mm256_loadu_ps(xr.add(kx + 8 * v)) };
-                }
-                for i in 0..R {
+                // SAFETY: column c0 + kx + LANES (v + 1) - 1 < x_stride and row r < r_hi
+                // (`check`).
+                let xv: [S::V; V] =
+                    std::array::from_fn(|v| unsafe { s.load(xr.add(kx + S::LANES * v)) });
+                for (i, acc_i) in acc.iter_mut().enumerate() {
                     // SAFETY: filter row w_base + (r - r_lo) - i is in bounds (`check`).
-                    let wb = _mm256_set1_ps(unsafe { *w0.add((R - 1 - i) * kw + kx) });
-                    for v in 0..V {
-                        acc[i][v] = _mm256_fmadd_ps(xv[v], wb, acc[i][v]);
-                    }
-                }
-            }
-        }
-        let mut lanes = [0.0f32; 8];
-        for i in 0..R {
-            for v in 0..V {
-                // SAFETY: `lanes` holds 8 floats; storeu has no alignment need.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][v]) };
-                out.store(i, self.c0 + 8 * v, &lanes);
-            }
-        }
-    }
-
-    /// AVX-512: `Z` 16-lane vectors per row; each input vector feeds `R` FMAs.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn run_avx512<const R: usize, const Z: usize>(&self, out: &mut BlockOut) {
-        use std::arch::x86_64::*;
-        self.check(R, 16 * Z);
-        let mut acc = [[_mm512_set1_ps(self.bias); Z]; R];
-        let kw = self.kw;
-        for r in self.r_lo..self.r_hi {
-            let xr = self.x[r * self.x_stride + self.c0..].as_ptr();
-            let w0 = self.w[(self.w_base + (r - self.r_lo) + 1 - R) * kw..].as_ptr();
-            for kx in 0..kw {
-                let mut xv = [_mm512_setzero_ps(); Z];
-                for (z, x) in xv.iter_mut().enumerate() {
-                    // SAFETY: column c0 + kx + 16z + 15 < x_stride and row r < r_hi (`check`).
-                    *x = unsafe { _mm512_loadu_ps(xr.add(kx + 16 * z)) };
-                }
-                for i in 0..R {
-                    // SAFETY: filter row w_base + (r - r_lo) - i is in bounds (`check`).
-                    let wb = _mm512_set1_ps(unsafe { *w0.add((R - 1 - i) * kw + kx) });
-                    for z in 0..Z {
-                        acc[i][z] = _mm512_fmadd_ps(xv[z], wb, acc[i][z]);
+                    let wb = s.splat(unsafe { *w0.add((R - 1 - i) * kw + kx) });
+                    for (a, &x) in acc_i.iter_mut().zip(&xv) {
+                        *a = s.fma(x, wb, *a);
                     }
                 }
             }
         }
         let mut lanes = [0.0f32; 16];
-        for i in 0..R {
-            for z in 0..Z {
-                // SAFETY: `lanes` holds 16 floats; storeu has no alignment need.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][z]) };
-                out.store(i, self.c0 + 16 * z, &lanes);
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (v, &a) in acc_i.iter().enumerate() {
+                // SAFETY: `lanes` holds 16 >= LANES floats.
+                unsafe { s.store(lanes.as_mut_ptr(), a) };
+                self.out.store(i, blk.c0 + S::LANES * v, &lanes[..S::LANES]);
             }
         }
+    }
+
+    fn portable(self) {
+        self.blk.run_portable::<R, V>(self.out)
     }
 }
 
@@ -300,22 +230,14 @@ impl BlockShape {
     }
 
     fn run(&self, blk: &FwdBlock, out: &mut BlockOut) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY (every arm): the ISA was detected at run time by `detect_isa`.
-        unsafe {
-            match (self.isa, self.rows, self.vecs) {
-                (Isa::Avx512, 8, 1) => return blk.run_avx512::<8, 1>(out),
-                (Isa::Avx512, 4, 2) => return blk.run_avx512::<4, 2>(out),
-                (Isa::Avx512, 4, 3) => return blk.run_avx512::<4, 3>(out),
-                (Isa::Avx512, 4, 4) => return blk.run_avx512::<4, 4>(out),
-                (Isa::Avx2, 8, 1) => return blk.run_avx2::<8, 1>(out),
-                (Isa::Avx2, 4, 2) => return blk.run_avx2::<4, 2>(out),
-                _ => {}
-            }
-        }
-        match (self.rows, self.vecs) {
-            (8, 1) => blk.run_portable::<8, 1>(out),
-            (4, 2) => blk.run_portable::<4, 2>(out),
+        // The block's ISA, not the engine's: AVX-512 machines take 8-lane blocks for narrow tails.
+        match (self.isa, self.rows, self.vecs) {
+            (Isa::Avx512, 8, 1) => run_on(Isa::Avx512, SimdBlock::<8, 1> { blk, out }),
+            (Isa::Avx512, 4, 2) => run_on(Isa::Avx512, SimdBlock::<4, 2> { blk, out }),
+            (Isa::Avx512, 4, 3) => run_on(Isa::Avx512, SimdBlock::<4, 3> { blk, out }),
+            (Isa::Avx512, 4, 4) => run_on(Isa::Avx512, SimdBlock::<4, 4> { blk, out }),
+            (isa, 8, 1) => run_on(isa, SimdBlock::<8, 1> { blk, out }),
+            (isa, 4, 2) => run_on(isa, SimdBlock::<4, 2> { blk, out }),
             other => unreachable!("no micro-kernel for block {other:?}"),
         }
     }

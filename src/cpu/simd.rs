@@ -9,7 +9,55 @@
 //! `#[inline(always)]`, so the whole body is compiled into the wrapper with its features (a
 //! body that is not inlined there would call each intrinsic out of line).
 
-use super::direct::{detect_isa, Isa};
+/// The instruction set the micro-kernels use, detected once per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    Portable,
+    Avx2,
+    /// AVX-512F: 16-lane FMAs, half the instructions of AVX2 for the same work.
+    Avx512,
+}
+
+/// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
+/// the tests use the cap to check every micro-kernel on one machine.
+pub(crate) fn detect_isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var("LKCONV_CPU_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        let mut best = Isa::Portable;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                best = Isa::Avx2;
+                if std::is_x86_feature_detected!("avx512f") {
+                    best = Isa::Avx512;
+                }
+            }
+        }
+        best.min(cap)
+    })
+}
+
+/// Whether the fast path uses AVX-512 on this CPU.
+pub fn uses_avx512() -> bool {
+    detect_isa() == Isa::Avx512
+}
+
+/// Whether the AVX2 + FMA kernels can run on this CPU.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// The lane operations the kernels use, on vectors of `LANES` f32.
 pub(crate) trait Simd: Copy {
@@ -97,6 +145,21 @@ pub(crate) fn dispatch<O: SimdOp>(op: O) -> O::Output {
     op.portable()
 }
 
+/// Runs `op` on `isa`, which must not exceed [`detect_isa`] (a kernel that picks a narrower
+/// instruction set for some blocks, as the depthwise fast path does for narrow column tails).
+pub(crate) fn run_on<O: SimdOp>(isa: Isa, op: O) -> O::Output {
+    assert!(isa <= detect_isa(), "{isa:?} is not available here");
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: detect_isa found AVX-512F (asserted above).
+        Isa::Avx512 => return unsafe { x86::with_avx512(op) },
+        // SAFETY: AVX2 and FMA are present wherever detect_isa allows AVX2 or above.
+        Isa::Avx2 => return unsafe { x86::with_avx2(op) },
+        Isa::Portable => {}
+    }
+    op.portable()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -136,7 +199,7 @@ mod x86 {
             // SAFETY: AVX-512F was just detected.
             check("avx512", unsafe { with_avx512(make()) });
         }
-        if super::super::direct::has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: AVX2 and FMA were just detected.
             check("avx2", unsafe { with_avx2(make()) });
         }
