@@ -139,7 +139,7 @@ pub fn round_slice(src: &[f32], dst: &mut [f32]) {
         body(src, dst)
     }
     #[cfg(target_arch = "x86_64")]
-    if super::simd::detect_isa() == super::simd::Isa::Avx512 {
+    if super::simd::uses_avx512() {
         // SAFETY: the engine's ISA is AVX-512 only where AVX-512F was detected.
         return unsafe { avx512(src, dst) };
     }
@@ -169,7 +169,7 @@ pub(crate) fn pack_pairs(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
         body(out, lo, hi)
     }
     #[cfg(target_arch = "x86_64")]
-    if super::simd::detect_isa() == super::simd::Isa::Avx512 {
+    if super::simd::uses_avx512() {
         // SAFETY: the engine's ISA is AVX-512 only where AVX-512F was detected.
         return unsafe { avx512(out, lo, hi) };
     }

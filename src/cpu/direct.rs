@@ -48,7 +48,7 @@ pub use super::simd::{has_avx2_fma, uses_avx512};
 
 /// A description of the instruction set the fast path uses on this machine.
 pub fn simd_description() -> &'static str {
-    if detect_isa() == Isa::Avx512 {
+    if uses_avx512() {
         "AVX-512F (16 x f32 per FMA; AVX2 + FMA for 8-column tails)"
     } else if has_avx2_fma() {
         "AVX2 + FMA (8 x f32 per instruction)"

@@ -175,7 +175,7 @@ const NARROW_LANES: usize = 16;
 fn narrow_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::simd::detect_isa() == super::simd::Isa::Avx512
+        super::simd::uses_avx512()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

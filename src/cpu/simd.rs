@@ -132,17 +132,7 @@ pub(crate) trait SimdOp {
 
 /// Runs `op` on the engine's instruction set ([`detect_isa`], capped by `LKCONV_CPU_ISA`).
 pub(crate) fn dispatch<O: SimdOp>(op: O) -> O::Output {
-    #[cfg(target_arch = "x86_64")]
-    match detect_isa() {
-        // SAFETY: detect_isa found AVX-512F.
-        Isa::Avx512 => return unsafe { x86::with_avx512(op) },
-        // SAFETY: detect_isa found AVX2 and FMA.
-        Isa::Avx2 => return unsafe { x86::with_avx2(op) },
-        Isa::Portable => {}
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = detect_isa();
-    op.portable()
+    run_on(detect_isa(), op)
 }
 
 /// Runs `op` on `isa`, which must not exceed [`detect_isa`] (a kernel that picks a narrower
