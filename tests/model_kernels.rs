@@ -346,7 +346,7 @@ fn small_conv_bad_sizes_are_errors() {
 }
 
 /// The 1x1 convolutions' GEMM (`cpu::gemm`), including the narrow column remainders that
-/// take the dot-product kernel on AVX-512 (n % 16 != 0, n > 16), against f64 sums.
+/// take the dot-product kernel on AVX-512 and AVX2 (n % 16 != 0, n > 16), against f64 sums.
 #[test]
 fn sgemm_matches_f64_with_narrow_column_tails() {
     use lkconv::cpu::gemm::{sgemm_view, MatRef, Threads};

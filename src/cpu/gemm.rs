@@ -1,6 +1,8 @@
 //! Safe SGEMM over the `gemm` crate (AVX-512 / AVX2 micro-kernels chosen at run time): the one
 //! place that calls it (the im2col baseline and RepLKNet's 1x1 and stem convolutions use it).
 
+use super::simd::{dispatch, Simd, SimdOp};
+
 /// Threads one GEMM may use: callers that already split the work over the pool pass `Single`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threads {
@@ -134,7 +136,7 @@ pub unsafe fn sgemm_view_raw(
         let main = n - tail;
         // SAFETY: columns [0, main) of the caller's block (same contract).
         unsafe { sgemm_view_raw(m, k, main, a, b, beta, c, ldc, threads) };
-        // SAFETY: columns [main, n) of the caller's block; AVX-512F detected.
+        // SAFETY: columns [main, n) of the caller's block; A's rows are contiguous.
         unsafe { sgemm_narrow(m, k, main, tail, a, b, beta, c, ldc) };
         return;
     }
@@ -169,18 +171,12 @@ pub unsafe fn sgemm_view_raw(
     }
 }
 
-/// Columns are split off for [`sgemm_narrow`] when n is not a multiple of this.
+/// Columns are split off for [`sgemm_narrow`] when n is not a multiple of this: the `gemm`
+/// crate's micro-kernels cover 16 columns (one AVX-512 vector, two AVX2 vectors).
 const NARROW_LANES: usize = 16;
 
 fn narrow_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        super::simd::uses_avx512()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::simd::detect_isa() >= super::simd::Isa::Avx2
 }
 
 /// Columns [j0, j0 + cols) (cols < 16) of C = A * B + beta * C as dot products along k: those
@@ -188,7 +184,7 @@ fn narrow_supported() -> bool {
 /// columns keeps 16 accumulators (8 loads per 16 FMAs), a leftover column 8 rows.
 ///
 /// # Safety
-/// As `sgemm_view_raw` for columns [j0, j0 + cols); AVX-512F must be present.
+/// As `sgemm_view_raw` for columns [j0, j0 + cols); A's rows contiguous (`col_stride` 1).
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm_narrow(
     m: usize,
@@ -208,102 +204,140 @@ unsafe fn sgemm_narrow(
             *v = b.data[kk * b.row_stride + (j0 + j) * b.col_stride];
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract; AVX-512F present (the caller checked).
-    unsafe {
-        narrow_avx512(m, k, j0, cols, a, &bt, beta, c, ldc)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "narrow_supported is false off x86-64: {m} {j0} {beta} {ldc} {:?}",
-        (a, c)
-    );
+    dispatch(Narrow {
+        m,
+        k,
+        j0,
+        cols,
+        a,
+        bt: &bt,
+        beta,
+        c,
+        ldc,
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn narrow_avx512(
+/// [`sgemm_narrow`]'s dot products, one body per instruction set.
+struct Narrow<'a> {
     m: usize,
     k: usize,
     j0: usize,
     cols: usize,
-    a: MatRef,
-    bt: &[f32],
+    a: MatRef<'a>,
+    /// B's `cols` columns as rows of k.
+    bt: &'a [f32],
     beta: f32,
     c: *mut f32,
     ldc: usize,
-) {
-    // Blocks of 4 columns x 4 rows (16 accumulators, FMA-bound), single leftover columns
-    // x 8 rows; rows past m are computed on row 0 again and dropped.
-    let mut jb = 0;
-    while jb < cols {
-        let q = if cols - jb >= 4 { 4 } else { 1 };
-        let step = if q == 4 { 4 } else { 8 };
-        for i in (0..m).step_by(step) {
-            let rows: [&[f32]; 8] = std::array::from_fn(|r| {
-                let row = if i + r < m { i + r } else { 0 };
-                &a.data[row * a.row_stride..row * a.row_stride + k]
-            });
-            let put = |r: usize, jq: usize, v: f32| {
-                if i + r < m {
-                    // SAFETY: row i + r < m, column j0 + jb + jq < j0 + cols of the caller's
-                    // block (read only when beta != 0, as the gemm crate does).
-                    unsafe {
-                        let dst = c.add((i + r) * ldc + j0 + jb + jq);
-                        *dst = if beta == 0.0 { v } else { v + beta * *dst };
-                    }
-                }
-            };
-            if q == 4 {
-                let sums = narrow_block::<4, 4>(k, rows[..4].try_into().unwrap(), &bt[jb * k..]);
-                for (r, row) in sums.iter().enumerate() {
-                    for (jq, &v) in row.iter().enumerate() {
-                        put(r, jq, v);
-                    }
-                }
+}
+
+impl Narrow<'_> {
+    /// C[i, j0 + j] = v (+ beta * C): row i < m, column j < cols of the caller's block.
+    fn put(&self, i: usize, j: usize, v: f32) {
+        // SAFETY: i < m and j < cols (the callers' loops), inside the block `sgemm_narrow`'s
+        // caller hands over (read only when beta != 0, as the gemm crate does).
+        unsafe {
+            let dst = self.c.add(i * self.ldc + self.j0 + j);
+            *dst = if self.beta == 0.0 {
+                v
             } else {
-                let sums = narrow_block::<8, 1>(k, rows[..8].try_into().unwrap(), &bt[jb * k..]);
-                for (r, row) in sums.iter().enumerate() {
-                    put(r, 0, row[0]);
+                v + self.beta * *dst
+            };
+        }
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.a.data[i * self.a.row_stride..i * self.a.row_stride + self.k]
+    }
+}
+
+impl SimdOp for Narrow<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn vector<S: Simd>(self, s: S) {
+        // Blocks of 4 columns x 4 rows (16 accumulators, FMA-bound), single leftover columns
+        // x 8 rows; rows past m are computed on row 0 again and dropped.
+        let (m, k) = (self.m, self.k);
+        let mut jb = 0;
+        while jb < self.cols {
+            let q = if self.cols - jb >= 4 { 4 } else { 1 };
+            let step = if q == 4 { 4 } else { 8 };
+            let bt = &self.bt[jb * k..];
+            for i in (0..m).step_by(step) {
+                let rows: [&[f32]; 8] =
+                    std::array::from_fn(|r| self.row(if i + r < m { i + r } else { 0 }));
+                if q == 4 {
+                    let sums = narrow_block::<S, 4, 4>(s, k, rows[..4].try_into().unwrap(), bt);
+                    for (r, row) in sums.iter().enumerate().filter(|(r, _)| i + r < m) {
+                        for (jq, &v) in row.iter().enumerate() {
+                            self.put(i + r, jb + jq, v);
+                        }
+                    }
+                } else {
+                    let sums = narrow_block::<S, 8, 1>(s, k, rows, bt);
+                    for (r, row) in sums.iter().enumerate().filter(|(r, _)| i + r < m) {
+                        self.put(i + r, jb, row[0]);
+                    }
                 }
             }
+            jb += q;
         }
-        jb += q;
+    }
+
+    fn portable(self) {
+        for i in 0..self.m {
+            for j in 0..self.cols {
+                let bt = &self.bt[j * self.k..(j + 1) * self.k];
+                let v = self.row(i).iter().zip(bt).map(|(a, b)| a * b).sum();
+                self.put(i, j, v);
+            }
+        }
     }
 }
 
 /// R rows of A (k values each) dotted with Q rows of `bt` (k apart).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn narrow_block<const R: usize, const Q: usize>(
+#[inline(always)]
+fn narrow_block<S: Simd, const R: usize, const Q: usize>(
+    s: S,
     k: usize,
     a: [&[f32]; R],
     bt: &[f32],
 ) -> [[f32; Q]; R] {
-    use std::arch::x86_64::*;
     assert!(a.iter().all(|r| r.len() >= k) && bt.len() >= Q * k);
-    let mut acc = [[_mm512_setzero_ps(); Q]; R];
+    let mut acc = [[s.zero(); Q]; R];
     let mut kk = 0;
     while kk < k {
-        let mask: __mmask16 = if k - kk >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << (k - kk)) - 1) as u16
-        };
-        let mut bv = [_mm512_setzero_ps(); Q];
+        let lanes = (k - kk).min(S::LANES);
+        let mut bv = [s.zero(); Q];
         for (q, v) in bv.iter_mut().enumerate() {
-            // SAFETY: lanes kk..kk + 16 masked to < k of row q (bt holds Q rows of k).
-            *v = unsafe { _mm512_maskz_loadu_ps(mask, bt.as_ptr().add(q * k + kk)) };
+            // SAFETY: lanes kk..kk + lanes < k of row q (bt holds Q rows of k, asserted).
+            *v = unsafe { load_part(s, bt.as_ptr().add(q * k + kk), lanes) };
         }
         for (row, acc_r) in a.iter().zip(acc.iter_mut()) {
-            // SAFETY: lanes masked to < k of this row (checked above).
-            let av = unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().add(kk)) };
-            for (s, &b) in acc_r.iter_mut().zip(&bv) {
-                *s = _mm512_fmadd_ps(av, b, *s);
+            // SAFETY: lanes kk..kk + lanes < k of this row (asserted above).
+            let av = unsafe { load_part(s, row.as_ptr().add(kk), lanes) };
+            for (sum, &b) in acc_r.iter_mut().zip(&bv) {
+                *sum = s.fma(av, b, *sum);
             }
         }
-        kk += 16;
+        kk += S::LANES;
     }
-    acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+    acc.map(|row| row.map(|v| s.reduce_add(v)))
+}
+
+/// `lanes` (<= LANES) floats from `p`, zeros after them.
+///
+/// # Safety
+/// `p` is valid for reading `lanes` floats.
+#[inline(always)]
+unsafe fn load_part<S: Simd>(s: S, p: *const f32, lanes: usize) -> S::V {
+    // SAFETY: the caller's contract (masked lanes are not read).
+    unsafe {
+        if lanes == S::LANES {
+            s.load(p)
+        } else {
+            s.load_masked(p, s.tail(lanes))
+        }
+    }
 }

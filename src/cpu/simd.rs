@@ -81,6 +81,8 @@ pub(crate) trait Simd: Copy {
     fn min(self, a: Self::V, b: Self::V) -> Self::V;
     /// |a| (the sign bit cleared).
     fn abs(self, a: Self::V) -> Self::V;
+    /// The sum of the lanes.
+    fn reduce_add(self, a: Self::V) -> f32;
     /// a * b + c, one rounding.
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// c - a * b, one rounding.
@@ -242,6 +244,11 @@ mod x86 {
             unsafe { _mm512_abs_ps(a) }
         }
         #[inline(always)]
+        fn reduce_add(self, a: __m512) -> f32 {
+            // SAFETY: AVX-512F: an `Avx512` exists only where the CPU has it.
+            unsafe { _mm512_reduce_add_ps(a) }
+        }
+        #[inline(always)]
         fn fma(self, a: __m512, b: __m512, c: __m512) -> __m512 {
             // SAFETY: AVX-512F: an `Avx512` exists only where the CPU has it.
             unsafe { _mm512_fmadd_ps(a, b, c) }
@@ -376,6 +383,15 @@ mod x86 {
         fn abs(self, a: __m256) -> __m256 {
             // SAFETY: AVX2 and FMA: an `Avx2` exists only where the CPU has them.
             unsafe { _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff))) }
+        }
+        #[inline(always)]
+        fn reduce_add(self, a: __m256) -> f32 {
+            // SAFETY: AVX2 and FMA: an `Avx2` exists only where the CPU has them.
+            unsafe {
+                let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            }
         }
         #[inline(always)]
         fn fma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
