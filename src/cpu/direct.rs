@@ -15,7 +15,7 @@
 //! in vector registers; the result is reduced over the batch in a fixed order, so it is
 //! bit-identical run after run. Other strides and dilations take a simple direct loop.
 //! Small planes (and, with 16+ channels, mid-size ones; `lane_per_channel` decides) take the
-//! lane-per-channel kernels of `small.rs` on AVX-512 instead, for all three passes.
+//! lane-per-channel kernels of `small.rs` (AVX-512 or AVX2) instead, for all three passes.
 //! Non-finite values: the blocks read zero padding, so a NaN/Inf operand can add a spurious
 //! NaN; every non-finite result is recomputed exactly (`naive::repair_nonfinite`).
 
@@ -359,7 +359,7 @@ fn correlate_unit(
 // Which kernel a stride-1 pass takes.
 
 /// Planes (input and output) up to this many pixels (16 x 16) take the lane-per-channel kernels
-/// of `small.rs` (AVX-512 only) whatever the channel count: there most of a large filter falls
+/// of `small.rs` (AVX-512 or AVX2) whatever the channel count: there most of a large filter falls
 /// outside the image and a row is narrower than a vector, which the row kernels pay for.
 const SMALL_PLANE: usize = 256;
 /// With at least `LANE_CHANNELS` channels (so that few lanes idle), larger planes take them too:
@@ -380,7 +380,7 @@ fn lane_per_channel(isa: Isa, op: Op, s: &ConvShape) -> bool {
         Op::Forward | Op::DataGrad => LANE_PLANE,
         Op::WeightGrad => LANE_PLANE_WGRAD,
     };
-    cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && inp.max(out) <= limit && inp.min(out) > 0
+    cfg!(target_arch = "x86_64") && isa >= Isa::Avx2 && inp.max(out) <= limit && inp.min(out) > 0
 }
 
 /// The kernel a pass of the fast path takes on this machine.
@@ -391,7 +391,7 @@ pub enum KernelPath {
     Plain,
     /// Register blocks along image rows.
     Rows,
-    /// One channel per AVX-512 lane (`small.rs`).
+    /// One channel per vector lane (`small.rs`).
     Lanes,
     /// The weight gradient with one channel per lane, every row pair in registers (`small.rs`).
     LanesPairs,
@@ -432,7 +432,7 @@ fn lanes_geom(corr: &Correlation, s: &ConvShape) -> super::small::Geom {
     }
 }
 
-/// The lane-per-channel correlation (AVX-512): `correlate_unit`'s contract.
+/// The lane-per-channel correlation (AVX-512 or AVX2): `correlate_unit`'s contract.
 fn correlate_lanes(
     s: &ConvShape,
     corr: &Correlation,
@@ -463,7 +463,7 @@ fn correlate_lanes(
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (repair, y);
-        unreachable!("the lane-per-channel kernels need AVX-512");
+        unreachable!("the lane-per-channel kernels need x86-64 vectors");
     }
 }
 
@@ -718,7 +718,7 @@ fn weight_grad_unit(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &
     });
 }
 
-/// The lane-per-channel weight gradient (AVX-512): `weight_grad_unit`'s contract.
+/// The lane-per-channel weight gradient (AVX-512 or AVX2): `weight_grad_unit`'s contract.
 fn weight_grad_lanes(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let repair = |c: usize, dw_c: &mut [f32]| {
         repair_nonfinite(dw_c, |tap| weight_grad_exact(conv, s, x, dy, c, tap));
@@ -736,7 +736,7 @@ fn weight_grad_lanes(conv: &DwConv2d, s: &ConvShape, x: &[f32], dy: &[f32], dw: 
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (repair, dw);
-        unreachable!("the lane-per-channel kernels need AVX-512");
+        unreachable!("the lane-per-channel kernels need x86-64 vectors");
     }
 }
 

@@ -18,6 +18,17 @@ pub(crate) enum Isa {
     Avx512,
 }
 
+impl Isa {
+    /// f32 lanes per vector (1: scalar).
+    pub(crate) fn lanes(self) -> usize {
+        match self {
+            Isa::Portable => 1,
+            Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+}
+
 /// The best ISA of this CPU, capped by `LKCONV_CPU_ISA` (portable, avx2 or avx512) when set;
 /// the tests use the cap to check every micro-kernel on one machine.
 pub(crate) fn detect_isa() -> Isa {
@@ -83,6 +94,9 @@ pub(crate) trait Simd: Copy {
     fn abs(self, a: Self::V) -> Self::V;
     /// The sum of the lanes.
     fn reduce_add(self, a: Self::V) -> f32;
+    /// Transposes the LANES x LANES block in `r` (`r.len() == LANES`): afterwards `r[j]`
+    /// lane `i` is the old `r[i]` lane `j`.
+    fn transpose(self, r: &mut [Self::V]);
     /// a * b + c, one rounding.
     fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// c - a * b, one rounding.
@@ -249,6 +263,43 @@ mod x86 {
             unsafe { _mm512_reduce_add_ps(a) }
         }
         #[inline(always)]
+        fn transpose(self, r: &mut [__m512]) {
+            let r: &mut [__m512; 16] = r.try_into().expect("16 rows");
+            // SAFETY: AVX-512F: an `Avx512` exists only where the CPU has it.
+            unsafe {
+                // Pairs of rows interleaved per 128-bit lane, then pairs of pairs: t[4k + m]
+                // holds, in 128-bit lane q, column 4q + m of rows 4k..4k + 4.
+                let mut s = [_mm512_setzero_ps(); 16];
+                for k in 0..8 {
+                    s[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                    s[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+                }
+                let mut t = [_mm512_setzero_ps(); 16];
+                for k in 0..4 {
+                    let (a, b) = (_mm512_castps_pd(s[4 * k]), _mm512_castps_pd(s[4 * k + 2]));
+                    let (c, d) = (
+                        _mm512_castps_pd(s[4 * k + 1]),
+                        _mm512_castps_pd(s[4 * k + 3]),
+                    );
+                    t[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                    t[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                    t[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+                    t[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+                }
+                // A 4 x 4 transpose of 128-bit lanes among t[m], t[4 + m], t[8 + m], t[12 + m].
+                for m in 0..4 {
+                    let u0 = _mm512_shuffle_f32x4::<0x44>(t[m], t[4 + m]);
+                    let u1 = _mm512_shuffle_f32x4::<0xEE>(t[m], t[4 + m]);
+                    let u2 = _mm512_shuffle_f32x4::<0x44>(t[8 + m], t[12 + m]);
+                    let u3 = _mm512_shuffle_f32x4::<0xEE>(t[8 + m], t[12 + m]);
+                    r[m] = _mm512_shuffle_f32x4::<0x88>(u0, u2);
+                    r[4 + m] = _mm512_shuffle_f32x4::<0xDD>(u0, u2);
+                    r[8 + m] = _mm512_shuffle_f32x4::<0x88>(u1, u3);
+                    r[12 + m] = _mm512_shuffle_f32x4::<0xDD>(u1, u3);
+                }
+            }
+        }
+        #[inline(always)]
         fn fma(self, a: __m512, b: __m512, c: __m512) -> __m512 {
             // SAFETY: AVX-512F: an `Avx512` exists only where the CPU has it.
             unsafe { _mm512_fmadd_ps(a, b, c) }
@@ -391,6 +442,33 @@ mod x86 {
                 let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+            }
+        }
+        #[inline(always)]
+        fn transpose(self, r: &mut [__m256]) {
+            let r: &mut [__m256; 8] = r.try_into().expect("8 rows");
+            // SAFETY: AVX2 and FMA: an `Avx2` exists only where the CPU has them.
+            unsafe {
+                // Pairs of rows interleaved per 128-bit half, then pairs of pairs: t[4k + m]
+                // holds, in half q, column 4q + m of rows 4k..4k + 4; then the halves swap.
+                let mut s = [_mm256_setzero_ps(); 8];
+                for k in 0..4 {
+                    s[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                    s[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+                }
+                let mut t = [_mm256_setzero_ps(); 8];
+                for k in 0..2 {
+                    let (a, b) = (s[4 * k], s[4 * k + 2]);
+                    let (c, d) = (s[4 * k + 1], s[4 * k + 3]);
+                    t[4 * k] = _mm256_shuffle_ps::<0x44>(a, b);
+                    t[4 * k + 1] = _mm256_shuffle_ps::<0xEE>(a, b);
+                    t[4 * k + 2] = _mm256_shuffle_ps::<0x44>(c, d);
+                    t[4 * k + 3] = _mm256_shuffle_ps::<0xEE>(c, d);
+                }
+                for m in 0..4 {
+                    r[m] = _mm256_permute2f128_ps::<0x20>(t[m], t[4 + m]);
+                    r[4 + m] = _mm256_permute2f128_ps::<0x31>(t[m], t[4 + m]);
+                }
             }
         }
         #[inline(always)]

@@ -1,5 +1,6 @@
 //! Small planes (RepLKNet's 7x7 and 14x14 stages, and with enough channels larger ones; see
-//! `direct.rs`'s `lane_per_channel`): one channel per AVX-512 lane.
+//! `direct.rs`'s `lane_per_channel`): one channel per vector lane. One body over `cpu::simd`:
+//! 16 channels per group on AVX-512, 8 on AVX2.
 //!
 //! On small planes most of a large filter falls outside the image and a row is narrower than a
 //! vector, so the row kernels of `direct.rs` waste most of their lanes and FMAs. Here 16
@@ -11,18 +12,23 @@
 //! which the caller's `repair` recomputes exactly.
 //!
 //! The weight gradient is the same correlation with dy in the filter's place and the kh x kw taps
-//! as its output; each task owns 16 channels and reduces the batch in image order in f64, so the
-//! result is bit-identical for any number of threads.
+//! as its output; each task owns one group of channels and reduces the batch in image order in
+//! f64, so the result is bit-identical for any number of threads.
+//!
+//! A group is as wide as a vector (16 channels on AVX-512, 8 on AVX2; the text below says 16):
+//! the rayon tasks pick the instruction set once per call and run each group's body inside its
+//! `#[target_feature]` wrapper (`simd::run_on`).
 
 // The register-block loops index several fixed-size arrays in step; ranges read best there.
 #![allow(clippy::needless_range_loop)]
 
-use std::arch::x86_64::*;
-
 use rayon::prelude::*;
 
-/// Channels per group: one per AVX-512 lane.
-const LANES: usize = 16;
+use super::simd::{self, Isa, Simd, SimdOp};
+
+/// Channels per group on the widest instruction set (one per AVX-512 lane); a group holds
+/// `S::LANES` of them.
+const MAX_LANES: usize = 16;
 /// Most outputs of one row in one register block.
 const MAX_BLOCK: usize = 8;
 /// Zero columns on each side of a transposed filter row: a block of up to MAX_BLOCK outputs
@@ -63,14 +69,25 @@ impl Geom {
         }
     }
 
-    /// Floats per transposed, zero-padded filter row.
-    fn filter_stride(&self) -> usize {
-        (self.kw + 2 * PAD) * LANES
+    /// Floats per transposed, zero-padded filter row of a group of `lanes` channels.
+    fn filter_stride(&self, lanes: usize) -> usize {
+        (self.kw + 2 * PAD) * lanes
     }
 
-    fn filter_len(&self) -> usize {
-        self.kh * self.filter_stride()
+    fn filter_len(&self, lanes: usize) -> usize {
+        self.kh * self.filter_stride(lanes)
     }
+}
+
+/// The vector instruction set these kernels run on, and its group width: the engine's ISA
+/// (`direct.rs` takes them only where it has vectors).
+fn group_isa() -> (Isa, usize) {
+    let isa = simd::detect_isa();
+    assert!(
+        isa >= Isa::Avx2,
+        "the lane-per-channel kernels need AVX2 or AVX-512"
+    );
+    (isa, isa.lanes())
 }
 
 /// A thread's buffers, kept from call to call so that the many short tasks of a call neither
@@ -80,15 +97,15 @@ impl Geom {
 struct Scratch {
     input: Vec<f32>,
     filter: Vec<f32>,
-    /// The filter size (kh, kw) whose padding columns are zero in `filter`.
-    filter_size: (usize, usize),
+    /// The filter size (kh, kw, group width) whose padding columns are zero in `filter`.
+    filter_size: (usize, usize, usize),
     /// Which filters `filter` holds: (call, channel group) of a forward-form call.
     filter_key: Option<(u64, usize)>,
     out: Vec<f32>,
     total: Vec<f64>,
 }
 
-/// One task's view of the buffers, the f32 ones aligned to cache lines (a 16-lane load that
+/// One task's view of the buffers, the f32 ones aligned to cache lines (a vector load that
 /// straddles two lines costs two).
 struct Buffers<'a> {
     input: &'a mut [f32],
@@ -99,13 +116,13 @@ struct Buffers<'a> {
 }
 
 impl Buffers<'_> {
-    /// Fills the filter buffer by `fill` unless it already holds the filters of `key` (a task of
-    /// the same call and channel group ran last on this thread); `None`: always fill.
-    fn filter_for(&mut self, key: Option<(u64, usize)>, fill: impl FnOnce(&mut [f32])) {
-        if key.is_none() || *self.filter_key != key {
-            fill(self.filter);
-            *self.filter_key = key;
-        }
+    /// Whether the filter buffer must be filled for `key` (it does not already hold the filters
+    /// of a task of the same call and channel group that ran last on this thread; `None`:
+    /// always). Records `key` as what it will hold.
+    fn needs_filter(&mut self, key: Option<(u64, usize)>) -> bool {
+        let fill = key.is_none() || *self.filter_key != key;
+        *self.filter_key = key;
+        fill
     }
 }
 
@@ -118,29 +135,30 @@ thread_local! {
 
 /// `len` floats of `v` starting at a 64-byte boundary (`v` grown as needed).
 fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len + LANES {
-        v.resize(len + LANES, 0.0);
+    if v.len() < len + MAX_LANES {
+        v.resize(len + MAX_LANES, 0.0);
     }
     let first = v.as_ptr().align_offset(64);
     &mut v[first..first + len]
 }
 
 impl Scratch {
-    /// Runs `task` with this thread's buffers, sized for `g` (`total`: for a batch reduction).
-    fn with<R>(g: &Geom, total: bool, task: impl FnOnce(Buffers) -> R) -> R {
+    /// Runs `task` with this thread's buffers, sized for `g` with groups of `lanes` channels
+    /// (`total`: for a batch reduction).
+    fn with<R>(g: &Geom, lanes: usize, total: bool, task: impl FnOnce(Buffers) -> R) -> R {
         SCRATCH.with_borrow_mut(|scr| {
-            if scr.filter_size != (g.kh, g.kw) {
+            if scr.filter_size != (g.kh, g.kw, lanes) {
                 scr.filter.clear();
-                scr.filter_size = (g.kh, g.kw);
+                scr.filter_size = (g.kh, g.kw, lanes);
                 scr.filter_key = None;
             }
-            let out_len = g.oh * g.ow * LANES;
+            let out_len = g.oh * g.ow * lanes;
             if total && scr.total.len() < out_len {
                 scr.total.resize(out_len, 0.0);
             }
             task(Buffers {
-                input: aligned(&mut scr.input, g.h * g.w * LANES),
-                filter: aligned(&mut scr.filter, g.filter_len()),
+                input: aligned(&mut scr.input, g.h * g.w * lanes),
+                filter: aligned(&mut scr.filter, g.filter_len(lanes)),
                 filter_key: &mut scr.filter_key,
                 out: aligned(&mut scr.out, out_len),
                 total: &mut scr.total[..if total { out_len } else { 0 }],
@@ -165,13 +183,14 @@ pub(super) fn correlate(
 ) {
     let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     assert!(x.len() / hw == y.len() / ohw && w.len() >= c * kk);
-    let groups = c.div_ceil(LANES);
+    let (isa, lanes) = group_isa();
+    let groups = c.div_ceil(lanes);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // One task per (group of 16 channels, image), the images of a group next to each other:
-    // a thread that runs them in a row transposes the group's filters once.
+    // One task per (group of channels, image), the images of a group next to each other: a
+    // thread that runs them in a row transposes the group's filters once.
     let mut by_group: Vec<Vec<&mut [f32]>> = (0..groups).map(|_| Vec::new()).collect();
     for y_img in y.chunks_mut(c * ohw) {
-        for (group, y_grp) in y_img.chunks_mut(LANES * ohw).enumerate() {
+        for (group, y_grp) in y_img.chunks_mut(lanes * ohw).enumerate() {
             by_group[group].push(y_grp);
         }
     }
@@ -185,32 +204,76 @@ pub(super) fn correlate(
         })
         .collect();
     tasks.into_par_iter().for_each(|(group, img, y_grp)| {
-        Scratch::with(g, false, |mut scr| {
-            let c0 = group * LANES;
-            let lanes = y_grp.len() / ohw;
-            let mut init = [0.0f32; LANES];
+        Scratch::with(g, lanes, false, |scr| {
+            let c0 = group * lanes;
+            let used = y_grp.len() / ohw;
+            let mut init = [0.0f32; MAX_LANES];
             if let Some(b) = bias {
-                init[..lanes].copy_from_slice(&b[c0..c0 + lanes]);
+                init[..used].copy_from_slice(&b[c0..c0 + used]);
             }
             let p0 = img * c + c0;
-            // SAFETY (whole block): only called when AVX-512F was detected; each call asserts
-            // the extents its unchecked loads and stores rely on.
-            let finite = unsafe {
-                to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
-                scr.filter_for(Some((call, group)), |f| {
-                    filter_to_lanes(g, &w[c0 * kk..], kk, lanes, rotate, f)
-                });
-                let finite = correlate_lanes(g, scr.input, scr.filter, &init, scr.out);
-                from_lanes(scr.out, lanes, ohw, y_grp, ohw);
-                finite
+            let task = CorrelateGroup {
+                g,
+                x: &x[p0 * hw..],
+                w: &w[c0 * kk..],
+                rotate,
+                key: (call, group),
+                init: &init,
+                scr,
+                y: &mut *y_grp,
             };
-            if !finite {
+            if !simd::run_on(isa, task) {
                 for (l, y_plane) in y_grp.chunks_mut(ohw).enumerate() {
                     repair(p0 + l, y_plane);
                 }
             }
         })
     });
+}
+
+/// One group of `correlate`: the group's planes (channel l at `x[l * hw..]`, `y[l * ohw..]`,
+/// as many as `y` holds) and filters (`w[l * kh * kw..]`).
+struct CorrelateGroup<'a> {
+    g: &'a Geom,
+    x: &'a [f32],
+    w: &'a [f32],
+    rotate: bool,
+    key: (u64, usize),
+    init: &'a [f32; MAX_LANES],
+    scr: Buffers<'a>,
+    y: &'a mut [f32],
+}
+
+impl SimdOp for CorrelateGroup<'_> {
+    /// Whether every output is finite.
+    type Output = bool;
+
+    #[inline(always)]
+    fn vector<S: Simd>(self, s: S) -> bool {
+        let CorrelateGroup {
+            g,
+            x,
+            w,
+            rotate,
+            key,
+            init,
+            mut scr,
+            y,
+        } = self;
+        let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let lanes = y.len() / ohw;
+        to_lanes(s, x, hw, lanes, hw, scr.input, Layout::dense(hw));
+        if scr.needs_filter(Some(key)) {
+            filter_to_lanes(s, g, w, kk, lanes, rotate, scr.filter);
+        }
+        let finite = correlate_lanes(s, g, scr.input, scr.filter, init, scr.out);
+        from_lanes(s, scr.out, lanes, ohw, y, ohw);
+        finite
+    }
+
+    fn portable(self) -> bool {
+        unreachable!("group_isa asserts a vector instruction set")
+    }
 }
 
 /// Weight gradient of every channel: `dw[c][ky][kx] = sum over images and outputs of
@@ -230,42 +293,23 @@ pub(super) fn weight_grad(
     let t = g.weight_grad();
     let (hw, ohw, kk) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
     assert!(x.len() == n * c * hw && dy.len() == n * c * ohw && dw.len() == c * kk);
-    let pairs = all_pairs_width(&t);
-    dw.par_chunks_mut(LANES * kk)
+    let (isa, lanes) = group_isa();
+    dw.par_chunks_mut(lanes * kk)
         .enumerate()
         .for_each(|(group, dw_grp)| {
-            Scratch::with(&t, n > 1, |mut scr| {
-                let c0 = group * LANES;
-                let lanes = dw_grp.len() / kk;
-                let mut finite = true;
-                for img in 0..n {
-                    let p0 = img * c + c0;
-                    // SAFETY (whole block): only called when AVX-512F was detected; each call
-                    // asserts the extents its unchecked loads and stores rely on.
-                    unsafe {
-                        to_lanes(&x[p0 * hw..], hw, lanes, hw, scr.input, Layout::dense(hw));
-                        scr.filter_for(None, |f| {
-                            filter_to_lanes(&t, &dy[p0 * ohw..], ohw, lanes, false, f)
-                        });
-                        finite &= match pairs {
-                            Some(width) => wgrad_pairs(&t, width, scr.input, scr.filter, scr.out),
-                            None => {
-                                correlate_lanes(&t, scr.input, scr.filter, &[0.0; LANES], scr.out)
-                            }
-                        };
-                        if n > 1 {
-                            accumulate(scr.total, scr.out, img == 0);
-                        }
-                    }
-                }
-                if n > 1 {
-                    for (o, t) in scr.out.iter_mut().zip(&*scr.total) {
-                        *o = *t as f32;
-                    }
-                }
-                // SAFETY: AVX-512F was detected; `from_lanes` asserts its extents.
-                unsafe { from_lanes(scr.out, lanes, kk, dw_grp, kk) };
-                if !finite {
+            Scratch::with(&t, lanes, n > 1, |scr| {
+                let c0 = group * lanes;
+                let task = WeightGradGroup {
+                    t: &t,
+                    n,
+                    c,
+                    c0,
+                    x,
+                    dy,
+                    scr,
+                    dw: &mut *dw_grp,
+                };
+                if !simd::run_on(isa, task) {
                     for (l, dw_c) in dw_grp.chunks_mut(kk).enumerate() {
                         repair(c0 + l, dw_c);
                     }
@@ -274,8 +318,78 @@ pub(super) fn weight_grad(
         });
 }
 
+/// One group of `weight_grad`: channels c0.. (as many as `dw` holds filters for) of every image.
+struct WeightGradGroup<'a> {
+    /// The weight gradient's correlation.
+    t: &'a Geom,
+    n: usize,
+    c: usize,
+    c0: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    scr: Buffers<'a>,
+    dw: &'a mut [f32],
+}
+
+impl SimdOp for WeightGradGroup<'_> {
+    /// Whether every tap is finite.
+    type Output = bool;
+
+    #[inline(always)]
+    fn vector<S: Simd>(self, s: S) -> bool {
+        let WeightGradGroup {
+            t,
+            n,
+            c,
+            c0,
+            x,
+            dy,
+            mut scr,
+            dw,
+        } = self;
+        // t's input is the forward input, its filter dy, its output the taps.
+        let (hw, ohw, kk) = (t.h * t.w, t.kh * t.kw, t.oh * t.ow);
+        let lanes = dw.len() / kk;
+        let pairs = all_pairs_width(t);
+        let mut finite = true;
+        for img in 0..n {
+            let p0 = img * c + c0;
+            to_lanes(
+                s,
+                &x[p0 * hw..],
+                hw,
+                lanes,
+                hw,
+                scr.input,
+                Layout::dense(hw),
+            );
+            if scr.needs_filter(None) {
+                filter_to_lanes(s, t, &dy[p0 * ohw..], ohw, lanes, false, scr.filter);
+            }
+            finite &= match pairs {
+                Some(width) => wgrad_pairs(s, t, width, scr.input, scr.filter, scr.out),
+                None => correlate_lanes(s, t, scr.input, scr.filter, &[0.0; MAX_LANES], scr.out),
+            };
+            if n > 1 {
+                accumulate(scr.total, scr.out, img == 0);
+            }
+        }
+        if n > 1 {
+            for (o, t) in scr.out.iter_mut().zip(&*scr.total) {
+                *o = *t as f32;
+            }
+        }
+        from_lanes(s, scr.out, lanes, kk, dw, kk);
+        finite
+    }
+
+    fn portable(self) -> bool {
+        unreachable!("group_isa asserts a vector instruction set")
+    }
+}
+
 /// `total (+)= part` in f64 (`first`: overwrite), in a fixed order.
-#[target_feature(enable = "avx512f")]
+#[inline(always)]
 fn accumulate(total: &mut [f64], part: &[f32], first: bool) {
     if first {
         for (t, p) in total.iter_mut().zip(part) {
@@ -290,40 +404,6 @@ fn accumulate(total: &mut [f64], part: &[f32], first: bool) {
 
 // ---------------------------------------------------------------------------------------------
 // Transposes between planes and [pixel][lane] order.
-
-/// Transposes a 16 x 16 block held in 16 registers: afterwards `r[j]` lane `i` is the old
-/// `r[i]` lane `j`.
-#[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [__m512; 16]) {
-    // Pairs of rows interleaved per 128-bit lane, then pairs of pairs: t[4k + m] holds, in
-    // 128-bit lane q, column 4q + m of rows 4k..4k + 4.
-    let mut s = [_mm512_setzero_ps(); 16];
-    for k in 0..8 {
-        s[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        s[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    let mut t = [_mm512_setzero_ps(); 16];
-    for k in 0..4 {
-        let pd = |v: __m512| _mm512_castps_pd(v);
-        let (a, b) = (pd(s[4 * k]), pd(s[4 * k + 2]));
-        let (c, d) = (pd(s[4 * k + 1]), pd(s[4 * k + 3]));
-        t[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-        t[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-        t[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-        t[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-    }
-    // A 4 x 4 transpose of 128-bit lanes among t[m], t[4 + m], t[8 + m], t[12 + m].
-    for m in 0..4 {
-        let u0 = _mm512_shuffle_f32x4::<0x44>(t[m], t[4 + m]);
-        let u1 = _mm512_shuffle_f32x4::<0xEE>(t[m], t[4 + m]);
-        let u2 = _mm512_shuffle_f32x4::<0x44>(t[8 + m], t[12 + m]);
-        let u3 = _mm512_shuffle_f32x4::<0xEE>(t[8 + m], t[12 + m]);
-        r[m] = _mm512_shuffle_f32x4::<0x88>(u0, u2);
-        r[4 + m] = _mm512_shuffle_f32x4::<0xDD>(u0, u2);
-        r[8 + m] = _mm512_shuffle_f32x4::<0x88>(u1, u3);
-        r[12 + m] = _mm512_shuffle_f32x4::<0xDD>(u1, u3);
-    }
-}
 
 /// Where `to_lanes` stores the pixels of a plane of rows of `row_len` pixels: pixel (r, c) goes
 /// to vector `r * row_stride + first + c` of the destination, or, when `rotate`, pixel
@@ -349,12 +429,10 @@ impl Layout {
 }
 
 /// `dst[at(i)][l] = src[l * stride + i]` for i < len, l < lanes (lanes beyond: zero), where
-/// `at` is `layout`'s vector index of pixel i.
-///
-/// # Safety
-/// AVX-512F must be present.
-#[target_feature(enable = "avx512f")]
-unsafe fn to_lanes(
+/// `at` is `layout`'s vector index of pixel i (vectors of `S::LANES` floats).
+#[inline(always)]
+fn to_lanes<S: Simd>(
+    s: S,
     src: &[f32],
     stride: usize,
     lanes: usize,
@@ -368,22 +446,23 @@ unsafe fn to_lanes(
         first,
         rotate,
     } = layout;
-    assert!((1..=LANES).contains(&lanes) && (lanes - 1) * stride + len <= src.len());
+    let width = S::LANES;
+    assert!((1..=width).contains(&lanes) && (lanes - 1) * stride + len <= src.len());
     assert!(len.is_multiple_of(row_len) && row_len <= row_stride);
     let rows = len / row_len;
-    assert!(len == 0 || ((rows - 1) * row_stride + first + row_len) * LANES <= dst.len());
+    assert!(len == 0 || ((rows - 1) * row_stride + first + row_len) * width <= dst.len());
     // Pixel i = r * row_len + c, walked in order.
     let (mut r, mut c) = (0, 0);
-    for i0 in (0..len).step_by(LANES) {
-        let count = (len - i0).min(LANES);
-        let mask = (u32::MAX >> (32 - count)) as __mmask16;
-        let mut v = [_mm512_setzero_ps(); LANES];
+    for i0 in (0..len).step_by(width) {
+        let count = (len - i0).min(width);
+        let mask = s.tail(count);
+        let mut v = [s.zero(); MAX_LANES];
         for l in 0..lanes {
             // SAFETY: the `count` floats at l * stride + i0 lie in src (asserted); the masked
             // load touches no others.
-            v[l] = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().add(l * stride + i0)) };
+            v[l] = unsafe { s.load_masked(src.as_ptr().add(l * stride + i0), mask) };
         }
-        transpose16(&mut v);
+        s.transpose(&mut v[..width]);
         for p in 0..count {
             let at = if rotate {
                 (rows - 1 - r) * row_stride + first + row_len - 1 - c
@@ -391,7 +470,7 @@ unsafe fn to_lanes(
                 r * row_stride + first + c
             };
             // SAFETY: r < rows and c < row_len, so `at` is below the bound asserted above.
-            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(at * LANES), v[p]) };
+            unsafe { s.store(dst.as_mut_ptr().add(at * width), v[p]) };
             c += 1;
             if c == row_len {
                 (r, c) = (r + 1, 0);
@@ -400,27 +479,32 @@ unsafe fn to_lanes(
     }
 }
 
-/// `dst[l * stride + i] = src[i][l]` for i < len, l < lanes.
-///
-/// # Safety
-/// AVX-512F must be present.
-#[target_feature(enable = "avx512f")]
-unsafe fn from_lanes(src: &[f32], lanes: usize, len: usize, dst: &mut [f32], stride: usize) {
-    assert!((1..=LANES).contains(&lanes) && (lanes - 1) * stride + len <= dst.len());
-    assert!(len * LANES <= src.len());
-    for i0 in (0..len).step_by(LANES) {
-        let count = (len - i0).min(LANES);
-        let mask = (u32::MAX >> (32 - count)) as __mmask16;
-        let mut r = [_mm512_setzero_ps(); LANES];
+/// `dst[l * stride + i] = src[i][l]` for i < len, l < lanes (vectors of `S::LANES` floats).
+#[inline(always)]
+fn from_lanes<S: Simd>(
+    s: S,
+    src: &[f32],
+    lanes: usize,
+    len: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let width = S::LANES;
+    assert!((1..=width).contains(&lanes) && (lanes - 1) * stride + len <= dst.len());
+    assert!(len * width <= src.len());
+    for i0 in (0..len).step_by(width) {
+        let count = (len - i0).min(width);
+        let mask = s.tail(count);
+        let mut r = [s.zero(); MAX_LANES];
         for p in 0..count {
-            // SAFETY: (i0 + p) * 16 + 16 <= len * 16 <= src.len() (asserted).
-            r[p] = unsafe { _mm512_loadu_ps(src.as_ptr().add((i0 + p) * LANES)) };
+            // SAFETY: (i0 + p + 1) * width <= len * width <= src.len() (asserted).
+            r[p] = unsafe { s.load(src.as_ptr().add((i0 + p) * width)) };
         }
-        transpose16(&mut r);
+        s.transpose(&mut r[..width]);
         for l in 0..lanes {
             // SAFETY: the `count` floats at l * stride + i0 lie in dst (asserted); the masked
             // store touches no others.
-            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add(l * stride + i0), mask, r[l]) };
+            unsafe { s.store_masked(dst.as_mut_ptr().add(l * stride + i0), mask, r[l]) };
         }
     }
 }
@@ -428,11 +512,9 @@ unsafe fn from_lanes(src: &[f32], lanes: usize, len: usize, dst: &mut [f32], str
 /// The filters of `lanes` channels (channel l at `src[l * stride..]`, `g.kh x g.kw`), rotated
 /// by 180 degrees when `rotate`, into the transposed layout `[ky][PAD + kx][lane]` (only the
 /// interior is written: the PAD columns on both sides of every row stay as they are, zero).
-///
-/// # Safety
-/// AVX-512F must be present.
-#[target_feature(enable = "avx512f")]
-unsafe fn filter_to_lanes(
+#[inline(always)]
+fn filter_to_lanes<S: Simd>(
+    s: S,
     g: &Geom,
     src: &[f32],
     stride: usize,
@@ -442,72 +524,64 @@ unsafe fn filter_to_lanes(
 ) {
     let layout = Layout {
         row_len: g.kw,
-        row_stride: g.filter_stride() / LANES,
+        row_stride: g.kw + 2 * PAD,
         first: PAD,
         rotate,
     };
-    // SAFETY: AVX-512F is present (this function's contract).
-    unsafe { to_lanes(src, stride, lanes, g.kh * g.kw, dst, layout) };
+    to_lanes(s, src, stride, lanes, g.kh * g.kw, dst, layout);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The correlation on [pixel][lane] data.
 
 /// All outputs of one group: per output row, blocks of up to MAX_BLOCK outputs in registers.
-///
-/// # Safety
-/// AVX-512F must be present.
-#[target_feature(enable = "avx512f")]
-unsafe fn correlate_lanes(
+/// Returns whether every output is finite.
+#[inline(always)]
+fn correlate_lanes<S: Simd>(
+    s: S,
     g: &Geom,
     input: &[f32],
     filter: &[f32],
-    init: &[f32; LANES],
+    init: &[f32; MAX_LANES],
     out: &mut [f32],
 ) -> bool {
-    assert!(input.len() >= g.h * g.w * LANES && filter.len() >= g.filter_len());
-    assert!(out.len() >= g.oh * g.ow * LANES);
-    let mut probe = _mm512_setzero_ps();
+    let width = S::LANES;
+    assert!(input.len() >= g.h * g.w * width && filter.len() >= g.filter_len(width));
+    assert!(out.len() >= g.oh * g.ow * width);
+    let mut probe = s.zero();
     for oy in 0..g.oh {
         let mut ox0 = 0;
         while ox0 < g.ow {
             let nb = (g.ow - ox0).min(MAX_BLOCK);
             let args = (g, input, filter, init, &mut *out, &mut probe, oy, ox0);
-            // SAFETY (every arm): AVX-512F is present; extents asserted above.
+            // SAFETY (every arm): the extents asserted above.
             unsafe {
                 match nb {
-                    8 => block::<8>(args),
-                    7 => block::<7>(args),
-                    6 => block::<6>(args),
-                    5 => block::<5>(args),
-                    4 => block::<4>(args),
-                    3 => block::<3>(args),
-                    2 => block::<2>(args),
-                    _ => block::<1>(args),
+                    8 => block::<S, 8>(s, args),
+                    7 => block::<S, 7>(s, args),
+                    6 => block::<S, 6>(s, args),
+                    5 => block::<S, 5>(s, args),
+                    4 => block::<S, 4>(s, args),
+                    3 => block::<S, 3>(s, args),
+                    2 => block::<S, 2>(s, args),
+                    _ => block::<S, 1>(s, args),
                 }
             }
             ox0 += nb;
         }
     }
-    is_zero(probe)
+    s.reduce_add(probe) == 0.0
 }
 
-/// Whether a probe (a sum of `output * 0` terms) is still zero: NaN once any output was
-/// Inf or NaN.
-#[target_feature(enable = "avx512f")]
-fn is_zero(probe: __m512) -> bool {
-    _mm512_reduce_add_ps(probe) == 0.0
-}
-
-/// Geometry, input, filter, initial value, output, non-finite probe, output row, first output
-/// column.
-type BlockArgs<'a> = (
+/// Geometry, input, filter, initial value, output, non-finite probe (a sum of `output * 0`
+/// terms: NaN once any output was Inf or NaN), output row, first output column.
+type BlockArgs<'a, V> = (
     &'a Geom,
     &'a [f32],
     &'a [f32],
-    &'a [f32; LANES],
+    &'a [f32; MAX_LANES],
     &'a mut [f32],
-    &'a mut __m512,
+    &'a mut V,
     usize,
     usize,
 );
@@ -517,11 +591,15 @@ type BlockArgs<'a> = (
 /// output's tap index valid, so the loop has no branches).
 ///
 /// # Safety
-/// AVX-512F must be present; the extents asserted in `correlate_lanes` must hold.
-#[target_feature(enable = "avx512f")]
-unsafe fn block<const NB: usize>((g, input, filter, init, out, probe, oy, ox0): BlockArgs) {
-    // SAFETY: `init` holds 16 floats.
-    let b = unsafe { _mm512_loadu_ps(init.as_ptr()) };
+/// The extents asserted in `correlate_lanes` must hold.
+#[inline(always)]
+unsafe fn block<S: Simd, const NB: usize>(
+    s: S,
+    (g, input, filter, init, out, probe, oy, ox0): BlockArgs<S::V>,
+) {
+    let width = S::LANES;
+    // SAFETY: `init` holds MAX_LANES >= width floats.
+    let b = unsafe { s.load(init.as_ptr()) };
     let mut acc = [b; NB];
     // Filter rows whose input row iy = oy - top + ky lies inside the image.
     let ky_lo = (g.top - oy as isize).max(0) as usize;
@@ -535,33 +613,34 @@ unsafe fn block<const NB: usize>((g, input, filter, init, out, probe, oy, ox0): 
     for ky in ky_lo..ky_hi {
         let iy = (oy as isize - g.top + ky as isize) as usize;
         // SAFETY: iy < h and ky < kh (the ranges above), so the rows lie inside input and filter.
-        let x_row = unsafe { input.as_ptr().add(iy * g.w * LANES) };
+        let x_row = unsafe { input.as_ptr().add(iy * g.w * width) };
         // SAFETY: ky < kh, as above.
-        let f_row = unsafe { filter.as_ptr().add(ky * g.filter_stride()) };
+        let f_row = unsafe { filter.as_ptr().add(ky * g.filter_stride(width)) };
         for ix in ix_lo..ix_hi {
             // SAFETY: 0 <= ix < w; the padded column col0 + ix - j is in range (see above).
             unsafe {
-                let xv = _mm512_loadu_ps(x_row.offset(ix * LANES as isize));
-                let f0 = f_row.offset((col0 + ix) * LANES as isize);
+                let xv = s.load(x_row.offset(ix * width as isize));
+                let f0 = f_row.offset((col0 + ix) * width as isize);
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(f0.sub(j * LANES)), *a);
+                    *a = s.fma(xv, s.load(f0.sub(j * width)), *a);
                 }
             }
         }
     }
     for (j, a) in acc.iter().enumerate() {
-        let off = (oy * g.ow + ox0 + j) * LANES;
-        assert!(off + LANES <= out.len());
+        let off = (oy * g.ow + ox0 + j) * width;
+        assert!(off + width <= out.len());
         // SAFETY: asserted just above.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(off), *a) };
-        *probe = _mm512_fmadd_ps(*a, _mm512_setzero_ps(), *probe);
+        unsafe { s.store(out.as_mut_ptr().add(off), *a) };
+        *probe = s.fma(*a, s.zero(), *probe);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Weight gradient when every pair of a row meets inside the filter (RepLKNet's 7x7 K13).
 
-/// Widest rows `wgrad_pairs` holds in registers (7 dy + 7 x + 13 sums of 32 vector registers).
+/// Widest rows `wgrad_pairs` holds in registers (7 dy + 7 x + 13 sums of AVX-512's 32 vector
+/// registers; AVX2's 16 spill some, still ahead of the padded correlation).
 const PAIRS_MAX_WIDTH: usize = 7;
 
 /// Whether the weight gradient of the forward pass `g` takes `wgrad_pairs`.
@@ -585,82 +664,83 @@ fn all_pairs_width(t: &Geom) -> Option<usize> {
 /// The weight-gradient correlation `t` for `all_pairs_width(t) == Some(width)`: per tap row and
 /// dy row, both rows in registers and all W x W products added exactly where they belong (no
 /// padded taps computed), the 2W - 1 tap sums in registers. Returns whether all are finite.
-///
-/// # Safety
-/// AVX-512F must be present.
-#[target_feature(enable = "avx512f")]
-unsafe fn wgrad_pairs(
+#[inline(always)]
+fn wgrad_pairs<S: Simd>(
+    s: S,
     t: &Geom,
     width: usize,
     input: &[f32],
     filter: &[f32],
     out: &mut [f32],
 ) -> bool {
+    let lanes = S::LANES;
     assert_eq!(all_pairs_width(t), Some(width));
-    assert!(input.len() >= t.h * t.w * LANES && filter.len() >= t.filter_len());
-    assert!(out.len() >= t.oh * t.ow * LANES);
-    // SAFETY (every arm): AVX-512F is present; extents asserted above.
+    assert!(input.len() >= t.h * t.w * lanes && filter.len() >= t.filter_len(lanes));
+    assert!(out.len() >= t.oh * t.ow * lanes);
+    // SAFETY (every arm): extents asserted above.
     unsafe {
         match width {
-            7 => pairs::<7, 13>(t, input, filter, out),
-            6 => pairs::<6, 11>(t, input, filter, out),
-            5 => pairs::<5, 9>(t, input, filter, out),
-            4 => pairs::<4, 7>(t, input, filter, out),
-            3 => pairs::<3, 5>(t, input, filter, out),
-            2 => pairs::<2, 3>(t, input, filter, out),
-            _ => pairs::<1, 1>(t, input, filter, out),
+            7 => pairs::<S, 7, 13>(s, t, input, filter, out),
+            6 => pairs::<S, 6, 11>(s, t, input, filter, out),
+            5 => pairs::<S, 5, 9>(s, t, input, filter, out),
+            4 => pairs::<S, 4, 7>(s, t, input, filter, out),
+            3 => pairs::<S, 3, 5>(s, t, input, filter, out),
+            2 => pairs::<S, 2, 3>(s, t, input, filter, out),
+            _ => pairs::<S, 1, 1>(s, t, input, filter, out),
         }
     }
 }
 
-/// `wgrad_pairs` for rows of W columns (S = 2W - 1 tap sums).
+/// `wgrad_pairs` for rows of W columns (SUMS = 2W - 1 tap sums).
 ///
 /// # Safety
-/// AVX-512F must be present; the extents asserted in `wgrad_pairs` must hold.
-#[target_feature(enable = "avx512f")]
-unsafe fn pairs<const W: usize, const S: usize>(
+/// The extents asserted in `wgrad_pairs` must hold.
+#[inline(always)]
+unsafe fn pairs<S: Simd, const W: usize, const SUMS: usize>(
+    s: S,
     t: &Geom,
     input: &[f32],
     filter: &[f32],
     out: &mut [f32],
 ) -> bool {
-    let mut probe = _mm512_setzero_ps();
+    let lanes = S::LANES;
+    let mut probe = s.zero();
     // Tap column of sum m: k = left - (W - 1) + m; the other tap columns meet no pair.
     let k0 = (t.left - (W as isize - 1)) as usize;
     for a in 0..t.oh {
-        let mut acc = [_mm512_setzero_ps(); S];
+        let mut acc = [s.zero(); SUMS];
         // dy rows whose x row iy = a - top + b lies inside the image.
         let b_lo = (t.top - a as isize).max(0) as usize;
         let b_hi = (t.h as isize + t.top - a as isize).clamp(0, t.kh as isize) as usize;
         for b in b_lo..b_hi {
             let iy = (a as isize - t.top + b as isize) as usize;
-            let mut d = [_mm512_setzero_ps(); W];
-            let mut x = [_mm512_setzero_ps(); W];
+            let mut d = [s.zero(); W];
+            let mut x = [s.zero(); W];
             for i in 0..W {
                 // SAFETY: b < kh and iy < h, i < W = kw = w: inside filter and input (asserted).
                 unsafe {
-                    d[i] = _mm512_loadu_ps(
+                    d[i] = s.load(
                         filter
                             .as_ptr()
-                            .add(b * t.filter_stride() + (PAD + i) * LANES),
+                            .add(b * t.filter_stride(lanes) + (PAD + i) * lanes),
                     );
-                    x[i] = _mm512_loadu_ps(input.as_ptr().add((iy * W + i) * LANES));
+                    x[i] = s.load(input.as_ptr().add((iy * W + i) * lanes));
                 }
             }
             for ox in 0..W {
                 for ix in 0..W {
                     let m = ix + W - 1 - ox;
-                    acc[m] = _mm512_fmadd_ps(d[ox], x[ix], acc[m]);
+                    acc[m] = s.fma(d[ox], x[ix], acc[m]);
                 }
             }
         }
-        let row = &mut out[a * t.ow * LANES..][..t.ow * LANES];
+        let row = &mut out[a * t.ow * lanes..][..t.ow * lanes];
         row.fill(0.0);
         for (m, v) in acc.iter().enumerate() {
-            // SAFETY: k0 + m < ow (`all_pairs_width`), so the 16 floats lie inside `row`.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add((k0 + m) * LANES), *v) };
-            probe = _mm512_fmadd_ps(*v, _mm512_setzero_ps(), probe);
+            // SAFETY: k0 + m < ow (`all_pairs_width`), so the vector lies inside `row`.
+            unsafe { s.store(row.as_mut_ptr().add((k0 + m) * lanes), *v) };
+            probe = s.fma(*v, s.zero(), probe);
         }
     }
-    is_zero(probe)
+    s.reduce_add(probe) == 0.0
 }
