@@ -145,7 +145,7 @@ fn im2col_matches_reference() {
     check_all::<f32>(Device::Cpu, Impl::Im2col);
 }
 
-/// `cases()` reach every kernel of the fast path on this machine (with AVX-512, the
+/// `cases()` reach every kernel of the fast path on this machine (with AVX2 or AVX-512, the
 /// lane-per-channel ones too), so the comparisons above check each of them.
 #[test]
 fn cases_reach_every_fast_kernel() {
@@ -160,7 +160,7 @@ fn cases_reach_every_fast_kernel() {
     for op in Op::ALL {
         want.extend([(op, KernelPath::Plain), (op, KernelPath::Rows)]);
     }
-    if cpu::direct::uses_avx512() {
+    if cpu::direct::uses_vector_isa() {
         for op in Op::ALL {
             want.push((op, KernelPath::Lanes));
         }

@@ -44,7 +44,7 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 }
 
 pub(crate) use super::simd::{detect_isa, Isa};
-pub use super::simd::{has_avx2_fma, uses_avx512};
+pub use super::simd::{has_avx2_fma, uses_avx512, uses_vector_isa};
 
 /// A description of the instruction set the fast path uses on this machine.
 pub fn simd_description() -> &'static str {

@@ -323,7 +323,14 @@ fn narrow_block<S: Simd, const R: usize, const Q: usize>(
         }
         kk += S::LANES;
     }
-    acc.map(|row| row.map(|v| s.reduce_add(v)))
+    // Plain loops, not `map` closures: every call stays inside the caller's target_feature body.
+    let mut sums = [[0.0; Q]; R];
+    for (sum_r, acc_r) in sums.iter_mut().zip(&acc) {
+        for (sum, &v) in sum_r.iter_mut().zip(acc_r) {
+            *sum = s.reduce_add(v);
+        }
+    }
+    sums
 }
 
 /// `lanes` (<= LANES) floats from `p`, zeros after them.

@@ -58,6 +58,11 @@ pub fn uses_avx512() -> bool {
     detect_isa() == Isa::Avx512
 }
 
+/// Whether the fast path uses vector kernels (AVX2 + FMA or wider) on this CPU.
+pub fn uses_vector_isa() -> bool {
+    detect_isa() >= Isa::Avx2
+}
+
 /// Whether the AVX2 + FMA kernels can run on this CPU.
 pub fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -567,3 +572,61 @@ mod x86 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) use x86::each_vector_isa;
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::{each_vector_isa, Simd, SimdOp};
+
+    /// Loads a LANES x LANES block of distinct values, transposes it in registers and sums
+    /// each original row.
+    struct TransposeAndSum(Vec<f32>);
+
+    impl SimdOp for TransposeAndSum {
+        /// (lanes, the transposed block row-major, the row sums).
+        type Output = (usize, Vec<f32>, Vec<f32>);
+
+        #[inline(always)]
+        fn vector<S: Simd>(self, s: S) -> Self::Output {
+            let n = S::LANES;
+            assert!(self.0.len() >= n * n);
+            let mut rows: Vec<S::V> = (0..n)
+                // SAFETY: row i's n floats lie in self.0 (asserted).
+                .map(|i| unsafe { s.load(self.0.as_ptr().add(i * n)) })
+                .collect();
+            let sums = rows.iter().map(|&r| s.reduce_add(r)).collect();
+            s.transpose(&mut rows);
+            let mut out = vec![f32::NAN; n * n];
+            for (i, &r) in rows.iter().enumerate() {
+                // SAFETY: row i's n floats lie in out (n * n long).
+                unsafe { s.store(out.as_mut_ptr().add(i * n), r) };
+            }
+            (n, out, sums)
+        }
+
+        fn portable(self) -> Self::Output {
+            unreachable!("the test runs vector bodies only")
+        }
+    }
+
+    #[test]
+    fn transpose_and_reduce_add_on_every_vector_isa() {
+        // Distinct, exactly representable values (sums of up to 16 of them are exact).
+        let block: Vec<f32> = (0..256).map(|i| (i * 7 % 256) as f32 - 100.5).collect();
+        let mut isas = vec![];
+        each_vector_isa(
+            || TransposeAndSum(block.clone()),
+            |isa, (n, got, sums)| {
+                isas.push(isa.to_string());
+                for i in 0..n {
+                    for j in 0..n {
+                        assert_eq!(got[j * n + i], block[i * n + j], "{isa}: ({i}, {j})");
+                    }
+                    let want: f32 = block[i * n..(i + 1) * n].iter().sum();
+                    assert_eq!(sums[i], want, "{isa}: row {i}");
+                }
+            },
+        );
+        assert_eq!(isas.is_empty(), !super::has_avx2_fma(), "checked {isas:?}");
+        println!("checked in-process: {isas:?}");
+    }
+}

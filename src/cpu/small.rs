@@ -3,9 +3,9 @@
 //! 16 channels per group on AVX-512, 8 on AVX2.
 //!
 //! On small planes most of a large filter falls outside the image and a row is narrower than a
-//! vector, so the row kernels of `direct.rs` waste most of their lanes and FMAs. Here 16
-//! consecutive channels of one image are transposed (16 x 16 register transposes) to
-//! pixel-major order `[pixel][lane]`: every FMA is a full vector whatever the plane width, and
+//! vector, so the row kernels of `direct.rs` waste most of their lanes and FMAs. Here a group of
+//! consecutive channels of one image, one per lane, is transposed (LANES x LANES register
+//! transposes) to pixel-major order `[pixel][lane]`: every FMA is a full vector whatever the plane width, and
 //! only filter rows and input columns that touch the image are visited. The filter rows are
 //! padded with zero columns on both sides, so a block of outputs needs no per-tap bounds checks
 //! at the image's left and right edges; a NaN/Inf input times such a zero adds a spurious NaN,
@@ -15,8 +15,7 @@
 //! as its output; each task owns one group of channels and reduces the batch in image order in
 //! f64, so the result is bit-identical for any number of threads.
 //!
-//! A group is as wide as a vector (16 channels on AVX-512, 8 on AVX2; the text below says 16):
-//! the rayon tasks pick the instruction set once per call and run each group's body inside its
+//! A group is as wide as a vector (16 channels on AVX-512, 8 on AVX2): the rayon tasks pick the instruction set once per call and run each group's body inside its
 //! `#[target_feature]` wrapper (`simd::run_on`).
 
 // The register-block loops index several fixed-size arrays in step; ranges read best there.
@@ -502,9 +501,15 @@ fn from_lanes<S: Simd>(
         }
         s.transpose(&mut r[..width]);
         for l in 0..lanes {
-            // SAFETY: the `count` floats at l * stride + i0 lie in dst (asserted); the masked
-            // store touches no others.
-            unsafe { s.store_masked(dst.as_mut_ptr().add(l * stride + i0), mask, r[l]) };
+            let at = l * stride + i0;
+            if count == width {
+                // SAFETY: the `width` floats at `at` lie in dst (asserted: count == width).
+                unsafe { s.store(dst.as_mut_ptr().add(at), r[l]) };
+            } else {
+                // SAFETY: the `count` floats at `at` lie in dst (asserted); the masked store
+                // touches no others.
+                unsafe { s.store_masked(dst.as_mut_ptr().add(at), mask, r[l]) };
+            }
         }
     }
 }
