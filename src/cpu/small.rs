@@ -450,18 +450,35 @@ fn to_lanes<S: Simd>(
     assert!(len.is_multiple_of(row_len) && row_len <= row_stride);
     let rows = len / row_len;
     assert!(len == 0 || ((rows - 1) * row_stride + first + row_len) * width <= dst.len());
+    let dense = !rotate && row_stride == row_len && first == 0;
     // Pixel i = r * row_len + c, walked in order.
     let (mut r, mut c) = (0, 0);
     for i0 in (0..len).step_by(width) {
         let count = (len - i0).min(width);
-        let mask = s.tail(count);
         let mut v = [s.zero(); MAX_LANES];
-        for l in 0..lanes {
-            // SAFETY: the `count` floats at l * stride + i0 lie in src (asserted); the masked
-            // load touches no others.
-            v[l] = unsafe { s.load_masked(src.as_ptr().add(l * stride + i0), mask) };
+        // Whole vectors of a whole group (the common case) with plain loads in a loop of fixed
+        // length; masked loads only for the tail or a partial group.
+        if count == width && lanes == width {
+            for l in 0..width {
+                // SAFETY: the `width` floats at l * stride + i0 lie in src (asserted).
+                v[l] = unsafe { s.load(src.as_ptr().add(l * stride + i0)) };
+            }
+        } else {
+            let mask = s.tail(count);
+            for l in 0..lanes {
+                // SAFETY: the `count` floats at l * stride + i0 lie in src (asserted); the
+                // masked load touches no others.
+                v[l] = unsafe { s.load_masked(src.as_ptr().add(l * stride + i0), mask) };
+            }
         }
         s.transpose(&mut v[..width]);
+        if dense {
+            for p in 0..count {
+                // SAFETY: i0 + p < len = rows * row_len, inside the bound asserted above.
+                unsafe { s.store(dst.as_mut_ptr().add((i0 + p) * width), v[p]) };
+            }
+            continue;
+        }
         for p in 0..count {
             let at = if rotate {
                 (rows - 1 - r) * row_stride + first + row_len - 1 - c
@@ -493,22 +510,30 @@ fn from_lanes<S: Simd>(
     assert!(len * width <= src.len());
     for i0 in (0..len).step_by(width) {
         let count = (len - i0).min(width);
-        let mask = s.tail(count);
         let mut r = [s.zero(); MAX_LANES];
-        for p in 0..count {
-            // SAFETY: (i0 + p + 1) * width <= len * width <= src.len() (asserted).
-            r[p] = unsafe { s.load(src.as_ptr().add((i0 + p) * width)) };
+        if count == width {
+            for p in 0..width {
+                // SAFETY: (i0 + p + 1) * width <= len * width <= src.len() (asserted).
+                r[p] = unsafe { s.load(src.as_ptr().add((i0 + p) * width)) };
+            }
+        } else {
+            for p in 0..count {
+                // SAFETY: as above.
+                r[p] = unsafe { s.load(src.as_ptr().add((i0 + p) * width)) };
+            }
         }
         s.transpose(&mut r[..width]);
-        for l in 0..lanes {
-            let at = l * stride + i0;
-            if count == width {
-                // SAFETY: the `width` floats at `at` lie in dst (asserted: count == width).
-                unsafe { s.store(dst.as_mut_ptr().add(at), r[l]) };
-            } else {
-                // SAFETY: the `count` floats at `at` lie in dst (asserted); the masked store
-                // touches no others.
-                unsafe { s.store_masked(dst.as_mut_ptr().add(at), mask, r[l]) };
+        if count == width {
+            for l in 0..lanes {
+                // SAFETY: the `width` floats at l * stride + i0 lie in dst (asserted).
+                unsafe { s.store(dst.as_mut_ptr().add(l * stride + i0), r[l]) };
+            }
+        } else {
+            let mask = s.tail(count);
+            for l in 0..lanes {
+                // SAFETY: the `count` floats at l * stride + i0 lie in dst (asserted); the
+                // masked store touches no others.
+                unsafe { s.store_masked(dst.as_mut_ptr().add(l * stride + i0), mask, r[l]) };
             }
         }
     }
