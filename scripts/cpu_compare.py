@@ -156,13 +156,14 @@ def lkconv_json(exe, args, threads):
 
 
 class Acc:
-    """Wall times of every round, and CPU time per run (averaged over rounds)."""
+    """Wall times of every round, each round's best, and CPU time per run (averaged over rounds)."""
 
     def __init__(self):
-        self.walls, self.cpus = [], []
+        self.walls, self.cpus, self.round_mins = [], [], []
 
     def add(self, walls, cpu):
         self.walls += walls
+        self.round_mins.append(min(walls))
         if cpu is not None:
             self.cpus.append(cpu)
 
@@ -174,6 +175,13 @@ class Acc:
 
     def cpu(self):
         return float(np.mean(self.cpus)) if self.cpus else float("nan")
+
+
+def paired(ours, theirs):
+    """lkconv/ORT of each round's best times (the two ran back to back, so a slow phase of a
+    shared host weighs on both): median and range over the rounds."""
+    r = [o / t for o, t in zip(ours.round_mins, theirs.round_mins)]
+    return f"{np.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
 
 
 def main():
@@ -244,21 +252,21 @@ def main():
           + (f", torch {torch.__version__}" if torch is not None else ", torch not installed")
           + f"; python {platform.python_version()}; {a.rounds} rounds interleaved")
     print("# lkconv: min of the rounds' min and median; ORT/torch: min and median of every run. "
-          "ratio < 1: lkconv faster.")
+          "ratio < 1: lkconv faster. per round: lkconv/ORT of each round's best, median (range).")
     print()
     print("| case | lkconv min / median ms | ORT min / median ms | lkconv/ORT (min) | lkconv/ORT (median) "
-          "| CPU ms/run lkconv / ORT | torch min ms |")
-    print("|---|---|---|---|---|---|---|")
+          "| lkconv/ORT per round | CPU ms/run lkconv / ORT | torch min ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, ours, theirs, tor, peak in rows:
         # lkconv adds (min, median) pairs per round: min over mins, median over medians
         mins, meds = ours.walls[0::2], ours.walls[1::2]
         o_min, o_med = min(mins), float(np.median(meds))
         extra = f" (peak RSS {peak:.0f} MiB)" if peak else ""
         print(f"| {label}{extra} | {o_min:.3f} / {o_med:.3f} | {theirs.min():.3f} / {theirs.med():.3f} "
-              f"| {o_min / theirs.min():.2f} | {o_med / theirs.med():.2f} "
+              f"| {o_min / theirs.min():.2f} | {o_med / theirs.med():.2f} | {paired(ours, theirs)} "
               f"| {ours.cpu():.2f} / {theirs.cpu():.2f} | {tor.min():.3f} |" if tor else
               f"| {label}{extra} | {o_min:.3f} / {o_med:.3f} | {theirs.min():.3f} / {theirs.med():.3f} "
-              f"| {o_min / theirs.min():.2f} | {o_med / theirs.med():.2f} "
+              f"| {o_min / theirs.min():.2f} | {o_med / theirs.med():.2f} | {paired(ours, theirs)} "
               f"| {ours.cpu():.2f} / {theirs.cpu():.2f} | - |")
 
 
