@@ -511,6 +511,7 @@ fn from_lanes<S: Simd>(
     for i0 in (0..len).step_by(width) {
         let count = (len - i0).min(width);
         let mut r = [s.zero(); MAX_LANES];
+        // As in `to_lanes`: whole vectors in loops of fixed length, the tail apart.
         if count == width {
             for p in 0..width {
                 // SAFETY: (i0 + p + 1) * width <= len * width <= src.len() (asserted).
