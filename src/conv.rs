@@ -229,6 +229,7 @@ impl DwConv2d {
         };
         too_big([n, c, h, w])?;
         too_big([n, c, oh, ow])?;
+        too_big(self.weight_dims(c))?;
         let plane_limit = i32::MAX as usize;
         if h.checked_mul(w).is_none_or(|v| v > plane_limit)
             || oh.checked_mul(ow).is_none_or(|v| v > plane_limit)
@@ -323,21 +324,15 @@ impl DwConv2d {
         2.0 * (s.n * s.c) as f64 * (s.oh * s.ow) as f64 * (self.kernel.0 * self.kernel.1) as f64
     }
 
-    /// FLOPs of the taps that fall inside the image (the useful work).
+    /// FLOPs of the taps that fall inside the image (the useful work), counted in closed form
+    /// (any size counts in microseconds).
     pub fn useful_flops(&self, s: &ConvShape) -> f64 {
-        let count =
-            |out: usize, len: usize, k: usize, pad: usize, stride: usize, dil: usize| -> f64 {
-                let mut taps = 0usize;
-                for o in 0..out {
-                    for t in 0..k {
-                        let i = (o * stride + t * dil) as isize - pad as isize;
-                        if i >= 0 && (i as usize) < len {
-                            taps += 1;
-                        }
-                    }
-                }
-                taps as f64
-            };
+        // Pairs (o, t), o < out, t < k, with pad <= o * stride + t * dil <= pad + len - 1.
+        let count = |out: usize, len: usize, k: usize, pad: usize, stride: usize, dil: usize| {
+            let below =
+                |x: i128| pairs_at_most(out as u128, k as u128, stride as u128, dil as u128, x);
+            (below(pad as i128 + len as i128 - 1) - below(pad as i128 - 1)) as f64
+        };
         let rows = count(
             s.oh,
             s.h,
@@ -358,8 +353,114 @@ impl DwConv2d {
     }
 }
 
+/// #{(i, j) : i < ni, j < nj, a * i + b * j <= x} for a, b >= 1.
+fn pairs_at_most(ni: u128, nj: u128, a: u128, b: u128, x: i128) -> u128 {
+    if x < 0 || ni == 0 || nj == 0 {
+        return 0;
+    }
+    let x = x as u128;
+    // Rows i <= x / a have at least one j; those with a * i <= x - b * (nj - 1) have all nj.
+    let rows = ni.min(x / a + 1);
+    let full = match x.checked_sub(b * (nj - 1)) {
+        Some(r) => rows.min(r / a + 1),
+        None => 0,
+    };
+    // Rows full..rows hold floor((x - a * i) / b) + 1 each; with i = rows - 1 - m this is
+    // floor((a * m + c) / b) + 1 for m < rows - full, c = x - a * (rows - 1) >= 0.
+    let n = rows - full;
+    full * nj + n + floor_sum(n, b, a, x - a * (rows - 1))
+}
+
+/// sum_{m < n} floor((a * m + c) / d), d >= 1, by the Euclid-like reduction (O(log) steps).
+fn floor_sum(mut n: u128, mut d: u128, mut a: u128, mut c: u128) -> u128 {
+    let mut sum = 0;
+    loop {
+        if a >= d {
+            sum += n * n.saturating_sub(1) / 2 * (a / d);
+            a %= d;
+        }
+        if c >= d {
+            sum += n * (c / d);
+            c %= d;
+        }
+        // The remaining terms count lattice points under the line; swap the axes.
+        let top = a * n + c;
+        if top < d {
+            return sum;
+        }
+        (n, c, d, a) = (top / d, top % d, a, d);
+    }
+}
+
 /// Splits a shape into exactly four dimensions.
 pub fn dims4(what: &str, shape: &[usize]) -> Result<[usize; 4]> {
     <[usize; 4]>::try_from(shape)
         .map_err(|_| Error::shape(what, "4 dimensions [N, C, H, W]", shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Taps inside the image by enumerating every (output, tap) pair.
+    fn useful_flops_by_enumeration(conv: &DwConv2d, s: &ConvShape) -> f64 {
+        let count = |out: usize, len: usize, k: usize, pad: usize, stride: usize, dil: usize| {
+            let inside = |o: usize, t: usize| {
+                let i = (o * stride + t * dil) as i64 - pad as i64;
+                i >= 0 && (i as usize) < len
+            };
+            (0..out)
+                .flat_map(|o| (0..k).map(move |t| (o, t)))
+                .filter(|&(o, t)| inside(o, t))
+                .count() as f64
+        };
+        let (p, (kh, kw)) = (&conv.padding, conv.kernel);
+        let rows = count(s.oh, s.h, kh, p.top, conv.stride.0, conv.dilation.0);
+        let cols = count(s.ow, s.w, kw, p.left, conv.stride.1, conv.dilation.1);
+        2.0 * (s.n * s.c) as f64 * rows * cols
+    }
+
+    #[test]
+    fn useful_flops_matches_enumeration() {
+        let (mut rng, seed) = crate::rng::Rng::from_time();
+        let mut pick = |lo: usize, hi: usize| rng.range(lo, hi);
+        let mut checked = 0;
+        for _ in 0..3000 {
+            let conv = DwConv2d {
+                kernel: (pick(1, 12), pick(1, 12)),
+                padding: Padding {
+                    top: pick(0, 9),
+                    bottom: pick(0, 9),
+                    left: pick(0, 9),
+                    right: pick(0, 9),
+                },
+                stride: (pick(1, 4), pick(1, 4)),
+                dilation: (pick(1, 3), pick(1, 3)),
+            };
+            let Ok(s) = conv.resolve(pick(1, 2), pick(1, 3), pick(1, 11), pick(1, 11)) else {
+                continue;
+            };
+            assert_eq!(
+                conv.useful_flops(&s),
+                useful_flops_by_enumeration(&conv, &s),
+                "{conv:?} {s:?} (seed {seed})"
+            );
+            checked += 1;
+        }
+        assert!(checked > 1000, "only {checked} valid cases");
+    }
+
+    /// A million output rows under a kernel of a million rows: the enumeration would visit 10^12
+    /// pairs; the count must not.
+    #[test]
+    fn useful_flops_of_a_huge_kernel_is_counted_without_enumeration() {
+        let conv = DwConv2d::new(1_000_001, 1);
+        let s = conv.resolve(1, 1, 1_000_000, 1).unwrap();
+        // Every output row sees all 10^6 image rows except where the window leaves the image:
+        // row o covers image rows [o - 500000, o + 500000].
+        let rows: f64 = (0..1_000_000i64)
+            .map(|o| ((o + 500_000).min(999_999) - (o - 500_000).max(0) + 1) as f64)
+            .sum();
+        assert_eq!(conv.useful_flops(&s), 2.0 * rows);
+    }
 }

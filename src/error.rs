@@ -64,6 +64,9 @@ pub enum Error {
     /// The operation is not supported for this combination of arguments.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A host allocation failed (the request exceeds what the system grants).
+    #[error("out of host memory: {bytes} bytes for {what}")]
+    OutOfMemory { what: String, bytes: usize },
 }
 
 /// The CUDA driver's or cuBLAS's error behind an [`Error::Cuda`]. Displayed by its status
@@ -107,12 +110,14 @@ impl Error {
         }
     }
 
-    /// True when the device ran out of memory (the driver's `CUDA_ERROR_OUT_OF_MEMORY` or
-    /// cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`), as opposed to any other failure.
+    /// True when the host ([`Error::OutOfMemory`]) or the device ran out of memory (the
+    /// driver's `CUDA_ERROR_OUT_OF_MEMORY` or cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`), as opposed
+    /// to any other failure.
     pub fn is_out_of_memory(&self) -> bool {
         use cudarc::cublas::sys::cublasStatus_t;
         use cudarc::driver::sys::CUresult;
         match self {
+            Error::OutOfMemory { .. } => true,
             Error::Cuda {
                 source: CudaFailure::Driver(e),
                 ..

@@ -100,8 +100,18 @@ fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Option<Tensor<f32>>>
             .collect(),
         StDtype::F64 => bytes
             .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
-            .collect(),
+            .map(|b| {
+                let v = f64::from_le_bytes(b.try_into().expect("chunk of 8"));
+                // A finite value beyond f32's range would silently become infinite.
+                if v.is_finite() && (v as f32).is_infinite() {
+                    Err(Error::SafeTensors(format!(
+                        "tensor '{name}' holds {v:e}, beyond the range of f32"
+                    )))
+                } else {
+                    Ok(v as f32)
+                }
+            })
+            .collect::<Result<_>>()?,
         StDtype::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -168,6 +178,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Checks before long work that [`write_atomically`] can create its temporary beside `path`
+/// (an existing but read-only directory fails here, not after the work); leaves nothing behind.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let tmp = partial_path(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|source| Error::Io {
+            path: tmp.display().to_string(),
+            source,
+        })?;
+    std::fs::remove_file(&tmp).map_err(|source| Error::Io {
+        path: tmp.display().to_string(),
+        source,
+    })
 }
 
 /// `DIR/.NAME.PID.SEQ.partial` for `DIR/NAME`: hidden, and unique per process and call.

@@ -18,6 +18,32 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
     })
 }
 
+/// A vector of `len` copies of `value`, or [`Error::OutOfMemory`] where the allocation fails:
+/// the one place that allocates buffers whose size comes from the caller's shapes.
+pub fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    try_grow(&mut v, len, value, what)?;
+    Ok(v)
+}
+
+/// Grows `v` to at least `len` elements (new ones `value`), or [`Error::OutOfMemory`].
+pub fn try_grow<T: Clone>(v: &mut Vec<T>, len: usize, value: T, what: &str) -> Result<()> {
+    reserve_total(v, len, what)?;
+    if v.len() < len {
+        v.resize(len, value);
+    }
+    Ok(())
+}
+
+/// Capacity for `len` elements in all, or [`Error::OutOfMemory`].
+fn reserve_total<T>(v: &mut Vec<T>, len: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(len.saturating_sub(v.len()))
+        .map_err(|_| Error::OutOfMemory {
+            what: what.into(),
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })
+}
+
 impl<T: Element> Tensor<T> {
     /// Wraps `data`; fails when its length does not match the shape.
     pub fn from_vec(shape: &[usize], data: Vec<T>) -> Result<Self> {
@@ -40,7 +66,7 @@ impl<T: Element> Tensor<T> {
         let numel = checked_numel(shape)?;
         Ok(Tensor {
             shape: shape.to_vec(),
-            data: vec![value; numel],
+            data: try_filled(numel, value, &format!("a tensor of shape {shape:?}"))?,
         })
     }
 
@@ -52,7 +78,9 @@ impl<T: Element> Tensor<T> {
     /// Uniform random values in [-1, 1) from a seeded generator.
     pub fn random(shape: &[usize], rng: &mut crate::rng::Rng) -> Result<Self> {
         let numel = checked_numel(shape)?;
-        let data = (0..numel).map(|_| T::from_f32(rng.uniform_pm1())).collect();
+        let mut data = Vec::new();
+        reserve_total(&mut data, numel, &format!("a tensor of shape {shape:?}"))?;
+        data.extend((0..numel).map(|_| T::from_f32(rng.uniform_pm1())));
         Ok(Tensor {
             shape: shape.to_vec(),
             data,

@@ -422,6 +422,58 @@ fn bench_plot_draws_png_and_svg_charts() {
     assert_eq!(names, ["bars.svg", "sweep.png"], "no temporaries left");
 }
 
+/// A float64 value beyond f32's range is refused, not read as infinity.
+#[test]
+fn f64_values_beyond_f32_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let input = dir.path().join("f64.safetensors");
+    let f64_view = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (mut rng, seed) = lkconv::Rng::from_time();
+    let mut x: Vec<f64> = (0..2 * 8 * 8).map(|_| rng.uniform_pm1() as f64).collect();
+    let w: Vec<f64> = (0..2 * 9).map(|_| rng.uniform_pm1() as f64).collect();
+    let write = |x: &[f64]| {
+        let (xb, wb) = (f64_view(x), f64_view(&w));
+        let views = vec![
+            (
+                "w",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F64,
+                    vec![2, 1, 3, 3],
+                    &wb,
+                )
+                .unwrap(),
+            ),
+            (
+                "x",
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F64,
+                    vec![1, 2, 8, 8],
+                    &xb,
+                )
+                .unwrap(),
+            ),
+        ];
+        std::fs::write(&input, safetensors::serialize(views, None).unwrap()).unwrap();
+    };
+    // In range: read and convolved (the control that shows F64 files work at all).
+    write(&x);
+    let o = lkconv(&["conv", "--input", path(&input), "--output", path(&out)]);
+    assert!(
+        o.status.success(),
+        "seed {seed}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_file(&out).unwrap();
+    x[37] = 1e300;
+    write(&x);
+    let o = lkconv(&["conv", "--input", path(&input), "--output", path(&out)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("beyond the range of f32"), "{err}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn bench_plot_bad_targets_exit_2_and_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -440,6 +492,11 @@ fn bench_plot_bad_targets_exit_2_and_leave_nothing() {
         ),
         (vec!["--kernel", "3", "--plot", path(&jpg)], ".png or .svg"),
         (vec!["--kernel", "3", "--plot", path(&taken)], "directory"),
+        // A directory that exists but takes no files: refused before anything is measured.
+        (
+            vec!["--kernel", "3", "--plot", "/proc/lkconv-chart.png"],
+            "i/o error",
+        ),
         (vec!["--kernels", "3,x", "--plot", path(&good)], "--kernels"),
         (vec!["--kernels", "3,0", "--plot", path(&good)], "--kernels"),
         (
@@ -453,6 +510,7 @@ fn bench_plot_bad_targets_exit_2_and_leave_nothing() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(message), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?} measured before failing");
     }
     // --kernels needs --shape; --model checks the target before building the model
     for args in [

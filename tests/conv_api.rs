@@ -129,6 +129,64 @@ fn bad_shapes_are_typed_errors() {
         Tensor::<f32>::zeros(&[usize::MAX, 2]),
         Err(Error::Overflow(_))
     ));
+    // 2^62 floats: a count that fits usize but a size no allocator grants.
+    for t in [
+        Tensor::<f32>::zeros(&[1 << 31, 1 << 31]),
+        Tensor::<f32>::random(&[1 << 31, 1 << 31], &mut lkconv::Rng::new(1)),
+    ] {
+        assert!(
+            matches!(&t, Err(e @ Error::OutOfMemory { .. }) if e.is_out_of_memory()),
+            "{:?}",
+            t.map(|t| t.len())
+        );
+    }
+}
+
+/// A weight too large to address is refused with the shape, before any tensor exists.
+#[test]
+fn a_weight_too_large_to_address_is_refused() {
+    let conv = DwConv2d::new(1 << 28, 1 << 28).with_padding(1 << 27, 1 << 27);
+    assert!(matches!(
+        conv.resolve(1, 256, 2, 2),
+        Err(Error::Overflow(_))
+    ));
+    assert!(matches!(
+        DwConv2d::new(1 << 20, 1 << 21)
+            .with_padding(1 << 20, 1 << 20)
+            .resolve(1, 1, 1, 1),
+        Err(Error::Overflow(_))
+    ));
+}
+
+/// A weight gradient of 2^40 floats (4 TiB) from 1-element tensors: the engine reports the
+/// failed allocation instead of aborting. Needs a host that refuses such a request
+/// (`vm.overcommit_memory` 0 or 2, Linux's default); with 1 the kernel would grant it lazily.
+#[test]
+fn an_output_larger_than_memory_is_a_typed_error() {
+    if let Ok(mode) = std::fs::read_to_string("/proc/sys/vm/overcommit_memory") {
+        assert_ne!(
+            mode.trim(),
+            "1",
+            "vm.overcommit_memory = 1 grants any allocation; this test needs 0 or 2"
+        );
+    }
+    let conv = DwConv2d::new(1 << 20, 1 << 20).with_padding(1 << 19, 1 << 19);
+    let conv = DwConv2d {
+        padding: Padding {
+            bottom: (1 << 19) - 1,
+            right: (1 << 19) - 1,
+            ..conv.padding
+        },
+        ..conv
+    };
+    let x = Tensor::<f32>::full(&[1, 1, 1, 1], 0.25).unwrap();
+    let dy = Tensor::<f32>::full(&[1, 1, 1, 1], 0.5).unwrap();
+    let r = cpu::weight_grad(&conv, &x, &dy);
+    assert!(
+        matches!(&r, Err(Error::OutOfMemory { bytes, .. }) if *bytes == 4 << 40),
+        "{:?}",
+        r.map(|t| t.len())
+    );
 }
 
 #[test]

@@ -52,6 +52,8 @@ fn check_golden(
         file.get(logits_name).unwrap(),
         1e-4,
     );
+    let indices: Vec<usize> = out.stages.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indices, [0, 1, 2, 3], "{backend:?}: the requested stages");
     for (i, t) in out.stages.iter() {
         let want = file.get(&format!("stage{i}")).unwrap();
         assert_close(&format!("{backend:?} stage{i}"), t, want, 1e-4);
@@ -82,10 +84,10 @@ fn golden_training_form() {
 /// every kernel launch of the CUDA path, GEMMs on the host.
 #[test]
 fn golden_simulator_both_forms() {
-    if !lkconv::sim::available() {
-        eprintln!("kernel simulator not built: skipped");
-        return;
-    }
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
     let file = golden();
     check_golden(
         &file,
@@ -432,7 +434,9 @@ fn erf_and_gelu_are_accurate() {
     let mut worst = 0.0f64;
     for i in -6000..=6000 {
         let x = i as f64 * 1e-3;
-        worst = worst.max((erf(x) - erf_hp(x)).abs());
+        let e = (erf(x) - erf_hp(x)).abs();
+        assert!(!e.is_nan(), "erf({x}) is NaN");
+        worst = worst.max(e);
     }
     assert!(worst < 1e-7, "erf max abs error {worst}");
     // The vectorised GELU the engine runs against the f64 one.
@@ -441,7 +445,9 @@ fn erf_and_gelu_are_accurate() {
         let x = i as f32 * 1e-3;
         let want = gelu(x);
         let got = lkconv::model::cpu::gelu_fast(x);
-        worst = worst.max((got - want).abs() / want.abs().max(1e-6));
+        let e = (got - want).abs() / want.abs().max(1e-6);
+        assert!(!e.is_nan(), "gelu_fast({x}) = {got}, gelu = {want}");
+        worst = worst.max(e);
     }
     assert!(worst < 3e-6, "gelu_fast max relative error {worst}");
     assert_eq!(gelu(0.0), 0.0);
@@ -506,7 +512,11 @@ fn cli_replknet_writes_logits_and_stages() {
     }
     assert!(matches!(y.get("logits"), Err(Error::Weights(_))));
     // Errors exit with 2: unknown device, bad index, missing weights, no `input` tensor.
-    if lkconv::sim::available() {
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
+    {
         let o = lkconv_cli(&[
             "replknet",
             "--weights",
@@ -580,6 +590,24 @@ fn cli_classify_prints_top5() {
     std::fs::write(&bad, b"not an image").unwrap();
     let o = lkconv_cli(&["classify", bad.to_str().unwrap(), "--weights", GOLDEN]);
     assert_eq!(o.status.code(), Some(2));
+    // Sizes whose resize would take tens of gigabytes: a typed error, not an abort.
+    let thin = dir.path().join("thin.png");
+    image::RgbImage::from_pixel(1, 3000, image::Rgb([9, 9, 9]))
+        .save(&thin)
+        .unwrap();
+    for (img, size) in [(&p, "100000"), (&p, "4294967520"), (&thin, "2048")] {
+        let o = lkconv_cli(&[
+            "classify",
+            img.to_str().unwrap(),
+            "--weights",
+            GOLDEN,
+            "--size",
+            size,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--size {size}: {err}");
+        assert!(err.contains("invalid argument"), "--size {size}: {err}");
+    }
 }
 
 #[test]
@@ -598,10 +626,10 @@ fn imagenet_names() {
 /// weights re-uploaded), and a backbone with per-stage norms (the affine kernel).
 #[test]
 fn simulator_matches_cpu_engine_on_random_models() {
-    if !lkconv::sim::available() {
-        eprintln!("kernel simulator not built: skipped");
-        return;
-    }
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
     let mut rng = Rng::new(21);
     let mut ws = lkconv::model::Workspace::with_backend(Backend::Sim);
     for (seed, small, dw_ratio, (h, w)) in [
@@ -714,7 +742,11 @@ fn cli_bench_model_runs() {
     let o = lkconv_cli(&["bench", "--model", "31x", "--reps", "1"]);
     assert_eq!(o.status.code(), Some(2));
     // the device program in the simulator (the CUDA path's launches)
-    if lkconv::sim::available() {
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
+    {
         let o = lkconv_cli(&[
             "bench", "--model", "31b", "--device", "sim", "--size", "32", "--reps", "1",
         ]);
@@ -732,7 +764,11 @@ fn cli_bench_model_runs() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("f32 or bf16"));
-    if lkconv::sim::available() {
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
+    {
         let o = lkconv_cli(&[
             "bench", "--model", "31b", "--device", "sim", "--dtype", "bf16", "--size", "32",
             "--reps", "1",
@@ -807,9 +843,10 @@ fn lying_block_and_stage_indices_are_errors() {
 /// wiring of every half-precision kernel and GEMM (rounding errors only).
 #[test]
 fn half_precision_programs_in_the_simulator() {
-    if !lkconv::sim::available() {
-        return;
-    }
+    assert!(
+        lkconv::sim::available(),
+        "the kernel simulator was not built"
+    );
     let cfg = ReplknetConfig {
         large_kernel_sizes: vec![9, 7],
         layers: vec![1, 1],

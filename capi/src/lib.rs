@@ -223,7 +223,9 @@ unsafe fn problem(d: *const lk_conv_desc) -> CallResult<Problem> {
         size("w", d.w)?,
     )?;
     // Every tensor's byte count must fit in size_t (it does on 64-bit hosts; checked for 32).
-    for len in [shape.input_len(), shape.output_len()] {
+    // `resolve` bounded the weight's element count too, so the product cannot overflow.
+    let weight_len: usize = conv.weight_dims(shape.c).iter().product();
+    for len in [shape.input_len(), shape.output_len(), weight_len] {
         len.checked_mul(dtype.size_bytes())
             .ok_or_else(|| invalid("a tensor's byte count overflows size_t"))?;
     }
@@ -714,6 +716,13 @@ mod tests {
             ),
             (
                 Error::driver("alloc", DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)),
+                LK_STATUS_OUT_OF_MEMORY,
+            ),
+            (
+                Error::OutOfMemory {
+                    what: "y".into(),
+                    bytes: 1 << 40,
+                },
                 LK_STATUS_OUT_OF_MEMORY,
             ),
             (Error::Simulator("s".into()), LK_STATUS_INTERNAL),

@@ -13,7 +13,7 @@ use pyo3::exceptions::{PyMemoryError, PyNotImplementedError, PyRuntimeError, PyV
 use pyo3::prelude::*;
 
 /// Maps the core's typed errors onto the Python exceptions a caller expects: bad input is a
-/// `ValueError`, an unsupported combination `NotImplementedError`, device memory exhausted
+/// `ValueError`, an unsupported combination `NotImplementedError`, host or device memory exhausted
 /// `MemoryError`, other CUDA trouble `RuntimeError`.
 fn py_err(e: Error) -> PyErr {
     let msg = e.to_string();

@@ -4,7 +4,7 @@
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{try_filled, Tensor};
 
 /// An implementation's f32 forward on validated sizes: (conv, shape, x, w, bias, y).
 pub(crate) type ForwardKernel =
@@ -44,7 +44,7 @@ pub(crate) fn tensor_forward<T: Element>(
     kernel: ForwardKernel,
 ) -> Result<Tensor<T>> {
     let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
-    let mut y = vec![0.0f32; s.output_len()];
+    let mut y = try_filled(s.output_len(), 0.0f32, "the output y")?;
     let b = bias.map(as_f32);
     kernel(conv, &s, &as_f32(x), &as_f32(w), b.as_deref(), &mut y);
     from_f32(&s.output_dims(), y)
@@ -59,7 +59,7 @@ pub(crate) fn tensor_data_grad<T: Element>(
     kernel: GradKernel,
 ) -> Result<Tensor<T>> {
     let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
-    let mut dx = vec![0.0f32; s.input_len()];
+    let mut dx = try_filled(s.input_len(), 0.0f32, "the data gradient dx")?;
     kernel(conv, &s, &as_f32(dy), &as_f32(w), &mut dx);
     from_f32(&s.input_dims(), dx)
 }
@@ -72,7 +72,11 @@ pub(crate) fn tensor_weight_grad<T: Element>(
     kernel: GradKernel,
 ) -> Result<Tensor<T>> {
     let s = conv.check_weight_grad(x.shape(), dy.shape())?;
-    let mut dw = vec![0.0f32; s.c * conv.kernel.0 * conv.kernel.1];
+    let mut dw = try_filled(
+        s.c * conv.kernel.0 * conv.kernel.1,
+        0.0f32,
+        "the weight gradient dw",
+    )?;
     kernel(conv, &s, &as_f32(x), &as_f32(dy), &mut dw);
     from_f32(&conv.weight_dims(s.c), dw)
 }

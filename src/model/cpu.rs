@@ -131,11 +131,9 @@ pub fn profile_ms() -> Option<Vec<(&'static str, f64)>> {
 }
 
 /// A buffer of at least `len` elements (grown once, then reused), as a slice of exactly `len`.
-fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    &mut buf[..len]
+fn take(buf: &mut Vec<f32>, len: usize) -> Result<&mut [f32]> {
+    crate::tensor::try_grow(buf, len, 0.0, "a RepLKNet activation buffer")?;
+    Ok(&mut buf[..len])
 }
 
 const SQRT_PI_INV2: f64 = std::f64::consts::FRAC_2_SQRT_PI;
@@ -401,7 +399,7 @@ impl DenseConv {
         let ohw = oh * ow;
         let kk = self.k * self.k;
         let rows = self.cin * kk;
-        let col = take(col, rows * ohw);
+        let col = take(col, rows * ohw)?;
         let rows_out = rows_per_task(self.cout, 1).min(self.cout.max(1));
         for (xi, yi) in x
             .chunks(self.cin * d.hw())
@@ -484,14 +482,14 @@ impl Stem {
             h: oh,
             w: ow,
         };
-        let a = take(&mut ws.a, d0.len());
+        let a = take(&mut ws.a, d0.len())?;
         let d0 = profile::time(8, || self.conv0.run(x, d, &mut ws.col, a))?;
-        let b = take(&mut ws.b, d0.len());
+        let b = take(&mut ws.b, d0.len())?;
         let be = ws.backend;
         let d1 = profile::time(9, || self.conv1.run(a, d0, b, Act::Relu, be))?;
         profile::time(10, || self.conv2.run(b, d1.n, d1.hw(), a, Act::Relu, false));
         let d3 = self.conv3.out_dims(d1)?;
-        let b = take(&mut ws.b, d3.len());
+        let b = take(&mut ws.b, d3.len())?;
         let d3 = profile::time(11, || self.conv3.run(a, d1, b, Act::Relu, be))?;
         std::mem::swap(&mut ws.a, &mut ws.b);
         Ok(d3)
@@ -524,9 +522,9 @@ impl RepLkBlock {
     ) -> Result<()> {
         let dw = self.pw1.cout;
         let inner = Dims { c: dw, ..d };
-        let t1 = take(t1, inner.len());
+        let t1 = take(t1, inner.len())?;
         profile::time(1, || self.pw1.run(x, d.n, d.hw(), t1, Act::Relu, false));
-        let t2 = take(t2, inner.len());
+        let t2 = take(t2, inner.len())?;
         profile::time(2, || self.lk.run(t1, inner, t2, Act::Relu, be))?;
         profile::time(3, || self.pw2.run(t2, d.n, d.hw(), x, Act::Identity, true));
         Ok(())
@@ -544,14 +542,15 @@ impl RepLkBlock {
 }
 
 impl FfnBlock {
-    fn run_ws(&self, x: &mut [f32], d: Dims, t1: &mut Vec<f32>) {
+    fn run_ws(&self, x: &mut [f32], d: Dims, t1: &mut Vec<f32>) -> Result<()> {
         let inner = Dims {
             c: self.pw1.cout,
             ..d
         };
-        let t1 = take(t1, inner.len());
+        let t1 = take(t1, inner.len())?;
         profile::time(4, || self.pw1.run(x, d.n, d.hw(), t1, Act::Gelu, false));
         profile::time(5, || self.pw2.run(t1, d.n, d.hw(), x, Act::Identity, true));
+        Ok(())
     }
 
     /// Tensor in, tensor out (tests and tools).
@@ -560,7 +559,7 @@ impl FfnBlock {
         check_channels("ConvFFN input", x.shape(), self.pw1.cin)?;
         let mut y = x.clone();
         let mut t1 = Vec::new();
-        self.run_ws(y.data_mut(), d, &mut t1);
+        self.run_ws(y.data_mut(), d, &mut t1)?;
         Ok(y)
     }
 }
@@ -572,11 +571,11 @@ impl Transition {
             c: self.pw.cout,
             ..d
         };
-        let t1 = take(&mut ws.t1, mid.len());
+        let t1 = take(&mut ws.t1, mid.len())?;
         let a = &ws.a[..d.len()];
         profile::time(12, || self.pw.run(a, d.n, d.hw(), t1, Act::Relu, false));
         let od = self.dw.out_dims(mid)?;
-        let a = take(&mut ws.a, od.len());
+        let a = take(&mut ws.a, od.len())?;
         let be = ws.backend;
         profile::time(13, || self.dw.run(t1, mid, a, Act::Relu, be))
     }
@@ -633,7 +632,7 @@ impl DeployModel {
             for block in &stage.blocks {
                 match block {
                     Block::RepLk(b) => b.run_ws(xa, d, t1, t2, be)?,
-                    Block::Ffn(b) => b.run_ws(xa, d, t1),
+                    Block::Ffn(b) => b.run_ws(xa, d, t1)?,
                 }
             }
             if indices.contains(&s) {

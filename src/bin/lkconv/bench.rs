@@ -77,7 +77,8 @@ pub fn time_reps(
 ) -> Result<(Timing, Vec<f64>)> {
     run()?;
     let budget = Instant::now();
-    let mut times = Vec::with_capacity(reps);
+    // Capped: a huge --reps must not reserve memory before the budget stops it.
+    let mut times = Vec::with_capacity(reps.min(4096));
     let cpu0 = process_cpu_ms();
     while times.len() < reps.max(1)
         && (times.is_empty() || budget.elapsed().as_secs_f64() < budget_s)

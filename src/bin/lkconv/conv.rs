@@ -14,6 +14,7 @@ pub fn run(args: &ConvArgs) -> Result<()> {
     let dtype: DType = args.dtype.parse()?;
     let imp: Impl = args.implementation.parse()?;
     let file = TensorFile::read(&args.input)?;
+    safetensors_io::check_writable(&args.output)?;
     let (name, out) = match dtype {
         DType::F32 => compute::<f32>(op, device, imp, args, &file)?,
         DType::F16 => compute::<f16>(op, device, imp, args, &file)?,

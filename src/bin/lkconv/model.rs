@@ -76,6 +76,7 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
         ));
     }
     let indices = args.out_indices.as_deref().map(parse_indices).transpose()?;
+    safetensors_io::check_writable(&args.output)?;
     let ck = Checkpoint::read(&args.weights)?;
     let mut input_file = TensorFile::read(&args.input)?;
     let x = input_file.take("input")?;
@@ -160,6 +161,11 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
     Ok(())
 }
 
+/// Largest `--size` that `classify` accepts (RepLKNet runs at 224-640).
+const MAX_IMAGE_SIDE: usize = 8192;
+/// Largest resized image before the centre crop: a bound on the memory an odd aspect ratio takes.
+const MAX_RESIZED_PIXELS: f64 = (1u64 << 28) as f64;
+
 /// ImageNet evaluation preprocessing: bicubic resize of the short side to size/0.875, centre
 /// crop, mean/std normalisation. Returns [1, 3, size, size].
 pub fn preprocess(
@@ -174,22 +180,26 @@ pub fn preprocess(
             got: 0,
         });
     }
+    if size > MAX_IMAGE_SIDE {
+        return Err(Error::InvalidArgument(format!(
+            "--size {size} exceeds {MAX_IMAGE_SIDE}"
+        )));
+    }
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return Err(Error::InvalidArgument("the image is empty".into()));
     }
-    let short = (size as f64 / 0.875).floor() as u32;
-    let (nw, nh) = if w <= h {
-        (
-            short,
-            ((short as f64 * h as f64 / w as f64) as u32).max(short),
-        )
-    } else {
-        (
-            ((short as f64 * w as f64 / h as f64) as u32).max(short),
-            short,
-        )
-    };
+    // The short side goes to size / 0.875; the long side keeps the aspect ratio.
+    let short = (size as f64 / 0.875).floor();
+    let long = (short * w.max(h) as f64 / w.min(h) as f64).max(short);
+    if short * long > MAX_RESIZED_PIXELS {
+        return Err(Error::InvalidArgument(format!(
+            "a {w}x{h} image resized to a short side of {short} pixels would have more than \
+             {MAX_RESIZED_PIXELS} pixels"
+        )));
+    }
+    let (short, long) = (short as u32, long as u32);
+    let (nw, nh) = if w <= h { (short, long) } else { (long, short) };
     let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
     let s = size as u32;
     let left = (nw - s) / 2;

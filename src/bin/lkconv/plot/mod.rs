@@ -229,8 +229,9 @@ impl Format {
     }
 }
 
-/// Checks before measuring that a chart can be written to `path`: a known format and an
-/// existing directory (the write itself is atomic, so a later failure still leaves nothing).
+/// Checks before measuring that a chart can be written to `path`: a known format and a
+/// directory where a file can be created (the write itself is atomic, so a later failure still
+/// leaves nothing).
 pub fn check_target(path: &Path) -> Result<Format> {
     let format = Format::of(path)?;
     let dir = match path.parent() {
@@ -250,6 +251,7 @@ pub fn check_target(path: &Path) -> Result<Format> {
             path.display()
         )));
     }
+    lkconv::safetensors_io::check_writable(path)?;
     Ok(format)
 }
 
