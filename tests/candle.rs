@@ -153,8 +153,20 @@ fn half_types_match_candle_in_f32_on_the_same_values() -> Result<()> {
         let want = x
             .to_dtype(DType::F32)?
             .conv2d(&w.to_dtype(DType::F32)?, 3, 1, 1, 4)?;
-        // One rounding of the output (|y| <= 49) plus f32 accumulation.
-        assert_close(&y, &want, 49.0 * (eps + 1e-6), &format!("{dtype:?}"));
+        // One rounding of each output (half a unit of the type at |y|) plus the f32
+        // accumulation of 49 products of magnitude <= 1.
+        let want = to_lk(&want);
+        let bound = want
+            .data()
+            .iter()
+            .map(|v| eps * (v.abs() as f64) + 49.0 * 49.0 * f32::EPSILON as f64)
+            .collect();
+        let expected = Expected {
+            shape: want.shape().to_vec(),
+            value: want.data().iter().map(|&v| v as f64).collect(),
+            bound,
+        };
+        common::assert_matches(&format!("{dtype:?}"), &to_lk(&y), &expected);
     }
     Ok(())
 }

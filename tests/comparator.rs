@@ -115,9 +115,41 @@ fn sum_bounds_follow_the_dtype_and_the_terms() {
     assert!((b - 2f64.powi(-7)).abs() < 1e-30, "{b}");
     let b = sum_bound(DType::F16, 1, 2.0, 0.0);
     assert_eq!(b, 2f64.powi(-9) + 2f64.powi(-24)); // plus the smallest f16 step
+                                                   // short sums: one unit per term (the worst case)
+    let b = sum_bound(DType::F32, 16, 0.0, 3.0);
+    assert!((b - 48.0 * f32::EPSILON as f64).abs() < 1e-12, "{b}");
+    // long sums: 5 sqrt(terms) units (the statistical bound)
     let b = sum_bound(DType::F32, 100, 0.0, 3.0);
-    assert!((b - 300.0 * f32::EPSILON as f64).abs() < 1e-12, "{b}");
+    assert!((b - 150.0 * f32::EPSILON as f64).abs() < 1e-12, "{b}");
+    let b = sum_bound(DType::F32, 1_000_000, 0.0, 1.0);
+    assert!((b - 5000.0 * f32::EPSILON as f64).abs() < 1e-12, "{b}");
     assert!(sum_bound(DType::F32, 1000, 1.0, 1.0) > sum_bound(DType::F32, 10, 1.0, 1.0));
+}
+
+/// A weight gradient over a batch of 64 56x56 maps sums 200704 products per tap: an all-zero
+/// result must fail (the worst-case bound, 200704 units of the magnitude, admitted it).
+#[test]
+fn a_long_weight_gradient_reduction_rejects_zeros() {
+    let mut rng = common::rng();
+    let conv = DwConv2d::new(3, 3);
+    let x = random::<f32>(&[64, 1, 56, 56], &mut rng);
+    let dy = random::<f32>(&[64, 1, 56, 56], &mut rng);
+    let want = Expected::weight_grad(&conv, &x, &dy);
+    let zeros = vec![0.0; want.value.len()];
+    let m = fails(&zeros, &want);
+    assert!(m.count >= 5, "only {} of 9 taps rejected zero", m.count);
+    // and the reference's own value, rounded to f32, passes
+    let rounded: Vec<f64> = want.value.iter().map(|&v| v as f32 as f64).collect();
+    assert_eq!(compare(&rounded, &want), Ok(()));
+}
+
+/// Bounds that would let an all-zero result pass are refused when the comparison is built.
+#[test]
+#[should_panic(expected = "could not fail")]
+fn bounds_that_admit_zero_are_refused() {
+    let value = Tensor::from_vec(&[32], vec![1e-6f32; 32]).unwrap();
+    let magnitude = Tensor::from_vec(&[32], vec![1.0f32; 32]).unwrap();
+    Expected::of_sum(DType::F32, 1_000_000, &value, &magnitude);
 }
 
 /// A convolution with a mistake (wrong padding, a dropped tap, a bias twice) fails.

@@ -75,8 +75,10 @@ struct Data<T> {
     dy: Tensor<T>,
 }
 
+/// Fresh data each run: `seed` separates the cases, the run's printed seed (replayable with
+/// LKCONV_SEED) varies them.
 fn data<T: Element>(cs: &Case, seed: u64) -> Data<T> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::new(seed ^ common::rng().next_u64());
     let s = cs.conv.resolve(cs.n, cs.c, cs.h, cs.w).unwrap();
     Data {
         x: Tensor::<f32>::random(&s.input_dims(), &mut rng)
@@ -305,9 +307,10 @@ fn chained_ops_on_one_stream_need_no_synchronisation() {
     let mut ex = CudaExec::on_stream(dev.clone(), stream.clone()).unwrap();
     let x = DeviceTensor::from_host(&stream, &d.x).unwrap();
     let w = DeviceTensor::from_host(&stream, &d.w).unwrap();
-    let mut y = DeviceTensor::<f32>::zeros(&stream, &s.output_dims()).unwrap();
-    let mut dx = DeviceTensor::<f32>::zeros(&stream, &s.input_dims()).unwrap();
-    let mut dw = DeviceTensor::<f32>::zeros(&stream, &cs.conv.weight_dims(cs.c)).unwrap();
+    let mut y = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.output_dims())).unwrap();
+    let mut dx = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.input_dims())).unwrap();
+    let mut dw =
+        DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&cs.conv.weight_dims(cs.c))).unwrap();
     // y = conv(x, w); then use y as the output gradient: dx = conv^T(y, w), dw = corr(x, y).
     cuda::forward(&mut ex, Impl::Fast, &cs.conv, &x, &w, None, &mut y).unwrap();
     cuda::data_grad(&mut ex, Impl::Fast, &cs.conv, &y, &w, &mut dx).unwrap();
@@ -333,11 +336,13 @@ fn raw_pointer_entry_points_match_the_safe_ops() {
     let w = DeviceTensor::from_host(&stream, &d.w).unwrap();
     let b = DeviceTensor::from_host(&stream, &d.b).unwrap();
     let dy = DeviceTensor::from_host(&stream, &d.dy).unwrap();
-    let mut y = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.output_dims())).unwrap();
-    let mut dx = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.input_dims())).unwrap();
-    let mut dw =
-        DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&cs.conv.weight_dims(cs.c))).unwrap();
     for imp in IMPLS {
+        // fresh poison per implementation: none may pass on another's results
+        let mut y = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.output_dims())).unwrap();
+        let mut dx = DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&s.input_dims())).unwrap();
+        let mut dw =
+            DeviceTensor::from_host(&stream, &nan_tensor::<f32>(&cs.conv.weight_dims(cs.c)))
+                .unwrap();
         let need = [Op::Forward, Op::DataGrad, Op::WeightGrad]
             .map(|op| cuda::workspace_bytes(op, imp, DType::F32, &cs.conv, &s).unwrap())
             .into_iter()

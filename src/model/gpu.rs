@@ -629,9 +629,10 @@ mod tests {
     /// computation (the CPU engine's GELU), on random data with partial blocks.
     #[test]
     fn model_kernels_in_the_simulator() {
-        if !crate::sim::available() {
-            return;
-        }
+        assert!(
+            crate::sim::available(),
+            "the kernel simulator was not built"
+        );
         let mut ex = SimExec::new().unwrap();
         let mut rng = Rng::new(9);
         let (n, c, h, w) = (2, 5, 7, 9);

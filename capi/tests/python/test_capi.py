@@ -206,6 +206,7 @@ class Passes(unittest.TestCase):
                 self.assertEqual(size.value, 0)
             y, dx, dw = poisoned(ys, dtype), poisoned(xs, dtype), poisoned(ws, dtype)
             for bias, bias64 in ((None, None), (b, b64)):
+                y = poisoned(ys, dtype)  # fresh poison: the bias pass must write every element
                 st = LIB.lk_dwconv2d_forward(h, ctypes.byref(d), ptr(x), ptr(w), ptr(bias), ptr(y), None, 0)
                 self.assertEqual(st, OK, last_error())
                 abs_ref = ref_forward(d, np.abs(x64), np.abs(w64), None if bias is None else np.abs(bias64))
