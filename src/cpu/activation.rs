@@ -336,6 +336,12 @@ mod tests {
                 );
             }
         }
+        // Every CPU with AVX2 + FMA runs at least that body: nothing checked would be a defect.
+        assert_eq!(
+            checked.is_empty(),
+            !crate::cpu::simd::has_avx2_fma(),
+            "checked {checked:?}"
+        );
         println!("checked in-process: {checked:?}");
     }
 }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lkconv.h"
 
@@ -41,6 +42,13 @@ static float *random_buffer(size_t len) {
     return p;
 }
 
+/* An output buffer before the call: NaN everywhere, so an element left unwritten fails. */
+static float *poisoned_buffer(size_t len) {
+    float *p = malloc(len * sizeof(float));
+    for (size_t i = 0; i < len; i++) p[i] = NAN;
+    return p;
+}
+
 /* The input element a tap reads, or -1 outside the image. */
 static long tap(const lk_conv_desc *d, long oy, long ox, long ky, long kx, long *iy, long *ix) {
     *iy = oy * d->stride_h - d->pad_top + ky * d->dilation_h;
@@ -66,8 +74,8 @@ static void check_passes(lk_device device, const lk_conv_desc *d) {
     size_t nx = (size_t)(d->n * d->c * d->h * d->w), ny = (size_t)(d->n * d->c * oh * ow);
     size_t nw = (size_t)(d->c * d->kh * d->kw);
     float *x = random_buffer(nx), *w = random_buffer(nw), *b = random_buffer((size_t)d->c);
-    float *dy = random_buffer(ny), *y = random_buffer(ny), *dx = random_buffer(nx);
-    float *dw = random_buffer(nw);
+    float *dy = random_buffer(ny), *y = poisoned_buffer(ny), *dx = poisoned_buffer(nx);
+    float *dw = poisoned_buffer(nw);
     double *ry = calloc(ny, sizeof(double)), *rdx = calloc(nx, sizeof(double));
     double *rdw = calloc(nw, sizeof(double));
     for (long n = 0; n < d->n; n++)
@@ -103,6 +111,11 @@ static void check_passes(lk_device device, const lk_conv_desc *d) {
 }
 
 int main(void) {
+    /* Fresh data each run; LKCONV_SEED replays one. */
+    const char *seed_env = getenv("LKCONV_SEED");
+    rng_state = seed_env ? strtoull(seed_env, NULL, 10) : (unsigned long long)time(NULL);
+    rng_state |= 1; /* xorshift needs a nonzero state */
+    fprintf(stderr, "seed %llu (replay with LKCONV_SEED)\n", rng_state);
     CHECK(strlen(lk_version()) >= 5, "version '%s'", lk_version());
     /* Odd and even kernels, a kernel larger than the image, stride and dilation. */
     lk_conv_desc same = {2, 3, 9, 7, 5, 5, 2, 2, 2, 2, 1, 1, 1, 1, LK_DTYPE_F32};
