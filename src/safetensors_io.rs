@@ -3,11 +3,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype as StDtype, TensorView};
-use safetensors::SafeTensors;
+use std::io::Read;
+
+use safetensors::tensor::{Dtype as StDtype, Metadata, TensorView};
 
 use crate::error::{Error, Result};
-use crate::tensor::{checked_numel, Tensor};
+use crate::tensor::{checked_numel, try_grow, Tensor};
+
+/// Largest header accepted (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// All float tensors of a file, converted to f32 (f32, f16, bf16 and f64 are accepted), by name.
 #[derive(Debug, Default, Clone)]
@@ -20,14 +24,17 @@ pub struct TensorFile {
 }
 
 impl TensorFile {
-    /// Reads a safetensors file from disk.
+    /// Reads a safetensors file from disk, one tensor at a time: the file's bytes are never all
+    /// in memory beside the converted tensors.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.display().to_string(),
             source,
-        })?;
-        Self::from_bytes(&bytes).map_err(|e| match e {
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        Self::parse(std::io::BufReader::new(file), len).map_err(|e| match e {
             Error::SafeTensors(m) => Error::SafeTensors(format!("{}: {m}", path.display())),
             other => other,
         })
@@ -35,18 +42,54 @@ impl TensorFile {
 
     /// Parses safetensors bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let (_, meta) =
-            SafeTensors::read_metadata(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
+        Self::parse(bytes, bytes.len() as u64)
+    }
+
+    /// Parses a safetensors stream of `len` bytes: the header (validated by the safetensors
+    /// crate: dtypes, shapes, contiguous offsets), then each tensor in file order.
+    fn parse(mut r: impl Read, len: u64) -> Result<Self> {
+        let bad = |m: String| Error::SafeTensors(m);
+        let read_err = |e: std::io::Error| bad(format!("reading: {e}"));
+        let mut n = [0u8; 8];
+        r.read_exact(&mut n)
+            .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
+            return Err(bad(format!(
+                "header length {n} exceeds the file ({len} bytes) or {MAX_HEADER_BYTES}"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        r.read_exact(&mut header).map_err(read_err)?;
+        let meta: Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        if (8 + n).checked_add(meta.data_len() as u64) != Some(len) {
+            return Err(bad(format!(
+                "the header describes {} bytes of data, the file holds {}",
+                meta.data_len(),
+                len - 8 - n
+            )));
+        }
         let mut tensors = BTreeMap::new();
         let mut non_float = BTreeMap::new();
-        for (name, view) in st.tensors() {
+        let mut bytes = Vec::new();
+        // In file order (the header validated that the offsets are contiguous from 0).
+        let mut infos: Vec<_> = meta.tensors().into_iter().collect();
+        infos.sort_by_key(|(_, info)| info.data_offsets);
+        for (name, info) in infos {
+            let (start, end) = info.data_offsets;
+            // Bounded by the file's length (checked above), so it cannot exceed the input.
+            bytes.clear();
+            try_grow(&mut bytes, end - start, 0, "a tensor being read")?;
+            r.read_exact(&mut bytes).map_err(read_err)?;
+            let view = TensorView::new(info.dtype, info.shape.clone(), &bytes)
+                .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
             match view_to_f32(&name, &view)? {
                 Some(t) => {
                     tensors.insert(name, t);
                 }
                 None => {
-                    non_float.insert(name, format!("{:?}", view.dtype()));
+                    non_float.insert(name, format!("{:?}", info.dtype));
                 }
             }
         }

@@ -887,3 +887,33 @@ fn half_precision_programs_in_the_simulator() {
         }
     }
 }
+
+/// Folding a checkpoint it owns (dropping each part once folded) gives the same deploy model,
+/// bit for bit, as folding a borrowed one; `Replknet::load` takes that path, and the file read
+/// tensor by tensor holds the same values as the bytes parsed in memory.
+#[test]
+fn consuming_fold_and_streaming_read_match_the_borrowed_paths() {
+    let ck = Checkpoint::read(GOLDEN).unwrap();
+    let borrowed = Replknet::from_checkpoint(&ck).unwrap();
+    let owned = Replknet::from_checkpoint_owned(ck.clone()).unwrap();
+    let loaded = Replknet::load(GOLDEN).unwrap();
+    let want = format!("{:?}", borrowed.deploy);
+    assert_eq!(format!("{:?}", owned.deploy), want);
+    assert_eq!(format!("{:?}", loaded.deploy), want);
+    // Against the safetensors crate's own parse of the whole file.
+    let bytes = std::fs::read(GOLDEN).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let streamed = golden();
+    assert_eq!(streamed.tensors.len(), st.len());
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let want: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got = &streamed.tensors[&name];
+        assert_eq!(got.shape(), view.shape(), "{name}");
+        assert_eq!(got.data(), &want[..], "{name}");
+    }
+}

@@ -128,12 +128,20 @@ pub struct Replknet {
 impl Replknet {
     /// Loads a training-form or merged-form checkpoint (any accepted naming scheme).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::read(path)?)
+        Self::from_checkpoint_owned(Checkpoint::read(path)?)
     }
 
     /// From a name -> tensor map.
     pub fn from_tensors(tensors: BTreeMap<String, Tensor<f32>>) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::from_tensors(tensors)?)
+        Self::from_checkpoint_owned(Checkpoint::from_tensors(tensors)?)
+    }
+
+    /// From a checkpoint it consumes, dropping each part's tensors once folded (the peak memory
+    /// of a load is about one copy of the weights, not two).
+    pub fn from_checkpoint_owned(ck: Checkpoint) -> Result<Self> {
+        Ok(Replknet {
+            deploy: reparam::fold_owned(ck)?,
+        })
     }
 
     pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {

@@ -265,26 +265,65 @@ fn affine(b: &Bn64) -> Affine {
 
 /// The whole model in deploy form.
 pub fn fold(ck: &Checkpoint) -> Result<DeployModel> {
-    let cfg = &ck.config;
-    let stem = fold_stem(ck)?;
+    fold_from(ck)
+}
+
+/// The whole model in deploy form from a checkpoint it consumes: each part's tensors are dropped
+/// once folded, so that the checkpoint and the deploy model are never both whole in memory.
+pub fn fold_owned(ck: Checkpoint) -> Result<DeployModel> {
+    fold_from(ck)
+}
+
+/// Where `fold_from` reads the tensors, and whether it may drop those it has folded.
+trait Source {
+    fn ck(&self) -> &Checkpoint;
+    /// Drops the tensors named `{part}.*` (a no-op for a borrowed checkpoint).
+    fn done(&mut self, part: &str);
+}
+
+impl Source for &Checkpoint {
+    fn ck(&self) -> &Checkpoint {
+        self
+    }
+    fn done(&mut self, _part: &str) {}
+}
+
+impl Source for Checkpoint {
+    fn ck(&self) -> &Checkpoint {
+        self
+    }
+    fn done(&mut self, part: &str) {
+        let prefix = format!("{part}.");
+        self.tensors.retain(|name, _| !name.starts_with(&prefix));
+    }
+}
+
+fn fold_from(mut src: impl Source) -> Result<DeployModel> {
+    let cfg = src.ck().config.clone();
+    let stem = fold_stem(src.ck())?;
+    src.done("stem");
     let mut stages = Vec::with_capacity(cfg.num_stages());
     let mut transitions = Vec::new();
     for s in 0..cfg.num_stages() {
         let mut blocks = Vec::with_capacity(2 * cfg.layers[s]);
         for i in 0..cfg.layers[s] {
-            blocks.push(Block::RepLk(fold_replk_block(ck, s, i)?));
-            blocks.push(Block::Ffn(fold_ffn_block(ck, s, i)?));
+            blocks.push(Block::RepLk(fold_replk_block(src.ck(), s, i)?));
+            src.done(&format!("stages.{s}.blocks.{}", 2 * i));
+            blocks.push(Block::Ffn(fold_ffn_block(src.ck(), s, i)?));
+            src.done(&format!("stages.{s}.blocks.{}", 2 * i + 1));
         }
-        let norm = if ck.stage_norms[s] {
-            Some(affine(&bn(ck, &format!("stages.{s}.norm"))?))
+        let norm = if src.ck().stage_norms[s] {
+            Some(affine(&bn(src.ck(), &format!("stages.{s}.norm"))?))
         } else {
             None
         };
         stages.push(Stage { blocks, norm });
         if s + 1 < cfg.num_stages() {
-            transitions.push(fold_transition(ck, s)?);
+            transitions.push(fold_transition(src.ck(), s)?);
+            src.done(&format!("transitions.{s}"));
         }
     }
+    let ck = src.ck();
     let head = if ck.has_head {
         let fc = ck.get("head.weight")?;
         Some(Head {
@@ -297,7 +336,7 @@ pub fn fold(ck: &Checkpoint) -> Result<DeployModel> {
         None
     };
     Ok(DeployModel {
-        config: cfg.clone(),
+        config: cfg,
         stem,
         stages,
         transitions,

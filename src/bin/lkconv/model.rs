@@ -78,6 +78,7 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
     let indices = args.out_indices.as_deref().map(parse_indices).transpose()?;
     safetensors_io::check_writable(&args.output)?;
     let ck = Checkpoint::read(&args.weights)?;
+    let config = ck.config.clone();
     let mut input_file = TensorFile::read(&args.input)?;
     let x = input_file.take("input")?;
     let t0 = Instant::now();
@@ -109,7 +110,7 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
             }
         }
         _ => {
-            let model = with_dtype(Replknet::from_checkpoint(&ck)?, &args.dtype, dev)?;
+            let model = with_dtype(Replknet::from_checkpoint_owned(ck)?, &args.dtype, dev)?;
             let mut ws = lkconv::model::Workspace::with_backend(backend_of(dev));
             match &indices {
                 Some(idx) => {
@@ -127,7 +128,7 @@ pub fn replknet(args: &ReplknetArgs) -> Result<()> {
         }
     };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    let cfg = &ck.config;
+    let cfg = &config;
     let mut meta = BTreeMap::new();
     meta.insert(
         "config".to_string(),
