@@ -34,7 +34,8 @@ impl TensorFile {
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        Self::parse(std::io::BufReader::new(file), len).map_err(|e| match e {
+        let origin = path.display().to_string();
+        Self::parse(std::io::BufReader::new(file), len, &origin).map_err(|e| match e {
             Error::SafeTensors(m) => Error::SafeTensors(format!("{}: {m}", path.display())),
             other => other,
         })
@@ -42,17 +43,26 @@ impl TensorFile {
 
     /// Parses safetensors bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        Self::parse(bytes, bytes.len() as u64)
+        Self::parse(bytes, bytes.len() as u64, "<bytes>")
     }
 
     /// Parses a safetensors stream of `len` bytes: the header (validated by the safetensors
-    /// crate: dtypes, shapes, contiguous offsets), then each tensor in file order.
-    fn parse(mut r: impl Read, len: u64) -> Result<Self> {
+    /// crate: dtypes, shapes, contiguous offsets), then each tensor in file order. A stream that
+    /// ends early is a corrupt file; any other read failure an I/O error on `origin`.
+    fn parse(mut r: impl Read, len: u64, origin: &str) -> Result<Self> {
         let bad = |m: String| Error::SafeTensors(m);
-        let read_err = |e: std::io::Error| bad(format!("reading: {e}"));
+        let read_err = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("the file ends before the data its header describes".into())
+            } else {
+                Error::Io {
+                    path: origin.to_string(),
+                    source: e,
+                }
+            }
+        };
         let mut n = [0u8; 8];
-        r.read_exact(&mut n)
-            .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+        r.read_exact(&mut n).map_err(read_err)?;
         let n = u64::from_le_bytes(n);
         if n > MAX_HEADER_BYTES || n > len.saturating_sub(8) {
             return Err(bad(format!(

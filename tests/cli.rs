@@ -174,6 +174,7 @@ fn bad_inputs_exit_2_and_write_nothing() {
     let cases: Vec<Vec<&str>> = vec![
         vec!["conv", "--input", path(&corrupt), "--output", path(&out)],
         vec!["conv", "--input", path(&missing), "--output", path(&out)],
+        vec!["conv", "--input", path(dir.path()), "--output", path(&out)],
         vec!["conv", "--input", path(&wrong), "--output", path(&out)],
         vec![
             "conv",
