@@ -21,9 +21,10 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
 /// A vector of `len` copies of `value`, or [`Error::OutOfMemory`] where the allocation fails:
 /// the one place that allocates buffers whose size comes from the caller's shapes.
 pub fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    try_grow(&mut v, len, value, what)?;
-    Ok(v)
+    // A request the system refuses fails in this probe, as an error; the allocation itself then
+    // keeps `vec!`'s zeroed-pages path for zeros (no pass writing them before the kernel does).
+    reserve_total(&mut Vec::<T>::new(), len, what)?;
+    Ok(vec![value; len])
 }
 
 /// Grows `v` to at least `len` elements (new ones `value`), or [`Error::OutOfMemory`].
