@@ -19,7 +19,7 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
 }
 
 /// A vector of `len` copies of `value`, or [`Error::OutOfMemory`] where the allocation fails:
-/// the one place that allocates buffers whose size comes from the caller's shapes.
+/// how tensors, the engine's outputs and the model's activations are allocated.
 pub fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
     // A request the system refuses fails in this probe, as an error; the allocation itself then
     // keeps `vec!`'s zeroed-pages path for zeros (no pass writing them before the kernel does).

@@ -127,17 +127,18 @@ fn sum_bounds_follow_the_dtype_and_the_terms() {
 }
 
 /// A weight gradient over a batch of 64 56x56 maps sums 200704 products per tap: an all-zero
-/// result must fail (the worst-case bound, 200704 units of the magnitude, admitted it).
+/// result must fail (the worst-case bound, 200704 units of the magnitude, admitted it). Each tap
+/// admits zero with a chance of about 7%, so at least half of 36 rejecting it never fails by luck.
 #[test]
 fn a_long_weight_gradient_reduction_rejects_zeros() {
     let mut rng = common::rng();
     let conv = DwConv2d::new(3, 3);
-    let x = random::<f32>(&[64, 1, 56, 56], &mut rng);
-    let dy = random::<f32>(&[64, 1, 56, 56], &mut rng);
+    let x = random::<f32>(&[64, 4, 56, 56], &mut rng);
+    let dy = random::<f32>(&[64, 4, 56, 56], &mut rng);
     let want = Expected::weight_grad(&conv, &x, &dy);
     let zeros = vec![0.0; want.value.len()];
     let m = fails(&zeros, &want);
-    assert!(m.count >= 5, "only {} of 9 taps rejected zero", m.count);
+    assert!(m.count >= 18, "only {} of 36 taps rejected zero", m.count);
     // and the reference's own value, rounded to f32, passes
     let rounded: Vec<f64> = want.value.iter().map(|&v| v as f32 as f64).collect();
     assert_eq!(compare(&rounded, &want), Ok(()));

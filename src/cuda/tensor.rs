@@ -177,10 +177,21 @@ impl Workspace {
         let bytes = bytes
             .checked_next_multiple_of(256)
             .ok_or_else(|| Error::Overflow(format!("workspace of {bytes} bytes")))?;
-        // SAFETY: the memory is left uninitialised; the kernels treat the workspace as scratch
-        // that every plan writes before it reads (a plan that needs zeros clears it itself).
+        // SAFETY: a byte buffer, filled below before any use; the kernels treat the workspace
+        // as scratch that every plan writes before it reads (a plan that needs zeros clears it).
         let buf = unsafe { stream.alloc::<u8>(bytes) }
             .map_err(|e| Error::driver(format!("allocating a {bytes}-byte workspace"), e))?;
+        // Poisoned as in the simulator (NaN in every float type): a plan that read scratch it
+        // had not written would fail its tests instead of reading zeros or stale values.
+        {
+            let (addr, _guard) = buf.device_ptr(stream);
+            // SAFETY: `addr` is the start of this live allocation of `bytes` bytes, made on
+            // `stream`, on which every later use of the workspace is ordered.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(addr, 0xFF, bytes, stream.cu_stream())
+            }
+            .map_err(|e| Error::driver(format!("poisoning a {bytes}-byte workspace"), e))?;
+        }
         self.buf = Some(buf);
         Ok(())
     }

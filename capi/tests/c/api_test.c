@@ -60,7 +60,8 @@ static double max_abs(const float *a, const double *b, size_t n) {
     double m = 0.0;
     for (size_t i = 0; i < n; i++) {
         double e = fabs((double)a[i] - b[i]);
-        if (!(e <= m)) m = e; /* NaN propagates */
+        if (isnan(e)) return NAN; /* an unwritten (poisoned) or NaN element fails the check */
+        if (e > m) m = e;
     }
     return m;
 }
