@@ -34,20 +34,16 @@ impl TensorFile {
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
-        if !meta.is_file() && !meta.is_dir() {
+        let mut r = std::io::BufReader::new(file);
+        let parsed = if !meta.is_file() && !meta.is_dir() {
             // A pipe or a device has no length up front: read it whole.
             let mut bytes = Vec::new();
-            std::io::BufReader::new(file)
-                .read_to_end(&mut bytes)
-                .map_err(io)?;
-            return Self::from_bytes(&bytes).map_err(|e| match e {
-                Error::SafeTensors(m) => Error::SafeTensors(format!("{}: {m}", path.display())),
-                other => other,
-            });
-        }
-        let len = meta.len();
-        let origin = path.display().to_string();
-        Self::parse(std::io::BufReader::new(file), len, &origin).map_err(|e| match e {
+            r.read_to_end(&mut bytes).map_err(io)?;
+            Self::from_bytes(&bytes)
+        } else {
+            Self::parse(r, meta.len(), &path.display().to_string())
+        };
+        parsed.map_err(|e| match e {
             Error::SafeTensors(m) => Error::SafeTensors(format!("{}: {m}", path.display())),
             other => other,
         })

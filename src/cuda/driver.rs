@@ -37,6 +37,20 @@ pub(crate) fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverEr
     move |e| Error::driver(what, e)
 }
 
+/// Fills a fresh device allocation with all-ones bytes (NaN in f32, f16 and bf16), queued on the
+/// stream it was made on, as the simulator poisons its buffers: an element a kernel fails to
+/// write, or scratch read before it is written, then fails the comparisons instead of reading 0.
+pub(crate) fn poison(
+    stream: &cudarc::driver::CudaStream,
+    buf: &cudarc::driver::CudaSlice<u8>,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::DevicePtr;
+    let (addr, _guard) = buf.device_ptr(stream);
+    // SAFETY: `addr` is the start of `buf`, a live allocation of `buf.len()` bytes; the memset is
+    // ordered on `stream` before every later use of the buffer on it.
+    unsafe { cudarc::driver::result::memset_d8_async(addr, 0xFF, buf.len(), stream.cu_stream()) }
+}
+
 /// The error for a machine without libcuda, or `None` when the driver library is present.
 pub(crate) fn driver_missing() -> Option<Error> {
     // SAFETY: `is_culib_present` only tries to dlopen libcuda (through cudarc's lazily

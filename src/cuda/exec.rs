@@ -183,9 +183,8 @@ impl Executor for CudaExec {
         format!("cuda:{}", self.dev.ordinal())
     }
     fn alloc(&mut self, bytes: usize) -> Result<Buf> {
-        let len = bytes.max(1);
-        // SAFETY: a byte buffer, filled below before any use.
-        let buf = unsafe { self.stream.alloc::<u8>(len) }
+        // SAFETY: a byte buffer, poisoned below before any use.
+        let buf = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
             .map_err(driver_err("allocating a device buffer"))?;
         // Every use of the buffer is on `self.stream`, so no cross-stream tracking is needed
         // after this point.
@@ -193,13 +192,8 @@ impl Executor for CudaExec {
             let (p, _guard) = buf.device_ptr(&self.stream);
             p
         };
-        // Poisoned as in the simulator (all-ones bytes are NaN in f32, f16 and bf16), so that an
-        // element a kernel fails to write shows up in every comparison instead of reading 0.
-        // SAFETY: `addr` is the start of this live allocation of `len` bytes, made on this stream.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(addr, 0xFF, len, self.stream.cu_stream())
-        }
-        .map_err(driver_err("poisoning a device buffer"))?;
+        super::driver::poison(&self.stream, &buf)
+            .map_err(driver_err("poisoning a device buffer"))?;
         self.bufs.push((addr, buf));
         Ok(Buf { addr, bytes })
     }

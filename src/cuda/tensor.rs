@@ -181,17 +181,8 @@ impl Workspace {
         // as scratch that every plan writes before it reads (a plan that needs zeros clears it).
         let buf = unsafe { stream.alloc::<u8>(bytes) }
             .map_err(|e| Error::driver(format!("allocating a {bytes}-byte workspace"), e))?;
-        // Poisoned as in the simulator (NaN in every float type): a plan that read scratch it
-        // had not written would fail its tests instead of reading zeros or stale values.
-        {
-            let (addr, _guard) = buf.device_ptr(stream);
-            // SAFETY: `addr` is the start of this live allocation of `bytes` bytes, made on
-            // `stream`, on which every later use of the workspace is ordered.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(addr, 0xFF, bytes, stream.cu_stream())
-            }
+        super::driver::poison(stream, &buf)
             .map_err(|e| Error::driver(format!("poisoning a {bytes}-byte workspace"), e))?;
-        }
         self.buf = Some(buf);
         Ok(())
     }
