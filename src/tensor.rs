@@ -27,6 +27,13 @@ pub fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> 
     Ok(vec![value; len])
 }
 
+/// An empty vector with capacity for `len` elements, or [`Error::OutOfMemory`].
+pub fn try_with_capacity<T>(len: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    reserve_total(&mut v, len, what)?;
+    Ok(v)
+}
+
 /// Grows `v` to at least `len` elements (new ones `value`), or [`Error::OutOfMemory`].
 pub fn try_grow<T: Clone>(v: &mut Vec<T>, len: usize, value: T, what: &str) -> Result<()> {
     reserve_total(v, len, what)?;

@@ -189,6 +189,34 @@ fn an_output_larger_than_memory_is_a_typed_error() {
     );
 }
 
+/// The im2col baseline's patch matrix (OH*OW*KH*KW entries; here 2048^2 * 2047^2, 140 TB of
+/// indices) from tensors of 16 MiB: each pass reports the failed allocation instead of aborting.
+/// Needs `vm.overcommit_memory` 0 or 2, like the test above.
+#[test]
+fn an_im2col_patch_matrix_larger_than_memory_is_a_typed_error() {
+    if let Ok(mode) = std::fs::read_to_string("/proc/sys/vm/overcommit_memory") {
+        assert_ne!(
+            mode.trim(),
+            "1",
+            "this test needs vm.overcommit_memory 0 or 2"
+        );
+    }
+    let conv = DwConv2d::new(2047, 2047);
+    // (the values never reach a kernel: the table is refused before any arithmetic)
+    let x = Tensor::<f32>::full(&[1, 1, 2048, 2048], 0.25).unwrap();
+    let w = Tensor::<f32>::full(&[1, 1, 2047, 2047], 0.5).unwrap();
+    let table_bytes = 2048usize * 2048 * 2047 * 2047 * 8;
+    let oom = |r: Result<Tensor<f32>, Error>| match r {
+        Err(Error::OutOfMemory { bytes, what }) => {
+            assert_eq!(bytes, table_bytes, "{what}");
+        }
+        other => panic!("expected OutOfMemory, got {:?}", other.map(|t| t.len())),
+    };
+    oom(cpu::im2col::forward(&conv, &x, &w, None));
+    oom(cpu::im2col::data_grad(&conv, &x, &w, (2048, 2048)));
+    oom(cpu::im2col::weight_grad(&conv, &x, &x));
+}
+
 #[test]
 fn reference_forward_by_hand() {
     // 1 channel, 3x3 input 1..9, 2x2 filter [[1, 2], [3, 4]], no padding:

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # `import checks`
+sys.path.insert(0, os.path.dirname(__file__))  # `import checks`, `import run_seed`
+
+from run_seed import SEED  # noqa: E402
 
 
 def _cuda_reason():
@@ -43,6 +45,11 @@ def _device_params():
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", _device_params())
+
+
+def pytest_terminal_summary(terminalreporter):
+    # (printed after the results, where -q still shows it)
+    terminalreporter.write_line(f"lkconv test seed: {SEED} (LKCONV_SEED={SEED} reproduces this run's data)")
 
 
 def pytest_sessionstart(session):

@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import checks  # noqa: E402
+from run_seed import SEED  # noqa: E402
 import lkconv.torch as lt  # noqa: E402
 from torch.library import opcheck  # noqa: E402
 
@@ -13,24 +14,24 @@ from torch.library import opcheck  # noqa: E402
 @pytest.mark.parametrize("case", checks.CASES, ids=str)
 @pytest.mark.parametrize("dtype", checks.DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_cases(case, dtype, device):
-    checks.check_case(case, dtype, device, "contiguous", seed=1)
+    checks.check_case(case, dtype, device, "contiguous", seed=SEED + 1)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("case", checks.CASES[:6], ids=str)
 def test_layouts(case, layout, device):
-    checks.check_case(case, torch.float32, device, layout, seed=2)
+    checks.check_case(case, torch.float32, device, layout, seed=SEED + 2)
 
 
-@pytest.mark.parametrize("i,case", list(enumerate(checks.random_cases(24, seed=2026))), ids=lambda v: str(v))
+@pytest.mark.parametrize("i,case", list(enumerate(checks.random_cases(24, seed=SEED))), ids=lambda v: str(v))
 def test_random_cases(i, case, device):
     dtype = checks.DTYPES[i % 3]
     layout = checks.LAYOUTS[(i // 3) % 3]
-    checks.check_case(case, dtype, device, layout, seed=100 + i)
+    checks.check_case(case, dtype, device, layout, seed=SEED + 100 + i)
 
 
 def _samples(device):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(SEED + 3)
 
     def r(*s, grad=False):
         return (torch.rand(*s, generator=g) * 2 - 1).to(device).requires_grad_(grad)

@@ -861,7 +861,10 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_forward(conv, x, w, bias, forward_kernel)
+    super::wrap::tensor_forward(conv, x, w, bias, |c, s, x, w, b, y| {
+        forward_kernel(c, s, x, w, b, y);
+        Ok(())
+    })
 }
 
 /// Data gradient on the fast path.
@@ -871,7 +874,10 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
+    super::wrap::tensor_data_grad(conv, dy, w, input_hw, |c, s, a, b, out| {
+        data_grad_kernel(c, s, a, b, out);
+        Ok(())
+    })
 }
 
 /// Weight gradient on the fast path (deterministic).
@@ -880,5 +886,8 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
+    super::wrap::tensor_weight_grad(conv, x, dy, |c, s, a, b, out| {
+        weight_grad_kernel(c, s, a, b, out);
+        Ok(())
+    })
 }

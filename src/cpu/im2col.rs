@@ -8,13 +8,16 @@ use rayon::prelude::*;
 use super::gemm::sgemm;
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
-use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::tensor::{checked_numel, try_filled, try_grow, try_with_capacity, Tensor};
 
-/// For each output position and tap, the flat input index it reads (None = padding).
-fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Vec<Option<u32>> {
+/// For each output position and tap, the flat input index it reads (None = padding; a plane
+/// holds at most 2^31 elements, so u32 holds it). The table grows with OH*OW*KH*KW: fallible.
+fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Result<Vec<Option<u32>>> {
     let (kh, kw) = conv.kernel;
-    let mut idx = Vec::with_capacity(s.oh * s.ow * kh * kw);
+    let len = checked_numel(&[s.oh, s.ow, kh, kw])
+        .map_err(|_| Error::Overflow("the im2col patch matrix".into()))?;
+    let mut idx = try_with_capacity(len, "the im2col patch index table")?;
     for oy in 0..s.oh {
         for ox in 0..s.ow {
             for ky in 0..kh {
@@ -29,8 +32,10 @@ fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Vec<Option<u32>> {
             }
         }
     }
-    idx
+    Ok(idx)
 }
+
+const PATCH_MATRIX: &str = "an im2col patch matrix";
 
 fn im2col(idx: &[Option<u32>], plane: &[f32], cols: &mut [f32]) {
     for (c, i) in cols.iter_mut().zip(idx) {
@@ -55,14 +60,14 @@ fn forward_kernel(
     wf: &[f32],
     b: Option<&[f32]>,
     y: &mut [f32],
-) {
+) -> Result<()> {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let idx = patch_indices(conv, s);
+    let idx = patch_indices(conv, s)?;
     y.par_chunks_mut(s.oh * s.ow)
         .enumerate()
-        .for_each_init(Vec::new, |cols, (plane, out)| {
+        .try_for_each_init(Vec::new, |cols, (plane, out)| -> Result<()> {
             let c = plane % s.c;
-            cols.resize(idx.len(), 0.0);
+            try_grow(cols, idx.len(), 0.0, PATCH_MATRIX)?;
             im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], cols);
             sgemm(
                 s.oh * s.ow,
@@ -77,9 +82,11 @@ fn forward_kernel(
             if let Some(b) = b {
                 out.iter_mut().for_each(|v| *v += b[c]);
             }
-        });
+            Ok(())
+        })?;
     // The patch matrix holds zeros for padding: 0 * a NaN/Inf weight gives a spurious NaN.
     super::naive::repair_forward(conv, s, xf, wf, b, y);
+    Ok(())
 }
 
 /// Weight gradient via im2col + GEMM (dw_c = sum over n of P^T dy), batch reduced in order.
@@ -91,11 +98,17 @@ pub fn weight_grad<T: Element>(
     super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_kernel)
 }
 
-fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, xf: &[f32], dyf: &[f32], dw: &mut [f32]) {
+fn weight_grad_kernel(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    xf: &[f32],
+    dyf: &[f32],
+    dw: &mut [f32],
+) -> Result<()> {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let idx = patch_indices(conv, s);
-    dw.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
-        let mut cols = vec![0.0f32; idx.len()];
+    let idx = patch_indices(conv, s)?;
+    dw.par_chunks_mut(kk).enumerate().try_for_each(|(c, out)| {
+        let mut cols = try_filled(idx.len(), 0.0f32, PATCH_MATRIX)?;
         let mut part = vec![0.0f32; kk];
         let mut total = vec![0.0f64; kk];
         for n in 0..s.n {
@@ -121,9 +134,11 @@ fn weight_grad_kernel(conv: &DwConv2d, s: &ConvShape, xf: &[f32], dyf: &[f32], d
                 .for_each(|(t, p)| *t += *p as f64);
         }
         out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
-    });
+        Ok(())
+    })?;
     // Padding zeros of the patch matrix times a NaN/Inf in dy give spurious NaNs.
     super::naive::repair_weight_grad(conv, s, xf, dyf, dw);
+    Ok(())
 }
 
 /// Data gradient via GEMM (dP = dy w^T) and col2im.
@@ -136,14 +151,20 @@ pub fn data_grad<T: Element>(
     super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_kernel)
 }
 
-fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dyf: &[f32], wf: &[f32], dx: &mut [f32]) {
+fn data_grad_kernel(
+    conv: &DwConv2d,
+    s: &ConvShape,
+    dyf: &[f32],
+    wf: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
     let kk = conv.kernel.0 * conv.kernel.1;
-    let idx = patch_indices(conv, s);
-    dx.par_chunks_mut(s.h * s.w)
-        .enumerate()
-        .for_each_init(Vec::new, |cols, (plane, out)| {
+    let idx = patch_indices(conv, s)?;
+    dx.par_chunks_mut(s.h * s.w).enumerate().try_for_each_init(
+        Vec::new,
+        |cols, (plane, out)| -> Result<()> {
             let c = plane % s.c;
-            cols.resize(idx.len(), 0.0);
+            try_grow(cols, idx.len(), 0.0, PATCH_MATRIX)?;
             sgemm(
                 s.oh * s.ow,
                 1,
@@ -160,5 +181,7 @@ fn data_grad_kernel(conv: &DwConv2d, s: &ConvShape, dyf: &[f32], wf: &[f32], dx:
                     out[*i as usize] += v;
                 }
             }
-        });
+            Ok(())
+        },
+    )
 }

@@ -266,7 +266,10 @@ pub fn forward<T: Element>(
     w: &Tensor<T>,
     bias: Option<&Tensor<T>>,
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_forward(conv, x, w, bias, forward_plain)
+    super::wrap::tensor_forward(conv, x, w, bias, |c, s, x, w, b, y| {
+        forward_plain(c, s, x, w, b, y);
+        Ok(())
+    })
 }
 
 /// Data gradient by the plain gather loop.
@@ -276,7 +279,10 @@ pub fn data_grad<T: Element>(
     w: &Tensor<T>,
     input_hw: (usize, usize),
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_data_grad(conv, dy, w, input_hw, data_grad_plain)
+    super::wrap::tensor_data_grad(conv, dy, w, input_hw, |c, s, a, b, out| {
+        data_grad_plain(c, s, a, b, out);
+        Ok(())
+    })
 }
 
 /// Weight gradient by plain loops.
@@ -285,5 +291,8 @@ pub fn weight_grad<T: Element>(
     x: &Tensor<T>,
     dy: &Tensor<T>,
 ) -> Result<Tensor<T>> {
-    super::wrap::tensor_weight_grad(conv, x, dy, weight_grad_plain)
+    super::wrap::tensor_weight_grad(conv, x, dy, |c, s, a, b, out| {
+        weight_grad_plain(c, s, a, b, out);
+        Ok(())
+    })
 }

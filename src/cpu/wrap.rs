@@ -6,12 +6,13 @@ use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::{try_filled, Tensor};
 
-/// An implementation's f32 forward on validated sizes: (conv, shape, x, w, bias, y).
+/// An implementation's f32 forward on validated sizes: (conv, shape, x, w, bias, y); it fails
+/// only where its own scratch cannot be allocated.
 pub(crate) type ForwardKernel =
-    fn(&DwConv2d, &ConvShape, &[f32], &[f32], Option<&[f32]>, &mut [f32]);
+    fn(&DwConv2d, &ConvShape, &[f32], &[f32], Option<&[f32]>, &mut [f32]) -> Result<()>;
 /// An implementation's f32 data gradient (conv, shape, dy, w, dx) or weight gradient
 /// (conv, shape, x, dy, dw) on validated sizes.
-pub(crate) type GradKernel = fn(&DwConv2d, &ConvShape, &[f32], &[f32], &mut [f32]);
+pub(crate) type GradKernel = fn(&DwConv2d, &ConvShape, &[f32], &[f32], &mut [f32]) -> Result<()>;
 
 /// Converts to f32 unless the data already is f32 (no copy then).
 pub(crate) fn as_f32<T: Element>(t: &Tensor<T>) -> std::borrow::Cow<'_, [f32]> {
@@ -46,7 +47,7 @@ pub(crate) fn tensor_forward<T: Element>(
     let s = conv.check_forward(x.shape(), w.shape(), bias.map(|b| b.shape()))?;
     let mut y = try_filled(s.output_len(), 0.0f32, "the output y")?;
     let b = bias.map(as_f32);
-    kernel(conv, &s, &as_f32(x), &as_f32(w), b.as_deref(), &mut y);
+    kernel(conv, &s, &as_f32(x), &as_f32(w), b.as_deref(), &mut y)?;
     from_f32(&s.output_dims(), y)
 }
 
@@ -60,7 +61,7 @@ pub(crate) fn tensor_data_grad<T: Element>(
 ) -> Result<Tensor<T>> {
     let s = conv.check_data_grad(dy.shape(), w.shape(), input_hw)?;
     let mut dx = try_filled(s.input_len(), 0.0f32, "the data gradient dx")?;
-    kernel(conv, &s, &as_f32(dy), &as_f32(w), &mut dx);
+    kernel(conv, &s, &as_f32(dy), &as_f32(w), &mut dx)?;
     from_f32(&s.input_dims(), dx)
 }
 
@@ -77,6 +78,6 @@ pub(crate) fn tensor_weight_grad<T: Element>(
         0.0f32,
         "the weight gradient dw",
     )?;
-    kernel(conv, &s, &as_f32(x), &as_f32(dy), &mut dw);
+    kernel(conv, &s, &as_f32(x), &as_f32(dy), &mut dw)?;
     from_f32(&conv.weight_dims(s.c), dw)
 }

@@ -1,0 +1,9 @@
+"""One seed for the whole test run: fresh each run, printed in pytest's header;
+LKCONV_SEED=N reproduces a run. Exported to the environment so that worker processes (the
+data-parallel test's ranks) draw the same data as the parent."""
+
+import os
+import time
+
+SEED = int(os.environ.get("LKCONV_SEED", time.time_ns() % 2**31))
+os.environ["LKCONV_SEED"] = str(SEED)
