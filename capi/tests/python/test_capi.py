@@ -4,11 +4,16 @@ status code. Run by capi/tests/python.rs with LKCONV_LIB=path/to/liblkconv.so.""
 
 import ctypes
 import os
+import sys
+import time
 import unittest
 
 import numpy as np
 
 LIB = ctypes.CDLL(os.environ["LKCONV_LIB"])
+# Fresh data each run; LKCONV_SEED replays one.
+SEED = int(os.environ.get("LKCONV_SEED", time.time_ns() % 2**31))
+print(f"seed {SEED} (replay with LKCONV_SEED={SEED})", file=sys.stderr)
 
 OK, INVALID, UNSUPPORTED, CUDA_UNAVAILABLE, CUDA_ERROR, OOM, INTERNAL = range(7)
 STATUS_NAMES = [
@@ -223,20 +228,20 @@ class Passes(unittest.TestCase):
                        dtype, "weight grad " + what)
 
     def test_cpu_all_dtypes(self):
-        rng = np.random.default_rng()
+        rng = np.random.default_rng((SEED, 0))
         for dtype in (F32, F16, BF16):
             for d in SHAPES:
                 self.run_all(CPU, dtype, d, rng)
 
     def test_sim_all_dtypes(self):
-        rng = np.random.default_rng()
+        rng = np.random.default_rng((SEED, 1))
         for dtype in (F32, F16, BF16):
             for d in SHAPES[:3] + SHAPES[4:]:  # the 31x31 case is slow in the simulator
                 self.run_all(SIM, dtype, d, rng)
 
     def test_reference_catches_a_wrong_answer(self):
         d = SHAPES[0]
-        rng = np.random.default_rng(1)
+        rng = np.random.default_rng((SEED, 2))
         x, w = rng.uniform(-1, 1, (d.n, d.c, d.h, d.w)), rng.uniform(-1, 1, (d.c, 1, d.kh, d.kw))
         y = ref_forward(d, x, w, None)
         wrong = y.copy()
