@@ -9,7 +9,7 @@ use common::{assert_matches, erfc_hp, have_gpu, Expected};
 use lkconv::model::reference::{self, Act64};
 use lkconv::model::{reparam, Backend, Checkpoint, Form, Replknet, ReplknetConfig};
 use lkconv::safetensors_io::TensorFile;
-use lkconv::{Error, Rng, Tensor};
+use lkconv::{Error, Tensor};
 
 const GOLDEN: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -248,7 +248,7 @@ fn reparam_equivalence_per_block() {
             // A merged checkpoint does not say which small kernel was merged.
             assert_eq!(ck.config.small_kernel, None);
         }
-        let mut rng = Rng::new(9);
+        let mut rng = common::rng();
         // Stem (odd size: checks padding/stride edges).
         let x = Tensor::<f32>::random(&[2, 3, 21, 18], &mut rng).unwrap();
         let stem = reparam::fold_stem(&ck).unwrap();
@@ -399,7 +399,7 @@ fn bad_inputs_are_errors() {
         Err(Error::InvalidArgument(_))
     ));
     // Tiny and odd sizes, batch > 1.
-    let mut rng = Rng::new(1);
+    let mut rng = common::rng();
     for (n, h, w) in [(1, 1, 1), (3, 17, 9), (2, 64, 48)] {
         let x = Tensor::<f32>::random(&[n, 3, h, w], &mut rng).unwrap();
         let y = model.forward(&x).unwrap();
@@ -412,7 +412,7 @@ fn bad_inputs_are_errors() {
 fn batch_images_are_independent() {
     let file = golden();
     let model = Replknet::from_tensors(file.tensors.clone()).unwrap();
-    let mut rng = Rng::new(5);
+    let mut rng = common::rng();
     let x = Tensor::<f32>::random(&[3, 3, 40, 36], &mut rng).unwrap();
     let y = model.forward(&x).unwrap();
     for i in 0..3 {
@@ -630,7 +630,7 @@ fn simulator_matches_cpu_engine_on_random_models() {
         lkconv::sim::available(),
         "the kernel simulator was not built"
     );
-    let mut rng = Rng::new(21);
+    let mut rng = common::rng();
     let mut ws = lkconv::model::Workspace::with_backend(Backend::Sim);
     for (seed, small, dw_ratio, (h, w)) in [
         (3, Some(3), 1.5, (37, 29)),
@@ -696,7 +696,7 @@ fn downstream_backbone_with_stage_norms() {
     let cfg = tiny_config(Some(3), 1.0);
     let mut t = lkconv::model::random_weights(&cfg, Form::Training, 11).unwrap();
     t.retain(|n, _| !n.starts_with("norm.") && !n.starts_with("head."));
-    let mut rng = Rng::new(4);
+    let mut rng = common::rng();
     for s in 0..2 {
         let c = cfg.channels[s];
         for (f, lo) in [
@@ -795,7 +795,7 @@ fn wide_layers_match_reference() {
         Checkpoint::from_tensors(lkconv::model::random_weights(&cfg, Form::Training, 21).unwrap())
             .unwrap();
     let model = Replknet::from_checkpoint(&ck).unwrap();
-    let mut rng = Rng::new(22);
+    let mut rng = common::rng();
     let x = Tensor::<f32>::random(&[2, 3, 164, 150], &mut rng).unwrap();
     let (logits, stages) = reference::forward(&ck, &x).unwrap();
     let mut ws = lkconv::model::Workspace::new();
@@ -858,7 +858,7 @@ fn half_precision_programs_in_the_simulator() {
         in_channels: 3,
     };
     let model = Replknet::random(&cfg, 7).unwrap();
-    let mut rng = Rng::new(3);
+    let mut rng = common::rng();
     let x = Tensor::<f32>::random(&[2, 3, 27, 22], &mut rng).unwrap();
     let want = model
         .run(&x, Some(&[0]), true, &mut lkconv::model::Workspace::new())

@@ -14,7 +14,7 @@ fn rng_for(test: &str) -> Rng {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or_else(|| Rng::from_time().1);
-    println!("{test}: seed {seed} (LKCONV_SEED={seed} reproduces it)");
+    eprintln!("{test}: seed {seed} (LKCONV_SEED={seed} reproduces it)");
     Rng::new(seed)
 }
 

@@ -1,4 +1,4 @@
-"""One seed for the whole test run: fresh each run, printed in pytest's header;
+"""One seed for the whole test run: fresh each run, printed after pytest's results (conftest);
 LKCONV_SEED=N reproduces a run. Exported to the environment so that worker processes (the
 data-parallel test's ranks) draw the same data as the parent."""
 

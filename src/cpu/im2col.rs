@@ -9,15 +9,18 @@ use super::gemm::sgemm;
 use crate::conv::{ConvShape, DwConv2d};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::tensor::{checked_numel, try_filled, try_grow, try_with_capacity, Tensor};
+use crate::tensor::{checked_numel, try_grow, try_with_capacity, Tensor};
 
 /// For each output position and tap, the flat input index it reads (None = padding; a plane
 /// holds at most 2^31 elements, so u32 holds it). The table grows with OH*OW*KH*KW: fallible.
 fn patch_indices(conv: &DwConv2d, s: &ConvShape) -> Result<Vec<Option<u32>>> {
+    const WHAT: &str = "the im2col patch index table";
     let (kh, kw) = conv.kernel;
-    let len = checked_numel(&[s.oh, s.ow, kh, kw])
-        .map_err(|_| Error::Overflow("the im2col patch matrix".into()))?;
-    let mut idx = try_with_capacity(len, "the im2col patch index table")?;
+    let entry = std::mem::size_of::<Option<u32>>();
+    // (the byte count checked too: an entry count that fits but whose bytes do not is an overflow)
+    let bytes =
+        checked_numel(&[s.oh, s.ow, kh, kw, entry]).map_err(|_| Error::Overflow(WHAT.into()))?;
+    let mut idx = try_with_capacity(bytes / entry, WHAT)?;
     for oy in 0..s.oh {
         for ox in 0..s.ow {
             for ky in 0..kh {
@@ -107,35 +110,39 @@ fn weight_grad_kernel(
 ) -> Result<()> {
     let kk = conv.kernel.0 * conv.kernel.1;
     let idx = patch_indices(conv, s)?;
-    dw.par_chunks_mut(kk).enumerate().try_for_each(|(c, out)| {
-        let mut cols = try_filled(idx.len(), 0.0f32, PATCH_MATRIX)?;
-        let mut part = vec![0.0f32; kk];
-        let mut total = vec![0.0f64; kk];
-        for n in 0..s.n {
-            let plane = n * s.c + c;
-            im2col(
-                &idx,
-                &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w],
-                &mut cols,
-            );
-            sgemm(
-                kk,
-                s.oh * s.ow,
-                1,
-                &cols,
-                true,
-                &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
-                0.0,
-                &mut part,
-            );
-            total
-                .iter_mut()
-                .zip(&part)
-                .for_each(|(t, p)| *t += *p as f64);
-        }
-        out.iter_mut().zip(total).for_each(|(o, t)| *o = t as f32);
-        Ok(())
-    })?;
+    // Per thread: the patch matrix, one plane's dw and the f64 sum over the batch.
+    let scratch = || (Vec::new(), Vec::new(), Vec::new());
+    dw.par_chunks_mut(kk).enumerate().try_for_each_init(
+        scratch,
+        |(cols, part, total), (c, out)| -> Result<()> {
+            try_grow(cols, idx.len(), 0.0f32, PATCH_MATRIX)?;
+            try_grow(part, kk, 0.0f32, "an im2col weight-gradient plane")?;
+            try_grow(total, kk, 0.0f64, "an im2col weight-gradient plane")?;
+            total.fill(0.0);
+            for n in 0..s.n {
+                let plane = n * s.c + c;
+                im2col(&idx, &xf[plane * s.h * s.w..(plane + 1) * s.h * s.w], cols);
+                sgemm(
+                    kk,
+                    s.oh * s.ow,
+                    1,
+                    cols,
+                    true,
+                    &dyf[plane * s.oh * s.ow..(plane + 1) * s.oh * s.ow],
+                    0.0,
+                    part,
+                );
+                total
+                    .iter_mut()
+                    .zip(part.iter())
+                    .for_each(|(t, p)| *t += *p as f64);
+            }
+            out.iter_mut()
+                .zip(total.iter())
+                .for_each(|(o, t)| *o = *t as f32);
+            Ok(())
+        },
+    )?;
     // Padding zeros of the patch matrix times a NaN/Inf in dy give spurious NaNs.
     super::naive::repair_weight_grad(conv, s, xf, dyf, dw);
     Ok(())

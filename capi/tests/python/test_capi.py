@@ -164,6 +164,7 @@ SHAPES = [
 
 # Storage rounding of the output (half an ulp relative) plus f32 accumulation over the terms.
 OUT_EPS = {F32: 2.0 ** -24, F16: 2.0 ** -11, BF16: 2.0 ** -8}
+SUBNORMAL_MIN = {F32: 2.0 ** -149, F16: 2.0 ** -24, BF16: 2.0 ** -133}
 
 
 class Handle:
@@ -186,7 +187,8 @@ def ptr(a):
 class Passes(unittest.TestCase):
     def check(self, got, want, abs_ref, terms, dtype, what):
         self.assertFalse(np.isnan(got).any(), f"{what}: NaN (unwritten or poisoned) output")
-        tol = abs_ref * (2 * OUT_EPS[dtype] + terms * 2.0 ** -23) + 1e-30
+        # (+ the smallest subnormal: the output's rounding step below its normal range)
+        tol = abs_ref * (2 * OUT_EPS[dtype] + terms * 2.0 ** -23) + SUBNORMAL_MIN[dtype] + 1e-30
         err = np.abs(got - want)
         worst = np.unravel_index(np.argmax(err - tol), err.shape)
         self.assertTrue((err <= tol).all(),
