@@ -34,4 +34,5 @@ if [ "${LKCONV_WHEEL_FRESH:-0}" = 1 ] || ! ls "$wheels"/lkconv-*.whl >/dev/null 
 fi
 mkdir -p "$dest/python/tests"
 cp "$wheels"/lkconv-*.whl "$here/gpu_check.py" "$dest/python/"
-cp "$here"/tests/checks.py "$here"/tests/test_modules.py "$here"/tests/test_torch_ops.py "$dest/python/tests/"
+cp "$here"/tests/checks.py "$here"/tests/run_seed.py "$here"/tests/test_modules.py "$here"/tests/test_torch_ops.py \
+  "$dest/python/tests/"

@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 def correctness(log) -> int:
     import checks
     import torch
-    from run_seed import SEED
+    from run_seed import BANNER, SEED
 
-    print(f"lkconv test seed: {SEED} (LKCONV_SEED={SEED} reproduces this run's data)", file=log)
+    print(BANNER, file=log)
     failures = 0
     cases = [(c, d, l) for c in checks.CASES for d in checks.DTYPES for l in ["contiguous"]]
     cases += [(c, torch.float32, l) for c in checks.CASES[:6] for l in ["channels_last", "strided"]]

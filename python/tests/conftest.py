@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import checks`, `import run_seed`
 
-from run_seed import SEED  # noqa: E402
+import run_seed  # noqa: E402
 
 
 def _cuda_reason():
@@ -49,7 +49,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_terminal_summary(terminalreporter):
     # (printed after the results, where -q still shows it)
-    terminalreporter.write_line(f"lkconv test seed: {SEED} (LKCONV_SEED={SEED} reproduces this run's data)")
+    terminalreporter.write_line(run_seed.BANNER)
 
 
 def pytest_sessionstart(session):

@@ -7,3 +7,5 @@ import time
 
 SEED = int(os.environ.get("LKCONV_SEED", time.time_ns() % 2**31))
 os.environ["LKCONV_SEED"] = str(SEED)
+# The line that reports it (pytest's summary, gpu_check.py's log).
+BANNER = f"lkconv test seed: {SEED} (LKCONV_SEED={SEED} reproduces this run's data)"
