@@ -187,6 +187,9 @@ fn cases() -> Vec<ConvCase> {
         case(depthwise(5, 5, 2), 1, 14, 11, Identity),
         case(depthwise(2, 5, 3), 1, 13, 16, Relu),
         case(depthwise(3, 1, 2), 1, 7, 9, Relu),
+        // Stride 2 with an odd pad and an even pad, odd and even widths (the column-pair split).
+        case(depthwise(3, 7, 2), 1, 10, 21, Relu),
+        case(depthwise(2, 5, 2), 1, 9, 16, Identity),
         // A kernel larger than the image, and grouped (neither dense nor depthwise).
         case(depthwise(2, 5, 1), 1, 2, 3, Gelu),
         case(
@@ -359,6 +362,9 @@ fn sgemm_matches_f64_with_narrow_column_tails() {
         (16, 130, 20),
         (5, 17, 16),
         (2, 3, 5),
+        // Tails of 2 and 3 columns, rows not a multiple of their row blocks (6 and 4).
+        (9, 40, 18),
+        (13, 24, 35),
     ] {
         for beta in [0.0f32, 1.0] {
             // Strided views: B's rows and C's rows wider than n.

@@ -180,8 +180,8 @@ fn narrow_supported() -> bool {
 }
 
 /// Columns [j0, j0 + cols) (cols < 16) of C = A * B + beta * C as dot products along k: those
-/// columns of B are copied into rows of a small buffer, then each block of 4 rows of A x 4
-/// columns keeps 16 accumulators (8 loads per 16 FMAs), a leftover column 8 rows.
+/// columns of B are copied into rows of a small buffer, then blocks of rows of A x up to 4
+/// columns are reduced in vector accumulators.
 ///
 /// # Safety
 /// As `sgemm_view_raw` for columns [j0, j0 + cols); A's rows contiguous (`col_stride` 1).
@@ -256,30 +256,17 @@ impl SimdOp for Narrow<'_> {
 
     #[inline(always)]
     fn vector<S: Simd>(self, s: S) {
-        // Blocks of 4 columns x 4 rows (16 accumulators, FMA-bound), single leftover columns
-        // x 8 rows; rows past m are computed on row 0 again and dropped.
-        let (m, k) = (self.m, self.k);
+        // Column groups of 4, 3, 2 or 1, each with as many rows of A as keep the accumulators,
+        // the loaded rows and one operand within AVX2's 16 vector registers (a 4 x 4 block
+        // spilled its accumulators to the stack and ran at 40% of the GEMM's speed).
         let mut jb = 0;
         while jb < self.cols {
-            let q = if self.cols - jb >= 4 { 4 } else { 1 };
-            let step = if q == 4 { 4 } else { 8 };
-            let bt = &self.bt[jb * k..];
-            for i in (0..m).step_by(step) {
-                let rows: [&[f32]; 8] =
-                    std::array::from_fn(|r| self.row(if i + r < m { i + r } else { 0 }));
-                if q == 4 {
-                    let sums = narrow_block::<S, 4, 4>(s, k, rows[..4].try_into().unwrap(), bt);
-                    for (r, row) in sums.iter().enumerate().filter(|(r, _)| i + r < m) {
-                        for (jq, &v) in row.iter().enumerate() {
-                            self.put(i + r, jb + jq, v);
-                        }
-                    }
-                } else {
-                    let sums = narrow_block::<S, 8, 1>(s, k, rows, bt);
-                    for (r, row) in sums.iter().enumerate().filter(|(r, _)| i + r < m) {
-                        self.put(i + r, jb, row[0]);
-                    }
-                }
+            let q = (self.cols - jb).min(4);
+            match q {
+                4 => self.columns::<S, 3, 4>(s, jb),
+                3 => self.columns::<S, 4, 3>(s, jb),
+                2 => self.columns::<S, 6, 2>(s, jb),
+                _ => self.columns::<S, 8, 1>(s, jb),
             }
             jb += q;
         }
@@ -296,6 +283,26 @@ impl SimdOp for Narrow<'_> {
     }
 }
 
+impl Narrow<'_> {
+    /// Columns [jb, jb + Q) of the block, R rows of A at a time; rows past m are computed on
+    /// row 0 again and dropped.
+    #[inline(always)]
+    fn columns<S: Simd, const R: usize, const Q: usize>(&self, s: S, jb: usize) {
+        let m = self.m;
+        let bt = &self.bt[jb * self.k..];
+        for i in (0..m).step_by(R) {
+            let rows: [&[f32]; R] =
+                std::array::from_fn(|r| self.row(if i + r < m { i + r } else { 0 }));
+            let sums = narrow_block::<S, R, Q>(s, self.k, rows, bt);
+            for (r, row) in sums.iter().enumerate().take(m - i) {
+                for (jq, &v) in row.iter().enumerate() {
+                    self.put(i + r, jb + jq, v);
+                }
+            }
+        }
+    }
+}
+
 /// R rows of A (k values each) dotted with Q rows of `bt` (k apart).
 #[inline(always)]
 fn narrow_block<S: Simd, const R: usize, const Q: usize>(
@@ -306,22 +313,16 @@ fn narrow_block<S: Simd, const R: usize, const Q: usize>(
 ) -> [[f32; Q]; R] {
     assert!(a.iter().all(|r| r.len() >= k) && bt.len() >= Q * k);
     let mut acc = [[s.zero(); Q]; R];
+    let full = k - k % S::LANES;
     let mut kk = 0;
-    while kk < k {
-        let lanes = (k - kk).min(S::LANES);
-        let mut bv = [s.zero(); Q];
-        for (q, v) in bv.iter_mut().enumerate() {
-            // SAFETY: lanes kk..kk + lanes < k of row q (bt holds Q rows of k, asserted).
-            *v = unsafe { load_part(s, bt.as_ptr().add(q * k + kk), lanes) };
-        }
-        for (row, acc_r) in a.iter().zip(acc.iter_mut()) {
-            // SAFETY: lanes kk..kk + lanes < k of this row (asserted above).
-            let av = unsafe { load_part(s, row.as_ptr().add(kk), lanes) };
-            for (sum, &b) in acc_r.iter_mut().zip(&bv) {
-                *sum = s.fma(av, b, *sum);
-            }
-        }
+    while kk < full {
+        // SAFETY: lanes kk..kk + LANES <= k of every row (asserted above).
+        unsafe { narrow_step(s, &mut acc, &a, bt, k, kk, S::LANES) };
         kk += S::LANES;
+    }
+    if kk < k {
+        // SAFETY: lanes kk..k of every row (asserted above).
+        unsafe { narrow_step(s, &mut acc, &a, bt, k, kk, k - kk) };
     }
     // Plain loops, not `map` closures: every call stays inside the caller's target_feature body.
     let mut sums = [[0.0; Q]; R];
@@ -331,6 +332,49 @@ fn narrow_block<S: Simd, const R: usize, const Q: usize>(
         }
     }
     sums
+}
+
+/// One vector step of [`narrow_block`] at offset kk: the smaller side's vectors are loaded
+/// first and the other side's one at a time, so that R * Q + min(R, Q) + 1 registers suffice.
+///
+/// # Safety
+/// Every row of `a` and the Q rows of `bt` (k apart) are valid for `lanes` floats at kk.
+#[inline(always)]
+unsafe fn narrow_step<S: Simd, const R: usize, const Q: usize>(
+    s: S,
+    acc: &mut [[S::V; Q]; R],
+    a: &[&[f32]; R],
+    bt: &[f32],
+    k: usize,
+    kk: usize,
+    lanes: usize,
+) {
+    // SAFETY (both branches): the caller's contract.
+    unsafe {
+        if R <= Q {
+            let mut av = [s.zero(); R];
+            for (v, row) in av.iter_mut().zip(a) {
+                *v = load_part(s, row.as_ptr().add(kk), lanes);
+            }
+            for q in 0..Q {
+                let b = load_part(s, bt.as_ptr().add(q * k + kk), lanes);
+                for (acc_r, &v) in acc.iter_mut().zip(&av) {
+                    acc_r[q] = s.fma(v, b, acc_r[q]);
+                }
+            }
+        } else {
+            let mut bv = [s.zero(); Q];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = load_part(s, bt.as_ptr().add(q * k + kk), lanes);
+            }
+            for (acc_r, row) in acc.iter_mut().zip(a) {
+                let v = load_part(s, row.as_ptr().add(kk), lanes);
+                for (sum, &b) in acc_r.iter_mut().zip(&bv) {
+                    *sum = s.fma(v, b, *sum);
+                }
+            }
+        }
+    }
 }
 
 /// `lanes` (<= LANES) floats from `p`, zeros after them.
