@@ -302,7 +302,8 @@ impl<Y: AsMut<[f32]>> SimdOp for ConvPlane<'_, Y> {
             while c0 < g.ow {
                 let vecs = (g.ow - c0).div_ceil(S::LANES).min(BLOCK_VECS);
                 // Whole vectors use plain loads and stores: AVX2's masked ones are slow on
-                // AMD cores (the stem's stride-1 3x3 conv ran 1.3-1.9x slower with masks everywhere).
+                // AMD cores (the stem's stride-1 3x3 conv ran 1.3-1.9x slower with masks
+                // everywhere).
                 let full = c0 + S::LANES * vecs <= g.ow;
                 match (vecs, full) {
                     (1, true) => block::<S, 1, true>(s, g, ph, taps, bias, act, y, oy, c0),
