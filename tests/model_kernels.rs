@@ -187,7 +187,8 @@ fn cases() -> Vec<ConvCase> {
         case(depthwise(5, 5, 2), 1, 14, 11, Identity),
         case(depthwise(2, 5, 3), 1, 13, 16, Relu),
         case(depthwise(3, 1, 2), 1, 7, 9, Relu),
-        // Stride 2 with an odd pad and an even pad, odd and even widths (the column-pair split).
+        // Stride 2, odd pad with odd width and even pad with even width (the other pairings are
+        // above): the column-pair split.
         case(depthwise(3, 7, 2), 1, 10, 21, Relu),
         case(depthwise(2, 5, 2), 1, 9, 16, Identity),
         // A kernel larger than the image, and grouped (neither dense nor depthwise).
@@ -363,7 +364,7 @@ fn sgemm_matches_f64_with_narrow_column_tails() {
         (5, 17, 16),
         (2, 3, 5),
         // Tails of 2 and 3 columns, rows not a multiple of their row blocks (6 and 4).
-        (9, 40, 18),
+        (9, 41, 18),
         (13, 24, 35),
     ] {
         for beta in [0.0f32, 1.0] {

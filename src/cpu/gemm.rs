@@ -249,6 +249,24 @@ impl Narrow<'_> {
     fn row(&self, i: usize) -> &[f32] {
         &self.a.data[i * self.a.row_stride..i * self.a.row_stride + self.k]
     }
+
+    /// Columns [jb, jb + Q) of the block, R rows of A at a time; rows past m are computed on
+    /// row 0 again and dropped.
+    #[inline(always)]
+    fn columns<S: Simd, const R: usize, const Q: usize>(&self, s: S, jb: usize) {
+        let m = self.m;
+        let bt = &self.bt[jb * self.k..];
+        for i in (0..m).step_by(R) {
+            let rows: [&[f32]; R] =
+                std::array::from_fn(|r| self.row(if i + r < m { i + r } else { 0 }));
+            let sums = narrow_block::<S, R, Q>(s, self.k, rows, bt);
+            for (r, row) in sums.iter().enumerate().take(m - i) {
+                for (jq, &v) in row.iter().enumerate() {
+                    self.put(i + r, jb + jq, v);
+                }
+            }
+        }
+    }
 }
 
 impl SimdOp for Narrow<'_> {
@@ -256,9 +274,9 @@ impl SimdOp for Narrow<'_> {
 
     #[inline(always)]
     fn vector<S: Simd>(self, s: S) {
-        // Column groups of 4, 3, 2 or 1, each with as many rows of A as keep the accumulators,
-        // the loaded rows and one operand within AVX2's 16 vector registers (a 4 x 4 block
-        // spilled its accumulators to the stack and ran at 40% of the GEMM's speed).
+        // Column groups of 4, 3 and 2 with as many rows of A as keep the accumulators, one
+        // side's vectors and the other's current one within AVX2's 16 vector registers (a
+        // 4 x 4 block spilled its accumulators to the stack); a single column 8 rows.
         let mut jb = 0;
         while jb < self.cols {
             let q = (self.cols - jb).min(4);
@@ -283,26 +301,6 @@ impl SimdOp for Narrow<'_> {
     }
 }
 
-impl Narrow<'_> {
-    /// Columns [jb, jb + Q) of the block, R rows of A at a time; rows past m are computed on
-    /// row 0 again and dropped.
-    #[inline(always)]
-    fn columns<S: Simd, const R: usize, const Q: usize>(&self, s: S, jb: usize) {
-        let m = self.m;
-        let bt = &self.bt[jb * self.k..];
-        for i in (0..m).step_by(R) {
-            let rows: [&[f32]; R] =
-                std::array::from_fn(|r| self.row(if i + r < m { i + r } else { 0 }));
-            let sums = narrow_block::<S, R, Q>(s, self.k, rows, bt);
-            for (r, row) in sums.iter().enumerate().take(m - i) {
-                for (jq, &v) in row.iter().enumerate() {
-                    self.put(i + r, jb + jq, v);
-                }
-            }
-        }
-    }
-}
-
 /// R rows of A (k values each) dotted with Q rows of `bt` (k apart).
 #[inline(always)]
 fn narrow_block<S: Simd, const R: usize, const Q: usize>(
@@ -313,9 +311,9 @@ fn narrow_block<S: Simd, const R: usize, const Q: usize>(
 ) -> [[f32; Q]; R] {
     assert!(a.iter().all(|r| r.len() >= k) && bt.len() >= Q * k);
     let mut acc = [[s.zero(); Q]; R];
-    let full = k - k % S::LANES;
+    let whole_k = k - k % S::LANES;
     let mut kk = 0;
-    while kk < full {
+    while kk < whole_k {
         // SAFETY: lanes kk..kk + LANES <= k of every row (asserted above).
         unsafe { narrow_step(s, &mut acc, &a, bt, k, kk, S::LANES) };
         kk += S::LANES;
@@ -390,5 +388,99 @@ unsafe fn load_part<S: Simd>(s: S, p: *const f32, lanes: usize) -> S::V {
         } else {
             s.load_masked(p, s.tail(lanes))
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::cpu::simd::each_vector_isa;
+    use crate::rng::Rng;
+
+    /// Every vector body of the narrow tail this CPU can run, in this process, against f64 dot
+    /// products: 1-15 columns (every mix of the 4-, 3-, 2- and 1-column groups), row counts
+    /// that leave every block partial, k below, at and off the vector lengths, beta 0 and 1.
+    #[test]
+    fn narrow_tail_matches_f64_on_every_isa() {
+        let mut rng = Rng::new(0x7a11);
+        let mut isas = Vec::new();
+        for (m, k) in [(1, 1), (5, 7), (13, 8), (7, 41), (25, 33)] {
+            for cols in 1..16 {
+                for beta in [0.0f32, 1.0] {
+                    let (j0, ldc) = (2, cols + 5);
+                    let a = rng.vec_pm1(m * k);
+                    let bt = rng.vec_pm1(cols * k);
+                    let c0 = rng.vec_pm1(m * ldc);
+                    let c = RefCell::new(c0.clone());
+                    let make = || {
+                        let mut c = c.borrow_mut();
+                        c.copy_from_slice(&c0);
+                        if beta == 0.0 {
+                            c.fill(f32::NAN); // must be overwritten, never read
+                        }
+                        Narrow {
+                            m,
+                            k,
+                            j0,
+                            cols,
+                            a: MatRef::rows(&a, k),
+                            bt: &bt,
+                            beta,
+                            c: c.as_mut_ptr(),
+                            ldc,
+                        }
+                    };
+                    each_vector_isa(make, |isa, ()| {
+                        isas.push(isa.to_string());
+                        let c = c.borrow();
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let got = c[i * ldc + j];
+                                let inside = (j0..j0 + cols).contains(&j);
+                                if !inside {
+                                    let want = if beta == 0.0 {
+                                        f32::NAN
+                                    } else {
+                                        c0[i * ldc + j]
+                                    };
+                                    assert!(
+                                        got.to_bits() == want.to_bits(),
+                                        "{isa} m{m} k{k} cols{cols}: ({i}, {j}) outside written"
+                                    );
+                                    continue;
+                                }
+                                let (row, col) = (&a[i * k..][..k], &bt[(j - j0) * k..][..k]);
+                                let dot: f64 = row
+                                    .iter()
+                                    .zip(col)
+                                    .map(|(&x, &y)| x as f64 * y as f64)
+                                    .sum();
+                                let mag: f64 = row
+                                    .iter()
+                                    .zip(col)
+                                    .map(|(&x, &y)| (x * y).abs() as f64)
+                                    .sum();
+                                let old = c0[i * ldc + j] as f64;
+                                let want = dot + beta as f64 * old;
+                                let bound = (k + 1) as f64
+                                    * f32::EPSILON as f64
+                                    * (mag + beta as f64 * old.abs())
+                                    + f32::MIN_POSITIVE as f64;
+                                assert!(
+                                    (got as f64 - want).abs() <= bound,
+                                    "{isa} m{m} k{k} cols{cols} beta{beta}: ({i}, {j}) {got} vs {want}"
+                                );
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        assert!(
+            !isas.is_empty() || !narrow_supported(),
+            "no vector body ran"
+        );
     }
 }

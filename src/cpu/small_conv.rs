@@ -91,22 +91,26 @@ impl Geom {
         for (iy, src) in plane.chunks_exact(w).enumerate() {
             let r = iy + p;
             if s == 2 {
-                // One pass over column pairs: image column 2t + e is padded column 2t + e + p,
-                // entry t + (e + p) / 2 of phase (e + p) % 2 (a strided copy per phase ran at
-                // 3 cycles a float and took 70% of a stride-2 3x3 conv).
+                // One pass over column pairs: image column ix is padded column ix + p, entry
+                // (ix + p) / 2 of phase (ix + p) % 2 (a strided copy per phase ran at 3 cycles
+                // a float and took 70% of a stride-2 3x3 conv).
                 let row = &mut out[r * 2 * len..(r + 1) * 2 * len];
-                let (first, second) = row.split_at_mut(len);
-                let (even, odd) = if p % 2 == 0 {
-                    (&mut first[p / 2..], &mut second[p / 2..])
+                let (phase0, phase1) = row.split_at_mut(len);
+                let (dst_even_ix, dst_odd_ix) = if p.is_multiple_of(2) {
+                    (&mut phase0[p / 2..], &mut phase1[p / 2..])
                 } else {
-                    (&mut second[p / 2..], &mut first[p.div_ceil(2)..])
+                    (&mut phase1[p / 2..], &mut phase0[p.div_ceil(2)..])
                 };
-                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
-                    *e = pair[0];
-                    *o = pair[1];
+                for ((de, d_o), pair) in dst_even_ix
+                    .iter_mut()
+                    .zip(dst_odd_ix.iter_mut())
+                    .zip(src.chunks_exact(2))
+                {
+                    *de = pair[0];
+                    *d_o = pair[1];
                 }
-                if w % 2 == 1 {
-                    even[w / 2] = src[w - 1];
+                if !w.is_multiple_of(2) {
+                    dst_even_ix[w / 2] = src[w - 1];
                 }
                 continue;
             }
@@ -303,17 +307,22 @@ impl<Y: AsMut<[f32]>> SimdOp for ConvPlane<'_, Y> {
                 let vecs = (g.ow - c0).div_ceil(S::LANES).min(BLOCK_VECS);
                 // Whole vectors use plain loads and stores: AVX2's masked ones are slow on
                 // AMD cores (the stem's stride-1 3x3 conv ran 1.3-1.9x slower with masks
-                // everywhere).
-                let full = c0 + S::LANES * vecs <= g.ow;
-                match (vecs, full) {
-                    (1, true) => block::<S, 1, true>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (2, true) => block::<S, 2, true>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (3, true) => block::<S, 3, true>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (_, true) => block::<S, 4, true>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (1, false) => block::<S, 1, false>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (2, false) => block::<S, 2, false>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (3, false) => block::<S, 3, false>(s, g, ph, taps, bias, act, y, oy, c0),
-                    (_, false) => block::<S, 4, false>(s, g, ph, taps, bias, act, y, oy, c0),
+                // everywhere). Only a block that reaches the row's end has a partial vector,
+                // its last one.
+                if c0 + S::LANES * vecs <= g.ow {
+                    match vecs {
+                        1 => block::<S, 1, false>(s, g, ph, taps, bias, act, y, oy, c0),
+                        2 => block::<S, 2, false>(s, g, ph, taps, bias, act, y, oy, c0),
+                        3 => block::<S, 3, false>(s, g, ph, taps, bias, act, y, oy, c0),
+                        _ => block::<S, 4, false>(s, g, ph, taps, bias, act, y, oy, c0),
+                    }
+                } else {
+                    match vecs {
+                        1 => block::<S, 1, true>(s, g, ph, taps, bias, act, y, oy, c0),
+                        2 => block::<S, 2, true>(s, g, ph, taps, bias, act, y, oy, c0),
+                        3 => block::<S, 3, true>(s, g, ph, taps, bias, act, y, oy, c0),
+                        _ => block::<S, 4, true>(s, g, ph, taps, bias, act, y, oy, c0),
+                    }
                 }
                 c0 += S::LANES * vecs;
             }
@@ -335,10 +344,11 @@ impl<Y: AsMut<[f32]>> SimdOp for ConvPlane<'_, Y> {
 }
 
 /// Output row `oy`, columns [c0, c0 + Z LANES) clipped to the row: Z accumulators over every
-/// tap. `FULL`: the Z vectors lie wholly inside the row (no masks).
+/// tap. Without `TAIL` the Z vectors lie wholly inside the row; with it the last one is cut by
+/// the row's end and masked.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<S: Simd, const Z: usize, const FULL: bool>(
+fn block<S: Simd, const Z: usize, const TAIL: bool>(
     s: S,
     g: &Geom,
     ph: &[f32],
@@ -350,11 +360,15 @@ fn block<S: Simd, const Z: usize, const FULL: bool>(
     c0: usize,
 ) {
     let lanes = S::LANES;
+    let last = c0 + lanes * (Z - 1);
+    // The bounds every load and store below relies on.
+    assert!(if TAIL {
+        last < g.ow && g.ow < last + lanes
+    } else {
+        last + lanes <= g.ow
+    });
     let (k, st, len) = (g.k, g.s, g.len);
-    let mut masks = [s.tail(0); Z];
-    for (z, m) in masks.iter_mut().enumerate() {
-        *m = s.tail(g.ow.saturating_sub(c0 + lanes * z).min(lanes));
-    }
+    let tail = s.tail(g.ow.saturating_sub(last).min(lanes));
     let mut acc = [s.splat(bias); Z];
     let (ky_lo, ky_hi) = tap_rows(g, oy);
     // hoisted with its length k: otherwise reloaded per filter row (3% on the AVX2 stem conv)
@@ -365,33 +379,34 @@ fn block<S: Simd, const Z: usize, const FULL: bool>(
             for (&wk, &off) in ctaps[ky * k..(ky + 1) * k].iter().zip(tap_off) {
                 let wv = s.splat(wk);
                 let base = row.as_ptr().wrapping_add(off + c0);
-                for z in 0..Z {
-                    // SAFETY: unmasked lanes (all of them when FULL) are columns
-                    // kx/s + c0 + LANES z + lane of phase kx % s with c0 + LANES z + lane < ow,
-                    // and ow + (k-1)/s <= len: inside `row`.
+                for (z, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the lanes read (all but the masked-off ones of a tail vector) are
+                    // columns kx/s + c0 + LANES z + lane of phase kx % s with
+                    // c0 + LANES z + lane < ow (asserted above), and ow + (k-1)/s <= len:
+                    // inside `row`.
                     let v = unsafe {
-                        if FULL {
-                            s.load(base.add(lanes * z))
+                        if TAIL && z == Z - 1 {
+                            s.load_masked(base.add(lanes * z), tail)
                         } else {
-                            s.load_masked(base.add(lanes * z), masks[z])
+                            s.load(base.add(lanes * z))
                         }
                     };
-                    acc[z] = s.fma(wv, v, acc[z]);
+                    *acc = s.fma(wv, v, *acc);
                 }
             }
         }
     }
     let out = &mut y[oy * g.ow..(oy + 1) * g.ow];
-    for z in 0..Z {
-        let v = act_lanes(s, acc[z], act);
+    for (z, &acc) in acc.iter().enumerate() {
+        let v = act_lanes(s, acc, act);
         let dst = out.as_mut_ptr().wrapping_add(c0 + lanes * z);
-        // SAFETY: unmasked lanes (all of them when FULL) are columns c0 + LANES z + lane < ow
-        // of this output row.
+        // SAFETY: the lanes written are columns c0 + LANES z + lane < ow of this output row
+        // (asserted above; a tail vector's others are masked off).
         unsafe {
-            if FULL {
-                s.store(dst, v)
+            if TAIL && z == Z - 1 {
+                s.store_masked(dst, tail, v)
             } else {
-                s.store_masked(dst, masks[z], v)
+                s.store(dst, v)
             }
         };
     }
@@ -442,6 +457,16 @@ mod tests {
             (1, 7, 2, 3, 5, 6),
             (2, 9, 1, 4, 3, 4),
             (1, 3, 1, 1, 1, 1),
+            // Output widths of 1-4 whole vectors on each ISA (no tail), and RepLKNet's 28, 14
+            // and 7 (a masked last vector after whole ones).
+            (1, 3, 1, 1, 3, 16),
+            (1, 3, 1, 1, 3, 24),
+            (1, 3, 1, 1, 2, 32),
+            (1, 3, 1, 1, 3, 48),
+            (1, 3, 1, 1, 2, 64),
+            (2, 3, 2, 1, 5, 56),
+            (1, 3, 1, 1, 3, 28),
+            (1, 3, 2, 1, 4, 14),
             (4, 3, 2, 1, 12, 129),
         ];
         for (cpg, k, stride, pad, h, w) in cases {
