@@ -18,6 +18,17 @@ impl Rng {
         (Rng::new(seed), seed)
     }
 
+    /// A generator for one test: seeded from `LKCONV_SEED` when set (to replay a failure),
+    /// else from the clock (fresh data every run); the seed is printed on stderr either way.
+    pub fn for_test(test: &str) -> Self {
+        let seed = std::env::var("LKCONV_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| Rng::from_time().1);
+        eprintln!("{test}: seed {seed} (LKCONV_SEED={seed} replays it)");
+        Rng::new(seed)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

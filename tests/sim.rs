@@ -9,15 +9,6 @@ use lkconv::device::{self, Device};
 use lkconv::plan::{self, Family};
 use lkconv::{sim, DType, DwConv2d, Element, Error, Impl, Op, Padding, Problem, Rng, Tensor};
 
-fn rng_for(test: &str) -> Rng {
-    let seed = std::env::var("LKCONV_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| Rng::from_time().1);
-    eprintln!("{test}: seed {seed} (LKCONV_SEED={seed} reproduces it)");
-    Rng::new(seed)
-}
-
 fn rand_case(rng: &mut Rng, kh: usize, kw: usize, max_hw: usize) -> Case {
     Case {
         n: rng.range(1, 2),
@@ -71,7 +62,7 @@ fn registry_matches_catalogue() {
 
 #[test]
 fn fast_templated_fwd_dgrad() {
-    let mut rng = rng_for("fast_templated_fwd_dgrad");
+    let mut rng = Rng::for_test("fast_templated_fwd_dgrad");
     for k in plan::TEMPLATE_SIZES {
         for op in [Op::Forward, Op::DataGrad] {
             let case = rand_case(&mut rng, k, k, 40);
@@ -111,7 +102,7 @@ fn fast_templated_fwd_dgrad() {
 
 #[test]
 fn fast_small_images_pack_several_planes_per_block() {
-    let mut rng = rng_for("fast_small_images_pack_several_planes_per_block");
+    let mut rng = Rng::for_test("fast_small_images_pack_several_planes_per_block");
     for (n, c, hw, k) in [(1, 555, 14, 27), (1, 601, 7, 13), (1, 601, 9, 10)] {
         let case = Case {
             n,
@@ -137,7 +128,7 @@ fn fast_small_images_pack_several_planes_per_block() {
 
 #[test]
 fn fast_generic_fwd_dgrad() {
-    let mut rng = rng_for("fast_generic_fwd_dgrad");
+    let mut rng = Rng::for_test("fast_generic_fwd_dgrad");
     let mut sizes: Vec<(usize, usize)> = (1..=31)
         .filter(|k| !plan::TEMPLATE_SIZES.contains(k))
         .map(|k| (k, k))
@@ -185,7 +176,7 @@ fn fast_generic_fwd_dgrad() {
 #[test]
 fn generic_fwd_chunks_large_filters() {
     // a filter too large for one shared-memory stage: processed in row/column chunks
-    let mut rng = rng_for("generic_fwd_chunks_large_filters");
+    let mut rng = Rng::for_test("generic_fwd_chunks_large_filters");
     for (kh, kw) in [(101, 9), (9, 101), (75, 75)] {
         let case = Case {
             n: 1,
@@ -203,7 +194,7 @@ fn generic_fwd_chunks_large_filters() {
 
 #[test]
 fn fast_wgrad() {
-    let mut rng = rng_for("fast_wgrad");
+    let mut rng = Rng::for_test("fast_wgrad");
     let mut sizes: Vec<(usize, usize)> = plan::TEMPLATE_SIZES.iter().map(|&k| (k, k)).collect();
     sizes.extend([
         (1, 1),
@@ -250,7 +241,7 @@ fn fast_wgrad() {
 
 #[test]
 fn wgrad_is_bit_identical_across_runs() {
-    let mut rng = rng_for("wgrad_is_bit_identical_across_runs");
+    let mut rng = Rng::for_test("wgrad_is_bit_identical_across_runs");
     let conv = DwConv2d::new(31, 31);
     let x = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
     let dy = Tensor::<f32>::random(&[2, 3, 45, 38], &mut rng).unwrap();
@@ -289,7 +280,7 @@ fn strided_cases(rng: &mut Rng) -> Vec<Case> {
 
 #[test]
 fn naive_all_ops() {
-    let mut rng = rng_for("naive_all_ops");
+    let mut rng = Rng::for_test("naive_all_ops");
     for case in strided_cases(&mut rng) {
         for op in Op::ALL {
             check_all_dtypes(&mut rng, op, Impl::Naive, &case);
@@ -299,7 +290,7 @@ fn naive_all_ops() {
 
 #[test]
 fn fast_strided_and_dilated_use_the_generic_path() {
-    let mut rng = rng_for("fast_strided_and_dilated_use_the_generic_path");
+    let mut rng = Rng::for_test("fast_strided_and_dilated_use_the_generic_path");
     for case in strided_cases(&mut rng) {
         let wgrad = planned_kernel(Op::WeightGrad, Impl::Fast, &case);
         if case.conv.is_unit() {
@@ -367,7 +358,7 @@ fn strided_wgrad_case(c: &StridedWgrad) -> Case {
 
 #[test]
 fn fast_strided_wgrad() {
-    let mut rng = rng_for("fast_strided_wgrad");
+    let mut rng = Rng::for_test("fast_strided_wgrad");
     let mut multi_block = false;
     for c in strided_wgrad_cases() {
         let case = strided_wgrad_case(&c);
@@ -390,7 +381,7 @@ fn fast_strided_wgrad() {
 
 #[test]
 fn strided_wgrad_is_bit_identical_across_runs() {
-    let mut rng = rng_for("strided_wgrad_is_bit_identical_across_runs");
+    let mut rng = Rng::for_test("strided_wgrad_is_bit_identical_across_runs");
     for c in [strided_wgrad_cases()[0], strided_wgrad_cases()[2]] {
         let case = strided_wgrad_case(&c);
         let s = case.conv.resolve(case.n, case.c, case.h, case.w).unwrap();
@@ -405,7 +396,7 @@ fn strided_wgrad_is_bit_identical_across_runs() {
 
 #[test]
 fn im2col_all_ops() {
-    let mut rng = rng_for("im2col_all_ops");
+    let mut rng = Rng::for_test("im2col_all_ops");
     for case in strided_cases(&mut rng) {
         for op in Op::ALL {
             check_all_dtypes(&mut rng, op, Impl::Im2col, &case);
@@ -484,7 +475,7 @@ fn simulator_conversions_are_bit_exact() {
             "f16 {b:#06x}: {got} vs {want}"
         );
     }
-    let mut rng = rng_for("simulator_conversions_are_bit_exact");
+    let mut rng = Rng::for_test("simulator_conversions_are_bit_exact");
     let specials = [
         0.0f32,
         -0.0,
@@ -640,7 +631,7 @@ fn useful_share_of_executed_fmas() {
 /// blocks per channel; prints the simulator's time per pass.
 #[test]
 fn replknet_sized_layer() {
-    let mut rng = rng_for("replknet_sized_layer");
+    let mut rng = Rng::for_test("replknet_sized_layer");
     let case = Case {
         n: 1,
         c: 8,

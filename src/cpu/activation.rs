@@ -289,7 +289,7 @@ mod tests {
     fn every_vector_isa_matches_the_scalar_path() {
         use crate::cpu::simd::each_vector_isa;
         use std::collections::HashMap;
-        let mut rng = Rng::new(0x5eed);
+        let mut rng = Rng::for_test("every_vector_isa_matches_the_scalar_path");
         let mut xs: Vec<f32> = (0..4000).map(|_| rng.uniform_pm1() * 12.0).collect();
         xs.extend([
             f32::NAN,

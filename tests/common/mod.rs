@@ -20,16 +20,7 @@ use lkconv::{ConvShape, DType, DwConv2d, Element, Op, Rng, Tensor};
 /// A generator with a fresh seed (printed so that a failure can be replayed with LKCONV_SEED).
 #[allow(dead_code)]
 pub fn rng() -> Rng {
-    if let Some(seed) = std::env::var("LKCONV_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        eprintln!("seed {seed} (from LKCONV_SEED)");
-        return Rng::new(seed);
-    }
-    let (rng, seed) = Rng::from_time();
-    eprintln!("seed {seed} (replay with LKCONV_SEED={seed})");
-    rng
+    Rng::for_test(std::thread::current().name().unwrap_or("test"))
 }
 
 #[allow(dead_code)]
