@@ -23,4 +23,7 @@ rm -rf "$dest"
 mv "$tmp/unpacked/nvidia/cu13" "$dest"
 chmod +x "$dest"/bin/* "$dest"/nvvm/bin/* 2>/dev/null || true
 "$dest/bin/nvcc" --version | tail -n 2
+# build.rs looks for nvcc only when cargo re-runs it, and a run that found none watches no path
+# that the install changes: a newer build.rs makes the next build pick the kernels up.
+touch "$root/build.rs"
 echo "setup-cuda: installed nvcc into $dest"
